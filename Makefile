@@ -1,0 +1,34 @@
+# Two entry points, each sets up .venv itself if it is missing:
+#   make demo   - import the paper's distilled 1M student and plan with it on all MT30 tasks
+#   make test   - the test suite (what CI runs)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
+
+.PHONY: demo test lint bench venv clean
+
+$(VENV)/.installed: setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev,torch]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) -m mtdistill_jax.demo
+
+test: venv
+	$(PY) -m ruff check .
+	$(PY) -m pytest -n 2 -q
+
+lint: venv
+	$(PY) -m ruff check .
+
+bench: venv
+	$(PY) benchmarks/update_step.py
+	$(PY) benchmarks/plan.py
+
+clean:
+	rm -rf $(VENV) .cache

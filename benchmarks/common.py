@@ -1,0 +1,46 @@
+"""Timing helpers for the benchmark scripts: compile time apart, median of repeated runs after warm-up."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+
+
+def time_jitted(fn, args_fn, repeats: int = 20):
+    """Compile ``fn`` (timed), warm up once, then time ``repeats`` calls (block_until_ready after each).
+
+    ``args_fn(i)`` gives the arguments of call ``i``. Returns (compile_s, median_s, p10_s, p90_s).
+    """
+    args = args_fn(0)
+    t = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    compile_s = time.perf_counter() - t
+    jax.block_until_ready(compiled(*args))
+    times = []
+    for i in range(repeats):
+        args = args_fn(i + 1)
+        t = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - t)
+    times = np.asarray(times)
+    return compile_s, float(np.median(times)), float(np.percentile(times, 10)), float(np.percentile(times, 90))
+
+
+def header():
+    d = jax.devices()[0]
+    return f"jax {jax.__version__} on {d.platform} ({d.device_kind}), {jax.device_count()} device(s)"
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """Measured float32 matmul throughput of the default device (n x n @ n x n), GFLOP/s."""
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(f(a))
+    t = time.perf_counter()
+    for _ in range(repeats):
+        jax.block_until_ready(f(a))
+    return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9

@@ -1,0 +1,80 @@
+"""Benchmark: ms per MPPI plan call (official settings: 6 iterations x 512 samples x horizon 3, 24 policy
+trajectories, 64 elites) for B = 1 and B = 30 environments (one MT30 task each), MT30 model size 1.
+
+Also prints the model matmul FLOPs per call (counted from the layer widths: XLA's cost analysis counts a
+loop body once) and the achieved fraction of this device's measured float32 matmul throughput.
+Usage: ``python benchmarks/plan.py [--sizes 1] [--batches 1,30] [--repeats 20]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks.common import header, matmul_peak_gflops, time_jitted  # noqa: E402
+from mtdistill_jax.configs import MT30, get_config  # noqa: E402
+from mtdistill_jax.nn import init_params  # noqa: E402
+from mtdistill_jax.tdmpc2.planner import Planner  # noqa: E402
+
+
+def mlp_macs(dims):
+    return sum(a * b for a, b in zip(dims[:-1], dims[1:], strict=True))
+
+
+def plan_flops(cfg) -> float:
+    """Matmul FLOPs of one single-env MPPI call (2 x multiply-adds), official planner structure."""
+    m, p = cfg.model, cfg.planner
+    A, O = MT30.action_pad, MT30.obs_pad
+    za = m.latent_dim + m.task_dim + A
+    zt = m.latent_dim + m.task_dim
+    enc = mlp_macs([O + m.task_dim] + [m.enc_dim] * max(m.num_enc_layers - 1, 1) + [m.latent_dim])
+    dyn = mlp_macs([za, m.mlp_dim, m.mlp_dim, m.latent_dim])
+    rew = mlp_macs([za, m.mlp_dim, m.mlp_dim, m.num_bins])
+    pi = mlp_macs([zt, m.mlp_dim, m.mlp_dim, 2 * A])
+    q = m.num_q * mlp_macs([za, m.mlp_dim, m.mlp_dim, m.num_bins])
+    value = p.horizon * (rew + dyn) + pi + q  # per candidate sequence
+    pi_trajs = p.num_pi_trajs * (p.horizon * pi + (p.horizon - 1) * dyn)
+    return 2.0 * (enc + pi_trajs + p.iterations * p.num_samples * value)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--sizes", default="1")
+    ap.add_argument("--batches", default="1,30")
+    ap.add_argument("--repeats", type=int, default=20)
+    args = ap.parse_args()
+    print(header())
+    peak = matmul_peak_gflops()
+    print(f"measured float32 matmul throughput (2048^3): {peak:.1f} GFLOP/s")
+    print(f"{'size':>5} {'B':>3} {'compile s':>9} {'median ms':>9} {'p10-p90 ms':>15} {'GFLOP/call':>10} "
+          f"{'GFLOP/s':>8} {'of peak':>7}")
+    for size in [int(s) for s in args.sizes.split(",")]:
+        cfg = get_config(size, "mt30")
+        planner = Planner(cfg)
+        params = init_params(planner.model, jax.random.key(0))
+        for B in [int(b) for b in args.batches.split(",")]:
+            rng = np.random.default_rng(0)
+            obs = jnp.asarray(rng.normal(size=(B, MT30.obs_pad)).astype(np.float32))
+            task = jnp.arange(B, dtype=jnp.int32) % MT30.num_tasks
+            prev = planner.init(B).prev_mean
+            t0 = jnp.zeros((B,), bool)
+
+            def args_fn(i, obs=obs, task=task, prev=prev, t0=t0):
+                return params, obs, task, prev, t0, jax.random.key(i)
+
+            fn = jax.jit(planner._plan)
+            c, med, p10, p90 = time_jitted(fn, args_fn, args.repeats)
+            gflop = B * plan_flops(cfg) / 1e9
+            print(f"{size:>4}M {B:>3} {c:>9.1f} {med * 1e3:>9.1f} {p10 * 1e3:>7.1f}-{p90 * 1e3:<7.1f} "
+                  f"{gflop:>10.2f} {gflop / med:>8.1f} {gflop / med / peak:>7.0%}")
+
+
+if __name__ == "__main__":
+    main()

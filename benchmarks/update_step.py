@@ -1,0 +1,63 @@
+"""Benchmark: ms per TD-MPC2 update (MT30, batch 256, horizon 3) for model sizes 1 and 5.
+
+Prints compile time separately and the median (p10-p90) over >= 20 timed updates after one warm-up.
+Usage: ``python benchmarks/update_step.py [--sizes 1,5] [--batch 256] [--repeats 20]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks.common import header, time_jitted  # noqa: E402
+from mtdistill_jax.configs import MT30, get_config  # noqa: E402
+from mtdistill_jax.nn import count_params  # noqa: E402
+from mtdistill_jax.tdmpc2.train import Learner  # noqa: E402
+from mtdistill_jax.types import Batch  # noqa: E402
+
+
+def random_batch(rng, B, H):
+    task = rng.integers(0, MT30.num_tasks, B)
+    obs = rng.normal(size=(H + 1, B, MT30.obs_pad)).astype(np.float32)
+    act = rng.uniform(-1, 1, (H, B, MT30.action_pad)).astype(np.float32)
+    for b, t in enumerate(task):
+        obs[:, b, MT30.obs_dims[t]:] = 0
+        act[:, b, MT30.action_dims[t]:] = 0
+    rew = rng.uniform(0, 1, (H, B, 1)).astype(np.float32)
+    return Batch(obs=obs, action=act, reward=rew, task=task.astype(np.int32))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--sizes", default="1,5")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=20)
+    args = ap.parse_args()
+    print(header())
+    print(f"{'size':>5} {'params':>11} {'batch':>5} {'H':>2} {'compile s':>9} {'median ms':>9} {'p10-p90 ms':>15}")
+    for size in [int(s) for s in args.sizes.split(",")]:
+        cfg = get_config(size, "mt30")
+        cfg.train.batch_size = args.batch
+        learner = Learner(cfg, donate=False)
+        state = learner.init(jax.random.key(0))
+        H = cfg.train.horizon
+        rng = np.random.default_rng(0)
+        batches = [jax.device_put(random_batch(rng, args.batch, H)) for _ in range(4)]
+
+        def args_fn(i, state=state, batches=batches):
+            return state, batches[i % len(batches)], jax.random.key(i)
+
+        c, med, p10, p90 = time_jitted(learner.update_jit, args_fn, args.repeats)
+        n = count_params(state.params)
+        print(f"{size:>4}M {n:>11,} {args.batch:>5} {H:>2} {c:>9.1f} {med * 1e3:>9.1f} "
+              f"{p10 * 1e3:>7.1f}-{p90 * 1e3:<7.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""Import official PyTorch TD-MPC2 checkpoints (``{"model": state_dict}``) as a config + Flax params.
+
+Both key formats are read:
+
+- current (HEAD, ``api_model_conversion`` output): ``_Qs.params.{layer}.{weight,bias,ln.weight,ln.bias}``,
+  ``_target_Qs_params.{layer}.{...}`` (plus ``_detach_Qs_params.*``, ``_action_masks``, ``log_std_*``);
+- release era (the published checkpoints): ``_Qs.params.{0..9}`` and ``_target_Qs.params.{0..9}``, index
+  ``n`` being layer ``n // 4``, field ``['weight', 'bias', 'ln.weight', 'ln.bias'][n % 4]``.
+
+Files are read by :mod:`mtdistill_jax.checkpoint.torch_pickle`, an allow-list unpickler that never runs
+code from the file; torch itself is not needed. Torch Linear weights ``[out, in]`` become Flax kernels
+``[in, out]``; Q-ensemble tensors keep the head as their leading axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from mtdistill_jax.configs.model_sizes import MODEL_SIZES, get_model_config
+from mtdistill_jax.configs.tasks import TASK_SETS, get_task_set
+from mtdistill_jax.nn.world_model import abstract_params, action_masks, make_world_model
+
+FIELDS = ("weight", "bias", "ln.weight", "ln.bias")
+_FLAX_FIELD = {"weight": "kernel", "bias": "bias", "ln.weight": "ln_scale", "ln.bias": "ln_bias"}
+# flax module name -> torch module prefix
+_MODULES = {"encoder": "_encoder.state", "dynamics": "_dynamics", "reward_head": "_reward", "pi_head": "_pi"}
+
+
+class CheckpointMismatchError(ValueError):
+    """A state dict that does not describe a TD-MPC2 world model of a known size (names key and shape)."""
+
+
+@dataclasses.dataclass
+class ImportedCheckpoint:
+    """Result of :func:`load_tdmpc2_checkpoint`."""
+
+    config: ml_collections.ConfigDict  # model config (size, task set, widths)
+    params: dict  # Flax params of WorldModel (online networks)
+    target_q_params: dict | None  # target Q-ensemble params (same tree as params['Qs']), None if absent
+    key_format: str  # 'current' or 'release'
+    source_dtype: str  # dtype of the floating tensors in the file, e.g. 'float16'
+    notes: list[str]  # things the importer did that a user should know
+
+
+def _detect_format(sd: Mapping[str, Any]) -> str:
+    if any(re.fullmatch(r"_Qs\.params\.\d+\.(weight|bias|ln\.weight|ln\.bias)", k) for k in sd):
+        return "current"
+    if any(re.fullmatch(r"_Qs\.params\.\d+", k) for k in sd):
+        return "release"
+    raise CheckpointMismatchError(
+        "no Q-ensemble keys found: expected '_Qs.params.<layer>.weight' (current format) or "
+        "'_Qs.params.<n>' (release format); is this a TD-MPC2 world-model state dict?")
+
+
+def _q_key(prefix: str, layer: int, field: str, fmt: str) -> str:
+    """Key of a Q tensor; ``prefix`` is 'online' or 'target'."""
+    if fmt == "current":
+        base = "_Qs.params" if prefix == "online" else "_target_Qs_params"
+        return f"{base}.{layer}.{field}"
+    base = "_Qs.params" if prefix == "online" else "_target_Qs.params"
+    return f"{base}.{4 * layer + FIELDS.index(field)}"
+
+
+def _shape(sd, key):
+    v = sd.get(key)
+    return None if v is None else tuple(np.shape(v))
+
+
+def infer_model_config(sd: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """Model size and task set from the tensor shapes of a state dict (either key format)."""
+    emb = _shape(sd, "_task_emb.weight")
+    if emb is None or len(emb) != 2:
+        raise CheckpointMismatchError("missing key '_task_emb.weight' [num_tasks, task_dim]: only multi-task "
+                                      "(MT30/MT80) checkpoints are supported")
+    num_tasks, task_dim = emb
+    matches = [ts for ts in TASK_SETS.values() if ts.num_tasks == num_tasks]
+    if not matches:
+        raise CheckpointMismatchError(
+            f"'_task_emb.weight' has {num_tasks} rows; known task sets: "
+            + ", ".join(f"{t.name} ({t.num_tasks} tasks)" for t in TASK_SETS.values()))
+    ts = matches[0]
+    enc_layers = sorted({int(m.group(1)) for k in sd if (m := re.fullmatch(r"_encoder\.state\.(\d+)\.weight", k))})
+    dyn0, dyn_last = _shape(sd, "_dynamics.0.weight"), _shape(sd, "_dynamics.2.weight")
+    enc0 = _shape(sd, "_encoder.state.0.weight")
+    if not enc_layers or dyn0 is None or dyn_last is None or enc0 is None:
+        raise CheckpointMismatchError("missing encoder/dynamics weights ('_encoder.state.0.weight', "
+                                      "'_dynamics.0.weight', '_dynamics.2.weight')")
+    fmt = _detect_format(sd)
+    q0 = _shape(sd, _q_key("online", 0, "weight", fmt))
+    found = dict(enc_dim=enc0[0], mlp_dim=dyn0[0], latent_dim=dyn_last[0], num_enc_layers=len(enc_layers),
+                 num_q=q0[0] if q0 else None, task_dim=task_dim)
+    for size in MODEL_SIZES:
+        cfg = get_model_config(size, ts.name)
+        if all(cfg[k] == v for k, v in found.items()):
+            return cfg
+    raise CheckpointMismatchError(
+        f"the shapes fit no official model size on {ts.name}: found {found}; expected one of "
+        + "; ".join(f"{s}: " + str({k: get_model_config(s, ts.name)[k] for k in found}) for s in MODEL_SIZES))
+
+
+def _expected_torch_shape(flax_shape, field, ensemble):
+    if field == "weight":
+        return (flax_shape[0], flax_shape[2], flax_shape[1]) if ensemble else (flax_shape[1], flax_shape[0])
+    return tuple(flax_shape)
+
+
+def _fetch(sd, key, flax_shape, field, ensemble, dtype):
+    expected = _expected_torch_shape(flax_shape, field, ensemble)
+    if key not in sd:
+        raise CheckpointMismatchError(f"missing key {key!r} (expected shape {list(expected)})")
+    v = np.asarray(sd[key])
+    if tuple(v.shape) != expected:
+        raise CheckpointMismatchError(f"key {key!r} has shape {list(v.shape)}, expected {list(expected)}")
+    if not np.issubdtype(v.dtype, np.floating) and v.dtype.name != "bfloat16":
+        raise CheckpointMismatchError(f"key {key!r} has dtype {v.dtype}, expected a floating dtype")
+    if field == "weight":
+        v = np.swapaxes(v, -1, -2)
+    return np.ascontiguousarray(v.astype(dtype))
+
+
+def state_dict_to_params(sd: Mapping[str, Any], config: ml_collections.ConfigDict | None = None,
+                         dtype=np.float32) -> ImportedCheckpoint:
+    """Convert an official state dict (current or release key format) to Flax params.
+
+    ``config`` fixes the model (else it is inferred from the shapes). Every expected key is checked:
+    a missing key or a wrong shape raises :class:`CheckpointMismatchError` naming the key and the expected
+    shape. Tensors are cast to ``dtype`` (``None`` keeps the file's dtype).
+    """
+    sd = dict(sd)
+    if "model" in sd and isinstance(sd["model"], Mapping):
+        sd = dict(sd["model"])
+    fmt = _detect_format(sd)
+    if config is None:
+        config = infer_model_config(sd)
+    abstract = abstract_params(make_world_model(config))
+    floats = {np.asarray(v).dtype.name for v in sd.values() if isinstance(v, np.ndarray)
+              and (np.issubdtype(v.dtype, np.floating) or v.dtype.name == "bfloat16")}
+    source_dtype = ",".join(sorted(floats)) or "unknown"
+    notes: list[str] = []
+
+    def convert(tree, torch_prefix, ensemble=False, qsource=None):
+        out = {}
+        for layer_name, leaves in tree.items():
+            layer = int(layer_name.removeprefix("layer"))
+            out[layer_name] = {}
+            for field in FIELDS:
+                flax_field = _FLAX_FIELD[field]
+                if flax_field not in leaves:
+                    continue
+                key = (_q_key(qsource, layer, field, fmt) if ensemble else f"{torch_prefix}.{layer}.{field}")
+                out[layer_name][flax_field] = _fetch(sd, key, leaves[flax_field].shape, field, ensemble,
+                                                     dtype or np.asarray(sd.get(key, np.zeros(()))).dtype)
+        return out
+
+    params = {name: convert(abstract[name], prefix) for name, prefix in _MODULES.items()}
+    emb_shape = abstract["task_emb"]["embedding"].shape
+    params["task_emb"] = {"embedding": _fetch(sd, "_task_emb.weight", emb_shape, "bias", False,
+                                              dtype or sd["_task_emb.weight"].dtype)}
+    params["Qs"] = convert(abstract["Qs"], None, ensemble=True, qsource="online")
+    has_target = _q_key("target", 0, "weight", fmt) in sd
+    if has_target:
+        target = convert(abstract["Qs"], None, ensemble=True, qsource="target")
+    else:
+        target = None
+        notes.append("no target-Q tensors in the file")
+    if "_action_masks" in sd:
+        masks = np.asarray(sd["_action_masks"], np.float32)
+        ours = action_masks(config.task_set)
+        if masks.shape != ours.shape or not np.array_equal(masks, ours):
+            raise CheckpointMismatchError(
+                f"'_action_masks' {list(masks.shape)} differs from the {config.task_set} masks {list(ours.shape)}: "
+                "the checkpoint uses another task order or action padding")
+    for k, expected in (("log_std_min", config.log_std_min), ("log_std_dif", config.log_std_max - config.log_std_min)):
+        if k in sd and float(np.asarray(sd[k])) != float(expected):
+            raise CheckpointMismatchError(f"{k!r} is {float(np.asarray(sd[k]))}, the config says {expected}")
+    return ImportedCheckpoint(config=config, params=params, target_q_params=target, key_format=fmt,
+                              source_dtype=source_dtype, notes=notes)
+
+
+def load_tdmpc2_checkpoint(path: str | os.PathLike, *, model_size: int | None = None, task_set: str | None = None,
+                           dtype=np.float32) -> ImportedCheckpoint:
+    """Read an official TD-MPC2 ``.pt`` safely and return config + Flax params.
+
+    ``model_size``/``task_set`` may be given to fix the model; otherwise they are inferred from the shapes
+    (both must be given together, or neither). The file is never unpickled with arbitrary code execution.
+    """
+    from mtdistill_jax.checkpoint.torch_pickle import load_pt
+
+    if (model_size is None) != (task_set is None):
+        raise ValueError("give both model_size and task_set, or neither (then they are inferred)")
+    obj = load_pt(path)
+    if not isinstance(obj, Mapping):
+        raise CheckpointMismatchError(f"{os.fspath(path)}: expected a dict, found {type(obj).__name__}")
+    sd = obj.get("model", obj)
+    config = None if model_size is None else get_model_config(model_size, get_task_set(task_set).name)
+    try:
+        return state_dict_to_params(sd, config, dtype)
+    except CheckpointMismatchError as e:
+        raise CheckpointMismatchError(f"{os.fspath(path)}: {e}") from None
+
+
+def params_to_device(params, dtype=None):
+    """Move a numpy param tree to JAX arrays (optionally casting)."""
+    return jax.tree_util.tree_map(lambda x: jax.numpy.asarray(x, dtype), params)

@@ -1,0 +1,89 @@
+"""Numerics of TD-MPC2 (official ``common/math.py``): symlog, two-hot regression, squashed Gaussians.
+
+All functions are pure ``jax.numpy`` and work on any leading batch shape. Scalars that the official code
+keeps as ``[..., 1]`` columns keep that trailing axis here too.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+LOG_SQRT_2PI = 0.9189385175704956  # 0.5 * log(2 * pi), the constant of the official gaussian_logprob
+
+
+def symlog(x):
+    """sign(x) * log(1 + |x|)."""
+    return jnp.sign(x) * jnp.log1p(jnp.abs(x))
+
+
+def symexp(x):
+    """sign(x) * (exp(|x|) - 1), the inverse of :func:`symlog`."""
+    return jnp.sign(x) * jnp.expm1(jnp.abs(x))
+
+
+def bin_centres(num_bins: int, vmin: float, vmax: float, dtype=jnp.float32):
+    """The ``num_bins`` regression support points, linspace(vmin, vmax) in symlog space."""
+    return jnp.linspace(vmin, vmax, num_bins, dtype=dtype)
+
+
+def two_hot(x, num_bins: int, vmin: float, vmax: float):
+    """Soft two-hot encoding of scalars ``x[..., 1]`` in symlog space -> ``[..., num_bins]``.
+
+    Values are clamped to [vmin, vmax] after symlog; the mass splits linearly between the two nearest bins.
+    """
+    bin_size = (vmax - vmin) / (num_bins - 1)
+    x = jnp.clip(symlog(x), vmin, vmax)[..., 0]
+    pos = (x - vmin) / bin_size
+    idx = jnp.floor(pos)
+    offset = (pos - idx)[..., None]
+    idx = idx.astype(jnp.int32)
+    lower = jax.nn.one_hot(idx, num_bins, dtype=x.dtype)
+    upper = jax.nn.one_hot((idx + 1) % num_bins, num_bins, dtype=x.dtype)
+    return lower * (1 - offset) + upper * offset
+
+
+def two_hot_inv(logits, num_bins: int, vmin: float, vmax: float):
+    """Expected value of softmax(logits) over the bin centres, mapped back with symexp -> ``[..., 1]``."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    centres = bin_centres(num_bins, vmin, vmax, logits.dtype)
+    return symexp(jnp.sum(probs * centres, axis=-1, keepdims=True))
+
+
+def soft_ce(logits, target, num_bins: int, vmin: float, vmax: float):
+    """Cross-entropy of ``logits [..., num_bins]`` against the two-hot of scalar ``target [..., 1]`` -> ``[..., 1]``."""
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.sum(two_hot(target, num_bins, vmin, vmax) * logp, axis=-1, keepdims=True)
+
+
+def log_std(x, low: float, high: float):
+    """Squash raw log-std outputs into [low, high]: low + 0.5 (high - low) (tanh x + 1)."""
+    return low + 0.5 * (high - low) * (jnp.tanh(x) + 1)
+
+
+def gaussian_logprob(eps, log_std_):
+    """Log-density of ``mean + eps * exp(log_std)`` under N(mean, std), summed over the last axis -> ``[..., 1]``."""
+    residual = -0.5 * jnp.square(eps) - log_std_
+    return jnp.sum(residual - LOG_SQRT_2PI, axis=-1, keepdims=True)
+
+
+def squash(mu, pi, log_pi):
+    """tanh-squash mean and sample and correct the log-probability (official ``squash``, 1e-6 floor)."""
+    mu = jnp.tanh(mu)
+    pi = jnp.tanh(pi)
+    log_pi = log_pi - jnp.sum(jnp.log(jax.nn.relu(1 - jnp.square(pi)) + 1e-6), axis=-1, keepdims=True)
+    return mu, pi, log_pi
+
+
+def simnorm(x, group: int):
+    """Simplicial normalisation: softmax over consecutive groups of ``group`` features."""
+    shp = x.shape
+    if shp[-1] % group:
+        raise ValueError(f"SimNorm: feature size {shp[-1]} is not a multiple of the group size {group}")
+    y = jax.nn.softmax(x.reshape(*shp[:-1], shp[-1] // group, group), axis=-1)
+    return y.reshape(shp)
+
+
+def mish(x):
+    """Mish activation x * tanh(softplus(x)), as torch.nn.Mish."""
+    return x * jnp.tanh(jax.nn.softplus(x))

@@ -1,0 +1,15 @@
+"""Flax linen networks of TD-MPC2."""
+
+from mtdistill_jax.nn.world_model import (
+    WorldModel,
+    abstract_params,
+    action_masks,
+    count_params,
+    init_params,
+    make_world_model,
+    q_value,
+    renorm_rows,
+)
+
+__all__ = ["WorldModel", "abstract_params", "action_masks", "count_params", "init_params",
+           "make_world_model", "q_value", "renorm_rows"]

@@ -1,0 +1,150 @@
+"""Building blocks of the TD-MPC2 networks (official ``common/layers.py``) in Flax linen.
+
+Parameter names mirror the official state dict so the importer is a rename plus a transpose:
+``kernel`` [in, out] (torch ``weight`` [out, in] transposed), ``bias``, ``ln_scale`` (``ln.weight``) and
+``ln_bias`` (``ln.bias``). Ensembles carry the member index as a leading axis on every parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mtdistill_jax.math import mish, simnorm
+
+LN_EPS = 1e-5  # torch.nn.LayerNorm default (Flax's default is 1e-6)
+INIT_STD = 0.02  # official weight_init: trunc_normal_(std=0.02) with bounds +-2 (absolute), i.e. ~N(0, 0.02^2)
+
+
+def layer_norm(x, scale, bias, eps: float = LN_EPS):
+    """LayerNorm over the last axis with the biased variance, as torch computes it."""
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
+
+
+def _activation(name: str, simnorm_dim: int):
+    if name == "mish":
+        return mish
+    if name == "simnorm":
+        return lambda x: simnorm(x, simnorm_dim)
+    raise ValueError(f"unknown activation {name!r}; valid: mish, simnorm")
+
+
+class NormedLinear(nn.Module):
+    """Linear -> (Dropout) -> LayerNorm(eps 1e-5) -> activation (Mish or SimNorm)."""
+
+    features: int
+    act: str = "mish"
+    simnorm_dim: int = 8
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        kernel = self.param("kernel", nn.initializers.normal(INIT_STD), (x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        x = x @ kernel + bias
+        if self.dropout > 0:
+            x = nn.Dropout(self.dropout, deterministic=deterministic)(x)
+        ln_scale = self.param("ln_scale", nn.initializers.ones, (self.features,))
+        ln_bias = self.param("ln_bias", nn.initializers.zeros, (self.features,))
+        return _activation(self.act, self.simnorm_dim)(layer_norm(x, ln_scale, ln_bias))
+
+
+class Linear(nn.Module):
+    """Plain affine output layer (``zero_init`` for the reward and Q heads, as the official init does)."""
+
+    features: int
+    zero_init: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.zeros if self.zero_init else nn.initializers.normal(INIT_STD)
+        kernel = self.param("kernel", init, (x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        return x @ kernel + bias
+
+
+class MLP(nn.Module):
+    """Official ``layers.mlp``: NormedLinear hidden layers (dropout on the first only), then an output layer.
+
+    ``out_act='simnorm'`` makes the output a NormedLinear with SimNorm (encoder, dynamics); ``None`` makes it
+    a plain Linear (reward, policy). Sub-modules are named ``layer0``, ``layer1``, ... as torch's indices.
+    """
+
+    hidden: Sequence[int]
+    out: int
+    out_act: str | None = None
+    simnorm_dim: int = 8
+    dropout: float = 0.0
+    zero_init_out: bool = False
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        for i, h in enumerate(self.hidden):
+            x = NormedLinear(h, dropout=self.dropout if i == 0 else 0.0, name=f"layer{i}")(x, deterministic)
+        name = f"layer{len(self.hidden)}"
+        if self.out_act is None:
+            return Linear(self.out, zero_init=self.zero_init_out, name=name)(x)
+        return NormedLinear(self.out, act=self.out_act, simnorm_dim=self.simnorm_dim, name=name)(x)
+
+
+class EnsembleLinear(nn.Module):
+    """``members`` affine maps with parameters ``kernel [members, in, out]`` and ``bias [members, out]``.
+
+    ``shared_input=True`` maps ``x [..., in]`` (one input for every member) to ``[members, ..., out]``;
+    otherwise ``x`` is already ``[members, ..., in]``. With ``normed=True`` it is a NormedLinear (optional
+    dropout, LayerNorm with per-member ``ln_scale``/``ln_bias``, Mish).
+    """
+
+    members: int
+    features: int
+    shared_input: bool = False
+    normed: bool = True
+    dropout: float = 0.0
+    zero_init: bool = False
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        m, h = self.members, self.features
+        init = nn.initializers.zeros if self.zero_init else nn.initializers.normal(INIT_STD)
+        kernel = self.param("kernel", init, (m, x.shape[-1], h))
+        bias = self.param("bias", nn.initializers.zeros, (m, h))
+        if self.shared_input:
+            x = jnp.einsum("...i,mio->m...o", x, kernel)
+        else:
+            x = jnp.einsum("m...i,mio->m...o", x, kernel)
+        bshape = (m,) + (1,) * (x.ndim - 2) + (h,)
+        x = x + bias.reshape(bshape)
+        if not self.normed:
+            return x
+        if self.dropout > 0:
+            x = nn.Dropout(self.dropout, deterministic=deterministic)(x)
+        ln_scale = self.param("ln_scale", nn.initializers.ones, (m, h))
+        ln_bias = self.param("ln_bias", nn.initializers.zeros, (m, h))
+        return mish(layer_norm(x, ln_scale.reshape(bshape), ln_bias.reshape(bshape)))
+
+
+class EnsembleMLP(nn.Module):
+    """``members`` independent MLPs (the Q-ensemble) evaluated together; parameters lead with the member axis.
+
+    Input ``x [..., in]`` is shared by every member; the output is ``[members, ..., out]``. Dropout (first
+    layer only) draws independent masks per member, like ``torch.vmap(randomness='different')``.
+    """
+
+    members: int
+    hidden: Sequence[int]
+    out: int
+    dropout: float = 0.0
+    zero_init_out: bool = True
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        for i, h in enumerate(self.hidden):
+            x = EnsembleLinear(self.members, h, shared_input=(i == 0), dropout=self.dropout if i == 0 else 0.0,
+                               name=f"layer{i}")(x, deterministic)
+        return EnsembleLinear(self.members, self.out, shared_input=not self.hidden, normed=False,
+                              zero_init=self.zero_init_out, name=f"layer{len(self.hidden)}")(x)

@@ -1,0 +1,1 @@
+"""TD-MPC2 learner: losses, update step and MPPI planner."""

@@ -1,0 +1,193 @@
+"""MPPI planning in the latent space of the world model (official ``TDMPC2._plan``), batched over envs.
+
+``planner = make_planner(model, config)`` returns a pure function
+
+    plan(params, obs [B, O], task [B], prev_mean [B, H, A], t0 [B] bool, key, mode='sample')
+        -> (action [B, A], new_prev_mean [B, H, A])
+
+where every env b plans independently with its own task id. Per env, as the official code:
+
+1. ``num_pi_trajs`` action sequences are rolled out from the policy prior;
+2. the sampling mean starts at zero, or (``t0`` false) at the previous mean shifted one step (warm start);
+   the std starts at ``max_std``;
+3. each of ``iterations`` rounds samples ``num_samples - num_pi_trajs`` sequences N(mean, std) clipped to
+   [-1, 1], masks padded action dims, scores every sequence with H model rewards plus the discounted
+   ``avg`` Q of a policy action at the end, keeps ``num_elites``, and refits mean/std with weights
+   ``exp(temperature * (v - max v))`` (std clipped to [min_std, max_std], masked);
+4. the first action of one elite, drawn with probability equal to its weight, is returned; ``mode='sample'``
+   (the official ``act``) adds N(0, std[0]) noise, ``mode='elite'`` (official ``eval_mode=True``) does not,
+   ``mode='mean'`` returns the refitted mean's first action. The result is clipped to [-1, 1]; actions
+   beyond a task's action dim are exactly 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mtdistill_jax import math as tdmath
+from mtdistill_jax.configs.tasks import get_task_set
+from mtdistill_jax.nn.world_model import WorldModel, action_masks, make_world_model, q_value
+from mtdistill_jax.tdmpc2.losses import task_discounts
+
+MODES = ("sample", "elite", "mean")
+
+
+@flax.struct.dataclass
+class PlannerState:
+    """Warm-start memory: the last MPPI mean of each env, ``[B, H, A]``."""
+
+    prev_mean: jax.Array
+
+
+def make_planner(model: WorldModel, config: ml_collections.ConfigDict) -> Callable:
+    """Pure batched MPPI ``plan`` function for ``model`` with ``config.planner`` settings (see module doc)."""
+    pc, mc = config.planner, config.model
+    ts = get_task_set(mc.task_set)
+    A, H = ts.action_pad, pc.horizon
+    N, P, E = pc.num_samples, pc.num_pi_trajs, pc.num_elites
+    if not 0 <= P < N:
+        raise ValueError(f"num_pi_trajs ({P}) must be in [0, num_samples={N})")
+    if not 0 < E <= N:
+        raise ValueError(f"num_elites ({E}) must be in (0, num_samples={N}]")
+    iterations = pc.iterations + 2 * int(A >= 20)  # official heuristic for large action spaces
+    masks_all = jnp.asarray(action_masks(mc.task_set))
+    discounts = jnp.asarray(task_discounts(config))
+
+    def apply(params, *args, method):
+        return model.apply({"params": params}, *args, method=method)
+
+    def policy(params, z, task, key):
+        eps = jax.random.normal(key, z.shape[:-1] + (A,), z.dtype)
+        return apply(params, z, task, eps, method=WorldModel.pi)[0]
+
+    def estimate_value(params, z, actions, task, gamma, key):
+        """G = sum_t gamma^t r_t + gamma^H Q_avg(z_H, pi(z_H)); z [n, D], actions [H, n, A] -> [n, 1]."""
+        G, disc = 0.0, 1.0
+        for t in range(H):
+            r = tdmath.two_hot_inv(apply(params, z, actions[t], task, method=WorldModel.reward),
+                                   mc.num_bins, mc.vmin, mc.vmax)
+            z = apply(params, z, actions[t], task, method=WorldModel.next)
+            G = G + disc * r
+            disc = disc * gamma
+        k_pi, k_q = jax.random.split(key)
+        a = policy(params, z, task, k_pi)
+        q = q_value(apply(params, z, a, task, method=WorldModel.Q), k_q, mc, "avg")
+        return G + disc * q
+
+    def plan_one(params, obs, task, prev_mean, t0, key, mode):
+        mask = masks_all[task]
+        gamma = discounts[task]
+        k_pi, k_iter, k_sel, k_noise = jax.random.split(key, 4)
+        z = apply(params, obs[None], task[None], method=WorldModel.encode)[0]
+
+        if P > 0:
+            zp = jnp.broadcast_to(z, (P,) + z.shape)
+            tp = jnp.broadcast_to(task, (P,))
+            pi_actions = []
+            for t, k in enumerate(jax.random.split(k_pi, H)):
+                a = policy(params, zp, tp, k)
+                pi_actions.append(a)
+                if t < H - 1:
+                    zp = apply(params, zp, a, tp, method=WorldModel.next)
+            pi_actions = jnp.stack(pi_actions)  # [H, P, A]
+
+        zs = jnp.broadcast_to(z, (N,) + z.shape)
+        tn = jnp.broadcast_to(task, (N,))
+        shifted = jnp.concatenate([prev_mean[1:], jnp.zeros((1, A), prev_mean.dtype)], axis=0)
+        mean = jnp.where(t0, jnp.zeros((H, A), jnp.float32), shifted)
+        std = jnp.full((H, A), pc.max_std, jnp.float32)
+
+        def iteration(carry, k):
+            mean, std, _, _ = carry
+            k_r, k_v = jax.random.split(k)
+            r = jax.random.normal(k_r, (H, N - P, A), jnp.float32)
+            sampled = jnp.clip(mean[:, None] + std[:, None] * r, -1, 1)
+            actions = jnp.concatenate([pi_actions, sampled], axis=1) if P > 0 else sampled
+            actions = actions * mask
+            value = jnp.nan_to_num(estimate_value(params, zs, actions, tn, gamma, k_v), nan=0.0)[:, 0]
+            elite_value, elite_idx = jax.lax.top_k(value, E)
+            elite_actions = actions[:, elite_idx]  # [H, E, A]
+            score = jnp.exp(pc.temperature * (elite_value - jnp.max(elite_value)))
+            score = score / jnp.sum(score)
+            w = score[None, :, None]
+            mean = jnp.sum(w * elite_actions, axis=1) / (jnp.sum(score) + 1e-9)
+            std = jnp.sqrt(jnp.sum(w * jnp.square(elite_actions - mean[:, None]), axis=1) / (jnp.sum(score) + 1e-9))
+            std = jnp.clip(std, pc.min_std, pc.max_std)
+            return (mean * mask, std * mask, score, elite_actions), None
+
+        init = (mean, std, jnp.zeros((E,), jnp.float32), jnp.zeros((H, E, A), jnp.float32))
+        (mean, std, score, elite_actions), _ = jax.lax.scan(iteration, init, jax.random.split(k_iter, iterations))
+        if mode == "mean":
+            a = mean[0]
+        else:
+            idx = jax.random.categorical(k_sel, jnp.log(score))
+            a = elite_actions[0, idx]
+            if mode == "sample":
+                a = a + std[0] * jax.random.normal(k_noise, (A,), jnp.float32)
+        return jnp.clip(a, -1, 1) * mask, mean
+
+    def plan(params, obs, task, prev_mean, t0, key, mode: str = "sample"):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        keys = jax.random.split(key, obs.shape[0])
+        fn = jax.vmap(plan_one, in_axes=(None, 0, 0, 0, 0, 0, None))
+        return fn(params, obs, task, prev_mean, t0, keys, mode)
+
+    return plan
+
+
+class Planner:
+    """Public MPPI entry point: validates input outside jit, then runs the compiled planner.
+
+    ``planner = Planner(config); state = planner.init(B)``;
+    ``action, state = planner.act(params, obs, task, state, t0, key, mode='sample')``.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, model: WorldModel | None = None):
+        self.config = config
+        self.model = model or make_world_model(config.model)
+        self.task_set = get_task_set(config.model.task_set)
+        self._plan = make_planner(self.model, config)
+        self.plan_jit = jax.jit(self._plan, static_argnames=("mode",))
+
+    def init(self, batch_size: int) -> PlannerState:
+        H, A = self.config.planner.horizon, self.task_set.action_pad
+        return PlannerState(prev_mean=jnp.zeros((batch_size, H, A), jnp.float32))
+
+    def validate(self, obs, task, state: PlannerState, t0, check_values: bool = True) -> None:
+        ts = self.task_set
+        obs_shape, task_shape = np.shape(obs), np.shape(task)
+        if len(obs_shape) != 2 or obs_shape[1] != ts.obs_pad:
+            raise ValueError(f"obs must be [B, {ts.obs_pad}] (observations zero-padded to {ts.obs_pad} for "
+                             f"{ts.name}), got shape {obs_shape}")
+        B = obs_shape[0]
+        if task_shape != (B,):
+            raise ValueError(f"task must be [B] = [{B}] task ids, got shape {task_shape}")
+        expected = (B, self.config.planner.horizon, ts.action_pad)
+        if np.shape(state.prev_mean) != expected:
+            raise ValueError(f"planner state prev_mean has shape {np.shape(state.prev_mean)}, expected {expected} "
+                             f"(action dim {ts.action_pad}); create it with Planner.init({B})")
+        if np.shape(t0) != (B,):
+            raise ValueError(f"t0 must be [B] = [{B}] booleans, got shape {np.shape(t0)}")
+        if check_values:
+            t = np.asarray(task)
+            if not np.issubdtype(t.dtype, np.integer):
+                raise ValueError(f"task must hold integer ids, got dtype {t.dtype}")
+            if t.size and (t.min() < 0 or t.max() >= ts.num_tasks):
+                raise ValueError(f"task ids must be in [0, {ts.num_tasks}) for {ts.name}, got min {t.min()}, "
+                                 f"max {t.max()}")
+
+    def act(self, params, obs, task, state: PlannerState, t0, key, mode: str = "sample",
+            check_values: bool = True) -> tuple[jax.Array, PlannerState]:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.validate(obs, task, state, t0, check_values)
+        action, mean = self.plan_jit(params, jnp.asarray(obs, jnp.float32), jnp.asarray(task, jnp.int32),
+                                     state.prev_mean, jnp.asarray(t0, bool), key, mode=mode)
+        return action, PlannerState(prev_mean=mean)

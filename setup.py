@@ -1,0 +1,40 @@
+"""mtdistill-jax: TD-MPC2 world models, MPPI planning and distillation in JAX/Flax."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+# Version ranges were tested together (jax 0.10.2, flax 0.12.8, optax 0.2.8, orbax-checkpoint 0.12.8,
+# chex 0.1.92, ml-collections 1.1.0, numpy 2.4.6 on CPython 3.11). Upper bounds stop an untested major
+# release from changing numerics or APIs under our users.
+INSTALL_REQUIRES = [
+    "jax>=0.6,<0.11",
+    "flax>=0.10.6,<0.13",
+    "optax>=0.2.5,<0.3",
+    "orbax-checkpoint>=0.11,<0.13",
+    "chex>=0.1.89,<0.2",
+    "ml-collections>=1.0,<2",
+    "absl-py>=2.1,<3",
+    "numpy>=1.26,<3",
+    "ml_dtypes>=0.5",  # bfloat16 numpy dtype for the .pt reader (already required by jax)
+]
+
+EXTRAS = {
+    # Only needed to write official-format .pt files or to cross-check the torch-free reader. Pinned: an
+    # unpinned torch pulls the CUDA build (gigabytes); 2.13.0 resolves to the local CPU build.
+    "torch": ["torch==2.13.0"],
+    "dev": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "ruff>=0.6,<1"],
+}
+
+setup(
+    name="mtdistill-jax",
+    version="0.1.0",
+    description="TD-MPC2 world models, MPPI planning and teacher-student distillation in JAX/Flax",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["mtdistill_jax", "mtdistill_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    license="MIT",
+)

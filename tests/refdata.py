@@ -1,0 +1,43 @@
+"""Discovery of the reference data made with the official TD-MPC2 code.
+
+The directory comes from ``MTDISTILL_REFERENCE_DIR`` (default ``<repo>/../shared/reference``); files are
+found by pattern, so further files of the same kinds are tested without code changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def reference_dir() -> Path:
+    return Path(os.environ.get("MTDISTILL_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
+
+
+def world_model_cases() -> list[str]:
+    """Names ``<name>`` with ``wm_<name>.pt``, ``_release.pt``, ``_config.json`` and ``_io.npz`` all present."""
+    d = reference_dir()
+    if not d.is_dir():
+        return []
+    names = []
+    for p in sorted(d.glob("wm_*.pt")):
+        m = re.fullmatch(r"wm_(.+)\.pt", p.name)
+        if not m or m.group(1).endswith("_release"):
+            continue
+        name = m.group(1)
+        if all((d / f"wm_{name}{suffix}").is_file() for suffix in ("_release.pt", "_config.json", "_io.npz")):
+            names.append(name)
+    return names
+
+
+def load_case(name: str):
+    d = reference_dir()
+    cfg = json.loads((d / f"wm_{name}_config.json").read_text())
+    io = dict(np.load(d / f"wm_{name}_io.npz"))
+    return cfg, io

@@ -1,0 +1,117 @@
+"""Update step: loss falls, Polyak targets, policy loss isolation, single trace, input validation."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtdistill_jax.configs import get_smoke_config
+from mtdistill_jax.nn import renorm_rows
+from mtdistill_jax.tdmpc2.losses import make_losses, running_scale_update
+from mtdistill_jax.tdmpc2.train import Learner, make_update_fn, renorm_used_embeddings, split_params
+from mtdistill_jax.types import Batch
+
+
+def make_batch(seed=0, B=8, H=3):
+    rng = np.random.default_rng(seed)
+    task = (np.arange(B) * 7 + seed) % 30
+    obs = rng.normal(size=(H + 1, B, 24)).astype(np.float32)
+    action = rng.uniform(-1, 1, (H, B, 6)).astype(np.float32)
+    from mtdistill_jax.configs import MT30
+
+    for b, t in enumerate(task):
+        obs[:, b, MT30.obs_dims[t]:] = 0
+        action[:, b, MT30.action_dims[t]:] = 0
+    reward = rng.uniform(0, 2, (H, B, 1)).astype(np.float32)
+    return Batch(obs=obs, action=action, reward=reward, task=task.astype(np.int32))
+
+
+@pytest.fixture(scope="module")
+def learner():
+    return Learner(get_smoke_config(), donate=False)
+
+
+@pytest.fixture(scope="module")
+def state0(learner):
+    return learner.init(jax.random.key(0))
+
+
+def test_loss_falls_on_fixed_batch(learner, state0):
+    batch, state = make_batch(), state0
+    losses = []
+    for i in range(40):
+        state, m = learner.update(state, batch, jax.random.key(i))
+        losses.append(float(m["train/total_loss"]))
+    assert np.all(np.isfinite(losses))
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert int(state.step) == 40
+
+
+def test_targets_move_by_tau(learner, state0):
+    state, _ = learner.update(state0, make_batch(1), jax.random.key(1))
+    tau = learner.config.train.tau
+    expected = jax.tree_util.tree_map(lambda t, o: t + tau * (o - t), state0.target_q_params, state.params["Qs"])
+    chex.assert_trees_all_close(state.target_q_params, expected, atol=1e-7, rtol=0)
+    moved = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state.target_q_params,
+                                   state0.target_q_params)
+    assert max(jax.tree_util.tree_leaves(moved)) > 0
+
+
+def test_policy_loss_leaves_world_model_untouched(learner, state0):
+    model, config = learner.model, learner.config
+    losses = make_losses(model, config)
+    params = state0.params
+    zs = jax.random.uniform(jax.random.key(3), (4, 8, 128))
+    task = jnp.arange(8)
+    grads = jax.jit(jax.grad(
+        lambda p: losses.policy_loss(p["pi_head"], p, zs, task, jnp.ones(()), jax.random.key(4))[0]))(params)
+    for k, g in grads.items():
+        norm = float(jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree_util.tree_leaves(g))))
+        if k == "pi_head":
+            assert norm > 0
+        else:
+            assert norm == 0.0, k  # Q heads, task embedding, encoder, ... get no policy gradient
+    # The two optimisers partition the params: the world-model one never sees pi_head, the policy one only it.
+    wm_params, pi_params = split_params(params)
+    assert "pi_head" not in wm_params and set(wm_params) | {"pi_head"} == set(params)
+    chex.assert_trees_all_equal_structs(pi_params, params["pi_head"])
+
+
+def test_single_trace(learner, state0):
+    update = chex.assert_max_traces(make_update_fn(learner.model, learner.config), n=1)
+    fn = jax.jit(update)
+    state = state0
+    for i in range(3):
+        state, m = fn(state, make_batch(i), jax.random.key(i))
+    jax.block_until_ready(m)
+
+
+def test_running_scale_matches_official_formula():
+    q0 = jnp.linspace(0.0, 100.0, 101)[:, None]
+    new = running_scale_update(jnp.ones(()), q0, 0.01)
+    np.testing.assert_allclose(float(new), 1 + 0.01 * (90.0 - 1), rtol=1e-6)  # P95 - P5 = 90
+    small = running_scale_update(jnp.ones(()), jnp.zeros((8, 1)), 0.01)  # clamped at 1
+    assert float(small) == 1.0
+
+
+def test_embedding_renorm_only_for_used_tasks():
+    table = jnp.ones((30, 96)) * 0.5  # norm ~4.9
+    params = {"task_emb": {"embedding": table}}
+    out = renorm_used_embeddings(params, jnp.asarray([0, 3]))["task_emb"]["embedding"]
+    np.testing.assert_allclose(np.asarray(out[0]), np.asarray(renorm_rows(table[:1])[0]), rtol=1e-6)
+    np.testing.assert_allclose(float(jnp.linalg.norm(out[3])), 1.0, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(out[1]), np.asarray(table[1]))
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("obs", np.zeros((4, 8, 17), np.float32), r"batch\.obs has shape \(4, 8, 17\), expected \(4, 8, 24\)"),
+    ("action", np.zeros((3, 8, 4), np.float32), r"batch\.action has shape .* expected \(3, 8, 6\)"),
+    ("reward", np.zeros((3, 8), np.float32), r"batch\.reward has shape"),
+    ("task", np.full((8,), 30, np.int32), r"ids outside \[0, 30\)"),
+    ("task", np.zeros((8,), np.float32), "integer"),
+])
+def test_bad_batches_raise_clear_errors(learner, state0, field, value, match):
+    batch = make_batch().replace(**{field: value})
+    with pytest.raises(ValueError, match=match):
+        learner.update(state0, batch, jax.random.key(0))
