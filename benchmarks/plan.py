@@ -66,7 +66,7 @@ def main():
             prev = planner.init(B).prev_mean
             t0 = jnp.zeros((B,), bool)
 
-            def args_fn(i, obs=obs, task=task, prev=prev, t0=t0):
+            def args_fn(i, params=params, obs=obs, task=task, prev=prev, t0=t0):
                 return params, obs, task, prev, t0, jax.random.key(i)
 
             fn = jax.jit(planner._plan)
