@@ -183,8 +183,18 @@ class Planner:
                 raise ValueError(f"task ids must be in [0, {ts.num_tasks}) for {ts.name}, got min {t.min()}, "
                                  f"max {t.max()}")
 
-    def act(self, params, obs, task, state: PlannerState, t0, key, mode: str = "sample",
-            check_values: bool = True) -> tuple[jax.Array, PlannerState]:
+    def act(self, params, obs, task, state: PlannerState, t0, key, mode: str | None = None,
+            check_values: bool = True, eval_mode: bool = False) -> tuple[jax.Array, PlannerState]:
+        """Plan for every env; returns ``(action [B, A], new state)``.
+
+        ``mode`` is ``'sample'`` (default, the official ``act``), ``'elite'`` or ``'mean'``;
+        ``eval_mode=True`` is shorthand for ``mode='mean'`` (the mean action).
+        """
+        if eval_mode:
+            if mode not in (None, "mean"):
+                raise ValueError(f"eval_mode=True selects the mean action; it conflicts with mode={mode!r}")
+            mode = "mean"
+        mode = mode or "sample"
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.validate(obs, task, state, t0, check_values)

@@ -48,6 +48,12 @@ def test_mean_mode_returns_mpc_mean(planner, params):
     action, state = planner.act(params, obs_for(tasks), tasks, planner.init(3), np.ones(3, bool),
                                 jax.random.key(2), "mean")
     np.testing.assert_allclose(np.asarray(action), np.clip(np.asarray(state.prev_mean[:, 0]), -1, 1), atol=1e-7)
+    same, _ = planner.act(params, obs_for(tasks), tasks, planner.init(3), np.ones(3, bool), jax.random.key(2),
+                          eval_mode=True)
+    np.testing.assert_array_equal(np.asarray(same), np.asarray(action))
+    with pytest.raises(ValueError, match="conflicts"):
+        planner.act(params, obs_for(tasks), tasks, planner.init(3), np.ones(3, bool), jax.random.key(2),
+                    mode="sample", eval_mode=True)
 
 
 def test_per_env_independence_and_determinism(planner, params):
