@@ -41,3 +41,14 @@ def load_case(name: str):
     cfg = json.loads((d / f"wm_{name}_config.json").read_text())
     io = dict(np.load(d / f"wm_{name}_io.npz"))
     return cfg, io
+
+
+def env_episode_files() -> list[Path]:
+    """Every ``envs/<task>_seed<k>.npz`` recorded from the official TD-MPC2 environments."""
+    d = reference_dir() / "envs"
+    return sorted(d.glob("*_seed*.npz")) if d.is_dir() else []
+
+
+def env_index() -> dict:
+    p = reference_dir() / "envs" / "index.json"
+    return json.loads(p.read_text()) if p.is_file() else {}

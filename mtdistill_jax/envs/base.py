@@ -1,0 +1,234 @@
+"""DeepMind Control tasks on MJX with TD-MPC2 semantics.
+
+:class:`DMCEnv` subclasses MuJoCo Playground's ``MjxEnv`` (pure ``reset(rng)`` / ``step(state, action)``,
+struct ``State``). A task supplies its model XML, its initial-state randomisation, its observation (an
+ordered dict in dm_control's key order) and its reward; the base class does the rest the way dm_control +
+TD-MPC2 do it:
+
+- actions in [-1, 1] are mapped affinely onto the actuators' ctrl ranges (``action_scale.Wrapper``);
+- one agent step = ``action_repeat`` (2) dm_control control steps, each ``n_sub_steps`` physics steps;
+  the agent reward is the sum of the task reward evaluated after each control step;
+- observations are computed from the state *after* the step (positions, velocities) and flattened to
+  float32 in key order; acceleration-stage sensors (``touch``) are the ones MuJoCo computed during the
+  last physics substep, exactly like dm_control's legacy stepping;
+- no early termination (episode length is handled by :mod:`mtdistill_jax.envs.wrappers`).
+
+``state.info`` carries per-episode task parameters (e.g. a randomised target) and the step counter.
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import mujoco
+import numpy as np
+from ml_collections import config_dict
+from mujoco import mjx
+from mujoco_playground._src import mjx_env
+
+State = mjx_env.State
+IMPLS = ("jax", "warp")
+
+
+def default_config(ctrl_dt: float, sim_dt: float, impl: str = "jax") -> config_dict.ConfigDict:
+    """Config shared by every task (one comment per field)."""
+    c = config_dict.ConfigDict()
+    c.ctrl_dt = ctrl_dt  # dm_control control timestep (s)
+    c.sim_dt = sim_dt  # physics timestep of the model XML (s)
+    c.action_repeat = 2  # control steps per agent step (TD-MPC2)
+    c.episode_length = 500  # agent steps per episode (TD-MPC2 Timeout)
+    c.impl = impl  # MJX implementation: 'jax' or 'warp'
+    return c
+
+
+def flatten_obs(obs: Mapping[str, jax.Array]) -> jax.Array:
+    """Concatenate an observation dict in its key order into one float32 vector (TD-MPC2's flattening)."""
+    return jnp.concatenate([jnp.ravel(jnp.asarray(v, jnp.float32)) for v in obs.values()])
+
+
+class DMCEnv(mjx_env.MjxEnv, abc.ABC):
+    """Base class of the MT30 tasks (stock and custom) on MJX."""
+
+    name: str = ""  # TD-MPC2 task name, e.g. 'walker-walk'
+    ctrl_dt: float = 0.0  # dm_control control timestep of the task
+    touch_sensors: tuple[str, ...] = ()  # sensor names whose values come from the last physics substep
+
+    def __init__(self, config: config_dict.ConfigDict | None = None, config_overrides: dict | None = None):
+        xml, assets = self.model_xml()
+        model = mujoco.MjModel.from_xml_string(xml, assets or {})
+        model.opt.enableflags &= ~int(mujoco.mjtEnableBit.mjENBL_ENERGY)  # bookkeeping only; MJX rejects it
+        self.customize_model(model)
+        if config is None:
+            config = default_config(self.ctrl_dt, float(model.opt.timestep))
+        super().__init__(config, config_overrides)
+        if self._config.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {self._config.impl!r}")
+        if not np.isclose(self._config.sim_dt, model.opt.timestep):
+            raise ValueError(f"{self.name}: config.sim_dt {self._config.sim_dt} differs from the model's "
+                             f"timestep {model.opt.timestep}")
+        self._mj_model = model
+        self._mjx_model = mjx.put_model(model, impl=self._config.impl)
+        n = self._config.ctrl_dt / self._config.sim_dt
+        if abs(n - round(n)) > 1e-6:
+            raise ValueError(f"{self.name}: control timestep {self._config.ctrl_dt} is not a multiple of the "
+                             f"physics timestep {self._config.sim_dt}")
+        self._n_sub_steps = int(round(n))
+        lo, hi = model.actuator_ctrlrange[:, 0], model.actuator_ctrlrange[:, 1]
+        limited = model.actuator_ctrllimited.astype(bool)
+        self._ctrl_lo = jnp.asarray(np.where(limited, lo, -1.0), jnp.float32)
+        self._ctrl_hi = jnp.asarray(np.where(limited, hi, 1.0), jnp.float32)
+        self._touch_adr = []
+        for s in self.touch_sensors:
+            sid = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_SENSOR, s)
+            if sid < 0:
+                raise ValueError(f"{self.name}: no sensor named {s!r}")
+            self._touch_adr.append((int(model.sensor_adr[sid]), int(model.sensor_dim[sid])))
+        self._obs_size = None
+
+    # ----------------------------------------------------------------------------------------------------
+    # What a task defines.
+
+    @abc.abstractmethod
+    def model_xml(self) -> tuple[str, dict[str, bytes]]:
+        """(MJCF string, assets) of the task's model."""
+
+    def customize_model(self, model: mujoco.MjModel) -> None:
+        """Hook to change model fields after compilation (default: nothing)."""
+
+    @abc.abstractmethod
+    def initial_state(self, rng: jax.Array, data: mjx.Data) -> tuple[mjx.Data, dict[str, Any]]:
+        """Randomised initial ``data`` (qpos/qvel/...; not yet forwarded) and per-episode ``info``."""
+
+    @abc.abstractmethod
+    def observation(self, data: mjx.Data, info: Mapping[str, Any]) -> collections.OrderedDict:
+        """The dm_control observation dict (key order matters) at a forwarded ``data``."""
+
+    @abc.abstractmethod
+    def reward(self, data: mjx.Data, info: Mapping[str, Any]) -> jax.Array:
+        """The dm_control task reward at a forwarded ``data`` (scalar)."""
+
+    def info_from_model_fields(self, fields: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """Per-episode ``info`` from model fields recorded after a dm_control reset.
+
+        ``fields`` maps 'geom_pos', 'geom_size', 'site_pos', 'site_size', 'body_pos', 'body_quat' to arrays
+        in model row order. Tasks that randomise model fields at reset (targets) override this; it lets a
+        recorded dm_control episode be replayed exactly.
+        """
+        return {}
+
+    # ----------------------------------------------------------------------------------------------------
+    # Generic machinery.
+
+    def state_from_physics(self, qpos, qvel, act=None, time=0.0, ctrl=None, qacc_warmstart=None,
+                           info: Mapping[str, Any] | None = None) -> State:
+        """A forwarded :class:`State` at a given physics state (e.g. one recorded from dm_control)."""
+        data = self.make_data()
+        rep = {"qpos": jnp.asarray(qpos, data.qpos.dtype), "qvel": jnp.asarray(qvel, data.qvel.dtype),
+               "time": jnp.asarray(time, data.time.dtype)}
+        if act is not None and np.size(act):
+            rep["act"] = jnp.asarray(act, data.act.dtype)
+        if ctrl is not None:
+            rep["ctrl"] = jnp.asarray(ctrl, data.ctrl.dtype)
+        if qacc_warmstart is not None:
+            rep["qacc_warmstart"] = jnp.asarray(qacc_warmstart, data.qacc_warmstart.dtype)
+        data = self.forward(data.replace(**rep))
+        info = {**(info or {}), "step": jnp.zeros((), jnp.int32)}
+        zero = jnp.zeros((), jnp.float32)
+        return State(data=data, obs=self.get_obs(data, info), reward=zero, done=zero, metrics={}, info=info)
+
+    def make_data(self) -> mjx.Data:
+        if self._config.impl == "warp":
+            return mjx.make_data(self._mj_model, impl="warp")
+        return mjx.make_data(self._mjx_model)
+
+    def forward(self, data: mjx.Data) -> mjx.Data:
+        return mjx.forward(self._mjx_model, data)
+
+    def scale_action(self, action: jax.Array) -> jax.Array:
+        """[-1, 1] -> actuator ctrl range (dm_control action_scale.Wrapper)."""
+        action = jnp.asarray(action, jnp.float32)
+        return self._ctrl_lo + (self._ctrl_hi - self._ctrl_lo) * (action + 1.0) / 2.0
+
+    def _with_touch(self, obs, data_pre):
+        """Replace touch entries by the sensor values computed during the last physics substep."""
+        if not self.touch_sensors:
+            return obs
+        obs = collections.OrderedDict(obs)
+        obs["touch"] = jnp.concatenate([data_pre.sensordata[a:a + n] for a, n in self._touch_adr])
+        obs["touch"] = jnp.log1p(obs["touch"])
+        return obs
+
+    def get_obs(self, data: mjx.Data, info: Mapping[str, Any], data_pre: mjx.Data | None = None) -> jax.Array:
+        """Flat float32 observation at a forwarded ``data`` (touch from ``data_pre`` when given)."""
+        obs = self.observation(data, info)
+        if data_pre is not None:
+            obs = self._with_touch(obs, data_pre)
+        return flatten_obs(obs)
+
+    def control_step(self, data: mjx.Data, ctrl: jax.Array) -> tuple[mjx.Data, mjx.Data]:
+        """One dm_control control step: ``n_sub_steps`` physics steps with ``ctrl``.
+
+        Returns ``(data_pre, data)``: the raw data after the last ``mjx.step`` (its sensors belong to the
+        state one physics step earlier, as in dm_control) and the same state forwarded.
+        """
+        data = data.replace(ctrl=ctrl)
+
+        def body(d, _):
+            return mjx.step(self._mjx_model, d), None
+
+        data_pre, _ = jax.lax.scan(body, data, None, length=self._n_sub_steps)
+        return data_pre, self.forward(data_pre)
+
+    def reset(self, rng: jax.Array) -> State:
+        data = self.make_data()
+        data, info = self.initial_state(rng, data)
+        data = self.forward(data)
+        info = dict(info)
+        info["step"] = jnp.zeros((), jnp.int32)
+        obs = self.get_obs(data, info)
+        zero = jnp.zeros((), jnp.float32)
+        return State(data=data, obs=obs, reward=zero, done=zero, metrics={}, info=info)
+
+    def step(self, state: State, action: jax.Array) -> State:
+        ctrl = self.scale_action(action)
+        data, reward = state.data, jnp.zeros((), jnp.float32)
+        data_pre = data
+        for _ in range(self._config.action_repeat):
+            data_pre, data = self.control_step(data, ctrl)
+            reward = reward + jnp.asarray(self.reward(data, state.info), jnp.float32)
+        info = {**state.info, "step": state.info["step"] + 1}
+        obs = self.get_obs(data, info, data_pre)
+        return state.replace(data=data, obs=obs, reward=reward, info=info)
+
+    # ----------------------------------------------------------------------------------------------------
+    # MjxEnv interface.
+
+    @property
+    def xml_path(self) -> str:
+        return f"<{self.name}: built from the installed dm_control package>"
+
+    @property
+    def action_size(self) -> int:
+        return int(self._mj_model.nu)
+
+    @property
+    def observation_size(self) -> int:
+        if self._obs_size is None:
+            self._obs_size = int(jax.eval_shape(self.reset, jax.random.key(0)).obs.shape[-1])
+        return self._obs_size
+
+    @property
+    def mj_model(self) -> mujoco.MjModel:
+        return self._mj_model
+
+    @property
+    def mjx_model(self) -> mjx.Model:
+        return self._mjx_model
+
+    @property
+    def n_sub_steps(self) -> int:
+        return self._n_sub_steps

@@ -1,0 +1,69 @@
+"""Task registry: MT30 names (official order) -> MJX environment constructors.
+
+``make(name, **kwargs)`` builds one task; unknown names raise a ``KeyError`` listing the valid ones;
+Meta-World (``mw-*``) tasks of MT80 have no MJX version and say so.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from mtdistill_jax.configs.tasks import METAWORLD_TASKS, MT30_TASKS
+
+# name -> "module:Class" (modules are imported lazily: building one task does not import the others)
+_TASKS: dict[str, str] = {
+    "walker-stand": "dmc.walker:WalkerStand",
+    "walker-walk": "dmc.walker:WalkerWalk",
+    "walker-run": "dmc.walker:WalkerRun",
+    "cheetah-run": "dmc.cheetah:CheetahRun",
+    "reacher-easy": "dmc.reacher:ReacherEasy",
+    "reacher-hard": "dmc.reacher:ReacherHard",
+    "acrobot-swingup": "dmc.acrobot:AcrobotSwingup",
+    "pendulum-swingup": "dmc.pendulum:PendulumSwingup",
+    "cartpole-balance": "dmc.cartpole:CartpoleBalance",
+    "cartpole-balance-sparse": "dmc.cartpole:CartpoleBalanceSparse",
+    "cartpole-swingup": "dmc.cartpole:CartpoleSwingup",
+    "cartpole-swingup-sparse": "dmc.cartpole:CartpoleSwingupSparse",
+    "cup-catch": "dmc.ball_in_cup:CupCatch",
+    "finger-spin": "dmc.finger:FingerSpin",
+    "finger-turn-easy": "dmc.finger:FingerTurnEasy",
+    "finger-turn-hard": "dmc.finger:FingerTurnHard",
+    "fish-swim": "dmc.fish:FishSwim",
+    "hopper-stand": "dmc.hopper:HopperStand",
+    "hopper-hop": "dmc.hopper:HopperHop",
+    "walker-walk-backwards": "custom.walker:WalkerWalkBackwards",
+    "walker-run-backwards": "custom.walker:WalkerRunBackwards",
+    "cheetah-run-backwards": "custom.cheetah:CheetahRunBackwards",
+    "cheetah-run-front": "custom.cheetah:CheetahRunFront",
+    "cheetah-run-back": "custom.cheetah:CheetahRunBack",
+    "cheetah-jump": "custom.cheetah:CheetahJump",
+    "hopper-hop-backwards": "custom.hopper:HopperHopBackwards",
+    "reacher-three-easy": "custom.reacher:ReacherThreeEasy",
+    "reacher-three-hard": "custom.reacher:ReacherThreeHard",
+    "cup-spin": "custom.ball_in_cup:CupSpin",
+    "pendulum-spin": "custom.pendulum:PendulumSpin",
+}
+assert tuple(_TASKS) == MT30_TASKS
+
+
+def task_names() -> tuple[str, ...]:
+    """All MT30 task names in the official order."""
+    return MT30_TASKS
+
+
+def get_env_class(name: str):
+    if name in METAWORLD_TASKS or name.startswith("mw-"):
+        raise KeyError(f"{name!r} is a Meta-World task of MT80: there is no MJX version of Meta-World, so MT80 "
+                       "is supported offline only (datasets and checkpoints); MJX tasks: the 30 MT30 tasks")
+    if name not in _TASKS:
+        raise KeyError(f"unknown task {name!r}; valid: {', '.join(MT30_TASKS)}")
+    module, cls = _TASKS[name].split(":")
+    return getattr(importlib.import_module(f"mtdistill_jax.envs.{module}"), cls)
+
+
+def make(name: str, config=None, config_overrides: dict | None = None, impl: str | None = None):
+    """Build the MJX environment of an MT30 task (``impl`` overrides the config's MJX implementation)."""
+    cls = get_env_class(name)
+    if impl is not None:
+        config_overrides = {**(config_overrides or {}), "impl": impl}
+    return cls(config=config, config_overrides=config_overrides)
