@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import abc
 import collections
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -13,7 +13,7 @@ from mtdistill_jax import envs
 MODEL_FIELDS = ("geom_pos", "geom_size", "site_pos", "site_size", "body_pos", "body_quat")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_env(task: str):
     return envs.make(task)
 
@@ -43,7 +43,7 @@ def obs_key_slices(ep) -> dict[str, slice]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _batched_fns(task: str):
     env = get_env(task)
 
