@@ -29,6 +29,7 @@ lint: venv
 bench: venv
 	$(PY) benchmarks/update_step.py
 	$(PY) benchmarks/plan.py
+	$(PY) benchmarks/envs.py --num_envs 1,64 --impls jax
 
 clean:
 	rm -rf $(VENV) .cache

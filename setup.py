@@ -17,6 +17,18 @@ INSTALL_REQUIRES = [
     "absl-py>=2.1,<3",
     "numpy>=1.26,<3",
     "ml_dtypes>=0.5",  # bfloat16 numpy dtype for the .pt reader (already required by jax)
+    # Simulation: one mutually compatible set, pinned exactly because the pieces move in lockstep.
+    # - mujoco-mjx X requires mujoco >= X, and a fresh resolve pairs the newest mujoco (4.0) with mjx 3.17;
+    # - dm_control 1.0.50 (whose task XMLs we load) is the release built against mujoco 3.17 (its index tables
+    #   break on mujoco 4.0, which removed MjModel/MjData fields);
+    # - playground 0.2.0 (MjxEnv base class, jnp tolerance) needs mujoco/mjx >= 3.6; its own reacher compares
+    #   version strings and breaks on 3.17, which is why our reacher is our own.
+    "mujoco==3.17.0",
+    "mujoco-mjx==3.17.0",
+    "dm_control==1.0.50",
+    "playground==0.2.0",
+    "mediapy>=1.2,<2",  # mp4 writing of rendered episodes
+    "imageio-ffmpeg>=0.5,<1",  # an ffmpeg binary for mediapy when the system has none
 ]
 
 EXTRAS = {

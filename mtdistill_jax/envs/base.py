@@ -121,6 +121,9 @@ class DMCEnv(mjx_env.MjxEnv, abc.ABC):
         """
         return {}
 
+    def prepare_render(self, model: mujoco.MjModel, info: Mapping[str, Any]) -> None:
+        """Write per-episode task parameters (e.g. a randomised target) into ``model`` before rendering."""
+
     # ----------------------------------------------------------------------------------------------------
     # Generic machinery.
 

@@ -1,0 +1,116 @@
+"""Registry, vectorised episodes with auto-reset, the multi-task env, scores, rendering."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtdistill_jax import envs
+from mtdistill_jax.configs import MT30
+from mtdistill_jax.envs.multitask import MultiTaskEnv
+from mtdistill_jax.envs.render import frame_is_blank, render_frames, rollout, save_video
+from mtdistill_jax.envs.score import normalized_score
+from mtdistill_jax.envs.wrappers import VectorEnv
+
+CHEAP = ["pendulum-swingup", "cartpole-balance"]
+
+
+def test_registry_names_and_errors():
+    assert envs.task_names() == MT30.tasks
+    with pytest.raises(KeyError, match="valid: walker-stand, walker-walk"):
+        envs.make("walker-fly")
+    with pytest.raises(KeyError, match="Meta-World.*offline only"):
+        envs.make("mw-assembly")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        envs.make("pendulum-swingup", impl="numpy")
+
+
+def test_reset_randomisation_distributions():
+    env = envs.make("pendulum-swingup")
+    s = jax.jit(jax.vmap(env.reset))(jax.random.split(jax.random.key(0), 512))
+    angle = np.asarray(s.data.qpos[:, 0])
+    assert angle.min() >= -np.pi and angle.max() < np.pi and angle.std() > 1.5  # U[-pi, pi): std 1.81
+    assert np.all(np.asarray(s.data.qvel) == 0)
+    env = envs.make("cartpole-balance")
+    s = jax.jit(jax.vmap(env.reset))(jax.random.split(jax.random.key(1), 512))
+    slider, hinge = np.asarray(s.data.qpos[:, 0]), np.asarray(s.data.qpos[:, 1])
+    assert np.abs(slider).max() <= 0.1 and np.abs(hinge).max() <= 0.034 and slider.std() > 0.05
+    assert 0.007 < np.asarray(s.data.qvel).std() < 0.013  # 0.01 * N(0, 1)
+
+
+def test_vector_env_fixed_length_episodes_auto_reset():
+    venv = VectorEnv(envs.make("pendulum-swingup"), num_envs=3, episode_length=4)
+    step = jax.jit(venv.step)
+    vs = jax.jit(venv.reset)(jax.random.key(0))
+    first = np.asarray(vs.obs)
+    dones = []
+    for t in range(8):
+        vs = step(vs, jnp.ones((3, 1)))
+        dones.append(bool(vs.done[0]))
+        assert vs.reward.shape == (3,) and np.all(np.isfinite(np.asarray(vs.obs)))
+        if t == 3:
+            assert int(vs.t) == 0  # reset happened
+            assert not np.allclose(np.asarray(vs.obs), np.asarray(vs.final_obs))
+            assert not np.allclose(np.asarray(vs.obs), first)  # fresh random initial states
+    assert dones == [False, False, False, True] * 2
+    with pytest.raises(ValueError, match="num_envs"):
+        VectorEnv(envs.make("pendulum-swingup"), 0)
+
+
+@pytest.fixture(scope="module")
+def mt_env():
+    return MultiTaskEnv(CHEAP, num_envs_per_task=2, episode_length=5)
+
+
+def test_multitask_padding_task_ids_and_masks(mt_env):
+    s = jax.jit(mt_env.reset)(jax.random.key(0))
+    obs = np.asarray(s.obs)
+    assert obs.shape == (4, 24) and obs.dtype == np.float32
+    assert np.all(obs[:2, 3:] == 0) and np.all(obs[2:, 5:] == 0)
+    assert np.any(obs[:2, :3] != 0) and np.any(obs[2:, :5] != 0)
+    np.testing.assert_array_equal(np.asarray(s.task), [7, 7, 8, 8])
+    np.testing.assert_array_equal(np.asarray(mt_env.action_masks).sum(-1), [1, 1, 1, 1])
+
+
+def test_multitask_ignores_padded_actions_and_is_jittable(mt_env):
+    step = jax.jit(mt_env.step)
+    s0 = jax.jit(mt_env.reset)(jax.random.key(1))
+    a = jnp.zeros((4, 6)).at[:, 0].set(0.5)
+    s1 = step(s0, a)
+    s2 = step(s0, a.at[:, 1:].set(0.9))  # garbage in the padded action entries
+    np.testing.assert_array_equal(np.asarray(s1.obs), np.asarray(s2.obs))
+    np.testing.assert_array_equal(np.asarray(s1.reward), np.asarray(s2.reward))
+    s = s1
+    for _ in range(4):
+        s = step(s, a)
+    assert np.all(np.asarray(s.done)) and np.all(np.isfinite(np.asarray(s.obs)))
+    with pytest.raises(ValueError, match=r"action must be \[4, 6\]"):
+        mt_env.step(s0, jnp.zeros((4, 1)))
+
+
+def test_multitask_rejects_bad_task_lists():
+    with pytest.raises(KeyError, match="valid"):
+        MultiTaskEnv(["pendulum-swingup", "nope"])
+    with pytest.raises(ValueError, match="distinct"):
+        MultiTaskEnv(["pendulum-swingup", "pendulum-swingup"])
+
+
+def test_normalized_score():
+    assert normalized_score({"a": [1000.0, 800.0], "b": [0.0]}) == pytest.approx((90 + 0) / 2)
+    with pytest.raises(ValueError):
+        normalized_score({})
+    with pytest.raises(ValueError, match="success rate"):
+        normalized_score({"mw-reach": [1.0]})
+
+
+def test_render_frames_and_video(tmp_path):
+    env = envs.make("cartpole-swingup")
+    traj = rollout(env, jax.random.key(0), steps=5)
+    assert traj.obs.shape == (6, 5)
+    frames = render_frames(env, traj, height=64, width=96)
+    assert len(frames) == 6 and frames[0].shape == (64, 96, 3) and frames[0].dtype == np.uint8
+    assert not frame_is_blank(frames[0])
+    path = save_video(frames, tmp_path / "ep.mp4", fps=1 / env.dt)
+    assert (tmp_path / "ep.mp4").stat().st_size > 1000 and path.endswith("ep.mp4")
