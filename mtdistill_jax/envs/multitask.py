@@ -8,7 +8,7 @@ time, ``vmap`` over the N copies), and episodes auto-reset.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.struct
 import jax

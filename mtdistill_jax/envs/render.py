@@ -8,7 +8,7 @@ system has none); ``rollout(env, key, policy, steps)`` runs an episode under ``j
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
