@@ -24,7 +24,25 @@ if not FILES:
 
 OBS_ATOL = 1e-4
 DEFAULT = dict(reward_step=0.02, reward_mean=0.005, state=1e-3, obs=1e-3)
-TOLERANCES: dict[str, dict] = {}  # per-task overrides, each with a reason
+TOLERANCES: dict[str, dict] = {  # per-task overrides, each with a reason
+    "walker-walk": dict(obs=1e-2, reason=(
+        "obs 'velocity' is qvel, so it gets the qvel tolerance (10x state): float32 MJX solves the contact problem "
+        "to ~1e-4 relative (qacc 1.2e-2 off at seed0 step30 substep1 from the exact C state; MJX float64 matches C "
+        "to 6e-14). Measured next obs 1.19e-3 / 4.6e-4 (seed 0 / 1), qvel the same, qpos 1.4e-5 / 3.5e-5.")),
+    "walker-run": dict(obs=1e-2, reason=(
+        "as walker-walk (obs 'velocity' is qvel; float32 contact solve). Measured next obs 1.53e-3 / 2.7e-4 "
+        "(seed 0 / 1), qvel the same, qpos 3.9e-5 / 2.8e-6.")),
+    "hopper-stand": dict(state=5e-2, obs=0.5, reason=(
+        "contact activation timing: seed0 step55, 8th physics substep, the heel contact has dist -7.3e-9 in MuJoCo C "
+        "(active) and +9.5e-8 in float32 MJX after 7 substeps of ~3e-6 float32 drift (inactive); it activates while "
+        "the foot approaches, so qvel jumps by 0.30 (MJX float64: 1.9e-6; one substep from the exact C state: "
+        "8e-7). Measured seed0: qpos 1.49e-3, qvel/next obs 0.298; seed1: qpos 1.8e-5, qvel/obs 4.6e-4; "
+        "rewards <= 1.2e-7.")),
+    "hopper-hop-backwards": dict(obs=2e-2, reason=(
+        "touch is log1p(force): seed1 step12 toe force 0.76 N beside a 54 N heel force is off by 0.01 N in float32 "
+        "MJX (float64 MJX: 2.4e-7 in obs), giving 5.7e-3 in log1p units; qvel 4.4e-4, qpos 1.7e-5, "
+        "rewards <= 1.4e-7.")),
+}
 
 
 def _task_of(path) -> str:
