@@ -45,6 +45,22 @@ _TASKS: dict[str, str] = {
 }
 assert tuple(_TASKS) == MT30_TASKS
 
+# MJX implementation per task and platform, chosen with benchmarks/envs.py (lax.scan harness, 2-core CPU):
+# impl="jax" wins on CPU everywhere we measured (walker-walk: 98 / 151 / 126 agent steps/s at N = 1 / 64 / 256
+# vs 4 / 269 / 774 for warp, whose batched runs overflow its contact buffer (naconmax 48) and drop contacts,
+# so those warp figures are not valid physics). No GPU was available to measure: other platforms use "jax"
+# too until measured. Both stay selectable with make(name, impl=...).
+DEFAULT_IMPL: dict[str, dict[str, str]] = {"cpu": {name: "jax" for name in _TASKS}}
+
+
+def default_impl(name: str, platform: str | None = None) -> str:
+    """The measured default MJX implementation of a task on ``platform`` (default: JAX's default backend)."""
+    if platform is None:
+        import jax
+
+        platform = jax.default_backend()
+    return DEFAULT_IMPL.get(platform, {}).get(name, "jax")
+
 
 def task_names() -> tuple[str, ...]:
     """All MT30 task names in the official order."""
@@ -62,8 +78,14 @@ def get_env_class(name: str):
 
 
 def make(name: str, config=None, config_overrides: dict | None = None, impl: str | None = None):
-    """Build the MJX environment of an MT30 task (``impl`` overrides the config's MJX implementation)."""
+    """Build the MJX environment of an MT30 task.
+
+    ``impl`` ('jax' or 'warp') overrides the config's MJX implementation; without it (and without an
+    explicit ``config``) the measured per-task default of :data:`DEFAULT_IMPL` is used.
+    """
     cls = get_env_class(name)
+    if impl is None and config is None and "impl" not in (config_overrides or {}):
+        impl = default_impl(name)
     if impl is not None:
         config_overrides = {**(config_overrides or {}), "impl": impl}
     return cls(config=config, config_overrides=config_overrides)

@@ -25,6 +25,20 @@ def test_registry_names_and_errors():
         envs.make("mw-assembly")
     with pytest.raises(ValueError, match="impl must be one of"):
         envs.make("pendulum-swingup", impl="numpy")
+    from mtdistill_jax.envs.registry import DEFAULT_IMPL, default_impl
+
+    assert set(DEFAULT_IMPL["cpu"]) == set(MT30.tasks)
+    assert envs.make("pendulum-swingup")._config.impl == default_impl("pendulum-swingup", "cpu") == "jax"
+
+
+def test_warp_impl_stays_selectable_and_agrees_on_a_contact_free_task():
+    a = envs.make("pendulum-swingup", impl="warp")
+    b = envs.make("pendulum-swingup", impl="jax")
+    assert a._config.impl == "warp"
+    s_a, s_b = jax.jit(a.reset)(jax.random.key(0)), jax.jit(b.reset)(jax.random.key(0))
+    s_a, s_b = jax.jit(a.step)(s_a, jnp.ones(1)), jax.jit(b.step)(s_b, jnp.ones(1))
+    np.testing.assert_allclose(np.asarray(s_a.obs), np.asarray(s_b.obs), atol=1e-5)
+    np.testing.assert_allclose(float(s_a.reward), float(s_b.reward), atol=1e-6)
 
 
 def test_reset_randomisation_distributions():
