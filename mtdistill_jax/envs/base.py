@@ -46,6 +46,23 @@ def default_config(ctrl_dt: float, sim_dt: float, impl: str = "jax") -> config_d
     return c
 
 
+def with_plane_half_length(xml: str, geom_name: str, half_length: float) -> str:
+    """A copy of an MJCF string whose plane geom ``geom_name`` has its first size (half-length) changed.
+
+    Used for TD-MPC2's custom tasks, which lengthen the stock floor (cheetah 200, walker 500).
+    """
+    import xml.etree.ElementTree as ET
+
+    root = ET.fromstring(xml)
+    geom = root.find(f"./worldbody/geom[@name='{geom_name}']")
+    if geom is None:
+        raise ValueError(f"the model has no world geom named {geom_name!r}")
+    size = geom.get("size").split()
+    size[0] = f"{half_length:g}"
+    geom.set("size", " ".join(size))
+    return ET.tostring(root, encoding="unicode")
+
+
 def flatten_obs(obs: Mapping[str, jax.Array]) -> jax.Array:
     """Concatenate an observation dict in its key order into one float32 vector (TD-MPC2's flattening)."""
     return jnp.concatenate([jnp.ravel(jnp.asarray(v, jnp.float32)) for v in obs.values()])

@@ -6,11 +6,10 @@ reward differs (see ``CUSTOM_TASKS.md``).
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
-
 from dm_control.suite import cheetah as dm_cheetah
 from mujoco_playground._src.reward import tolerance
 
+from mtdistill_jax.envs.base import with_plane_half_length
 from mtdistill_jax.envs.dmc.cheetah import RUN_SPEED, _Cheetah
 
 GROUND_HALF_LENGTH = 200.0  # TD-MPC2's cheetah ground half-length (m); the stock ground is 100
@@ -23,14 +22,7 @@ UP_HEIGHT = 1.2  # height (m) above which torso / lifted foot count as up (gauss
 def custom_cheetah_xml() -> tuple[str, dict[str, bytes]]:
     """The stock dm_control cheetah with the ground plane's half-length set to ``GROUND_HALF_LENGTH``."""
     xml, assets = dm_cheetah.get_model_and_assets()
-    root = ET.fromstring(xml)
-    ground = root.find("./worldbody/geom[@name='ground']")
-    if ground is None:
-        raise ValueError("stock cheetah XML has no ground geom")
-    size = ground.get("size").split()
-    size[0] = f"{GROUND_HALF_LENGTH:g}"
-    ground.set("size", " ".join(size))
-    return ET.tostring(root, encoding="unicode"), assets
+    return with_plane_half_length(xml, "ground", GROUND_HALF_LENGTH), assets
 
 
 def _up(height):

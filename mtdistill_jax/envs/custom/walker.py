@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
-
 from dm_control.suite import walker as dm_walker
 from mujoco_playground._src.reward import tolerance
 
+from mtdistill_jax.envs.base import with_plane_half_length
 from mtdistill_jax.envs.dmc.walker import RUN_SPEED, WALK_SPEED, _Walker
 
 FLOOR_HALF_LENGTH = 500.0  # TD-MPC2's walker floor half-length (m); the stock floor is 250
@@ -15,14 +14,7 @@ FLOOR_HALF_LENGTH = 500.0  # TD-MPC2's walker floor half-length (m); the stock f
 def backwards_walker_xml() -> tuple[str, dict[str, bytes]]:
     """The stock dm_control walker with the floor plane's half-length set to ``FLOOR_HALF_LENGTH``."""
     xml, assets = dm_walker.get_model_and_assets()
-    root = ET.fromstring(xml)
-    floor = root.find("./worldbody/geom[@name='floor']")
-    if floor is None:
-        raise ValueError("stock walker XML has no floor geom")
-    size = floor.get("size").split()
-    size[0] = f"{FLOOR_HALF_LENGTH:g}"
-    floor.set("size", " ".join(size))
-    return ET.tostring(root, encoding="unicode"), assets
+    return with_plane_half_length(xml, "floor", FLOOR_HALF_LENGTH), assets
 
 
 class _BackwardsWalker(_Walker):
