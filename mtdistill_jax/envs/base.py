@@ -63,6 +63,24 @@ def with_plane_half_length(xml: str, geom_name: str, half_length: float) -> str:
     return ET.tostring(root, encoding="unicode")
 
 
+def randomize_limited_and_rotational_joints(rng: jax.Array, model: mujoco.MjModel, qpos: jax.Array) -> jax.Array:
+    """dm_control's ``randomizers.randomize_limited_and_rotational_joints`` for hinge/slide-only models.
+
+    Limited hinges and slides are drawn uniformly in their range, unlimited hinges uniformly in [-pi, pi];
+    unlimited slides keep their value. Ball and free joints are not supported (the planar models have none).
+    """
+    types = np.asarray(model.jnt_type)
+    hinge, slide = int(mujoco.mjtJoint.mjJNT_HINGE), int(mujoco.mjtJoint.mjJNT_SLIDE)
+    if not np.all(np.isin(types, (hinge, slide))):
+        raise NotImplementedError("only hinge and slide joints are randomised here")
+    limited = model.jnt_limited.astype(bool)
+    idx = np.flatnonzero(limited | (types == hinge))
+    lo = np.where(limited, model.jnt_range[:, 0], -np.pi)[idx]
+    hi = np.where(limited, model.jnt_range[:, 1], np.pi)[idx]
+    values = jax.random.uniform(rng, (idx.size,), minval=lo, maxval=hi)
+    return qpos.at[model.jnt_qposadr[idx]].set(values.astype(qpos.dtype))
+
+
 def flatten_obs(obs: Mapping[str, jax.Array]) -> jax.Array:
     """Concatenate an observation dict in its key order into one float32 vector (TD-MPC2's flattening)."""
     return jnp.concatenate([jnp.ravel(jnp.asarray(v, jnp.float32)) for v in obs.values()])

@@ -26,8 +26,7 @@ from dm_control.suite import finger as dm_finger
 from mujoco import mjx
 from mujoco_playground._src.reward import tolerance
 
-from mtdistill_jax.envs.base import DMCEnv
-from mtdistill_jax.envs.dmc.reacher import random_joint_angles
+from mtdistill_jax.envs.base import DMCEnv, randomize_limited_and_rotational_joints
 
 CONTROL_TIMESTEP = 0.02  # dm_control finger control timestep (two 0.01 s physics steps)
 EASY_TARGET_SIZE = 0.07  # target radius of turn-easy
@@ -70,7 +69,7 @@ class _Finger(DMCEnv):
         def sample(carry):
             rng, _, attempt = carry
             rng, key = jax.random.split(rng)
-            return rng, random_joint_angles(self._mj_model, key, qpos0), attempt + 1
+            return rng, randomize_limited_and_rotational_joints(key, self._mj_model, qpos0), attempt + 1
 
         def retry(carry):
             _, qpos, attempt = carry

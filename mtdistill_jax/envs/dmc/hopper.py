@@ -8,8 +8,7 @@ import jax.numpy as jnp
 from dm_control.suite import hopper as dm_hopper
 from mujoco_playground._src.reward import tolerance
 
-from mtdistill_jax.envs.base import DMCEnv
-from mtdistill_jax.envs.dmc.walker import randomize_limited_and_rotational_joints
+from mtdistill_jax.envs.base import DMCEnv, randomize_limited_and_rotational_joints
 
 STAND_HEIGHT = 0.6  # torso-over-foot height (m) above which the standing term is 1 (upper bound 2)
 HOP_SPEED = 2.0  # hop: target forward centre-of-mass speed (m/s)

@@ -12,30 +12,15 @@ import collections
 
 import jax
 import jax.numpy as jnp
-import mujoco
 import numpy as np
 from dm_control.suite import reacher as dm_reacher
 from mujoco_playground._src.reward import tolerance
 
-from mtdistill_jax.envs.base import DMCEnv
+from mtdistill_jax.envs.base import DMCEnv, randomize_limited_and_rotational_joints
 
 BIG_TARGET = 0.05  # target radius of the easy task (dm_control _BIG_TARGET)
 SMALL_TARGET = 0.015  # target radius of the hard task (dm_control _SMALL_TARGET)
 TARGET_RADIUS_RANGE = (0.05, 0.20)  # distance of the target from the shoulder axis, sampled uniformly
-
-
-def random_joint_angles(model: mujoco.MjModel, rng: jax.Array, qpos: jax.Array) -> jax.Array:
-    """dm_control ``randomize_limited_and_rotational_joints`` for models made of hinge and slide joints only.
-
-    Limited joints are sampled uniformly in their range, unlimited hinges uniformly in [-pi, pi].
-    """
-    if not np.all(np.isin(model.jnt_type, (mujoco.mjtJoint.mjJNT_HINGE, mujoco.mjtJoint.mjJNT_SLIDE))):
-        raise NotImplementedError("only hinge and slide joints are randomised here")
-    limited = model.jnt_limited.astype(bool)
-    lo = np.where(limited, model.jnt_range[:, 0], -np.pi)
-    hi = np.where(limited, model.jnt_range[:, 1], np.pi)
-    angles = jax.random.uniform(rng, (model.njnt,), minval=lo, maxval=hi)
-    return qpos.at[model.jnt_qposadr].set(angles.astype(qpos.dtype))
 
 
 class _Reacher(DMCEnv):
@@ -59,7 +44,7 @@ class _Reacher(DMCEnv):
 
     def initial_state(self, rng, data):
         k_joints, k_angle, k_radius = jax.random.split(rng, 3)
-        qpos = random_joint_angles(self._mj_model, k_joints, data.qpos)
+        qpos = randomize_limited_and_rotational_joints(k_joints, self._mj_model, data.qpos)
         angle = jax.random.uniform(k_angle, (), minval=0.0, maxval=2 * jnp.pi)
         radius = jax.random.uniform(k_radius, (), minval=TARGET_RADIUS_RANGE[0], maxval=TARGET_RADIUS_RANGE[1])
         z = self._mj_model.geom_pos[self._target_id(), 2]

@@ -4,40 +4,15 @@ from __future__ import annotations
 
 import collections
 
-import jax
 import jax.numpy as jnp
-import mujoco
-import numpy as np
 from dm_control.suite import walker as dm_walker
 from mujoco_playground._src.reward import tolerance
 
-from mtdistill_jax.envs.base import DMCEnv
+from mtdistill_jax.envs.base import DMCEnv, randomize_limited_and_rotational_joints
 
 STAND_HEIGHT = 1.2  # torso height (m) above which the standing term is 1
 WALK_SPEED = 1.0  # walk: target horizontal centre-of-mass speed (m/s)
 RUN_SPEED = 8.0  # run: target horizontal centre-of-mass speed (m/s)
-
-
-def randomize_limited_and_rotational_joints(rng: jax.Array, model: mujoco.MjModel, qpos: jax.Array) -> jax.Array:
-    """dm_control's ``randomizers.randomize_limited_and_rotational_joints`` for hinge/slide-only models.
-
-    Limited hinges and slides are drawn uniformly in their range, unlimited hinges uniformly in [-pi, pi];
-    unlimited slides keep their value. Ball and free joints are not supported (the planar models have none).
-    """
-    keys = jax.random.split(rng, model.njnt)
-    for j in range(model.njnt):
-        jtype = int(model.jnt_type[j])
-        adr = int(model.jnt_qposadr[j])
-        if jtype not in (int(mujoco.mjtJoint.mjJNT_HINGE), int(mujoco.mjtJoint.mjJNT_SLIDE)):
-            raise NotImplementedError(f"joint {j}: only hinge and slide joints are randomised here")
-        if model.jnt_limited[j]:
-            lo, hi = (float(v) for v in model.jnt_range[j])
-        elif jtype == int(mujoco.mjtJoint.mjJNT_HINGE):
-            lo, hi = -np.pi, np.pi
-        else:
-            continue
-        qpos = qpos.at[adr].set(jax.random.uniform(keys[j], (), qpos.dtype, minval=lo, maxval=hi))
-    return qpos
 
 
 class _Walker(DMCEnv):
