@@ -14,6 +14,7 @@ code from the file; torch itself is not needed. Torch Linear weights ``[out, in]
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import re
@@ -210,3 +211,100 @@ def load_tdmpc2_checkpoint(path: str | os.PathLike, *, model_size: int | None = 
 def params_to_device(params, dtype=None):
     """Move a numpy param tree to JAX arrays (optionally casting)."""
     return jax.tree_util.tree_map(lambda x: jax.numpy.asarray(x, dtype), params)
+
+
+# --------------------------------------------------------------------------------------------- export to torch
+TORCH_FORMATS = ("current", "release")
+
+
+def _torch_tensor_layout(leaves: Mapping[str, np.ndarray], ensemble: bool) -> dict[str, np.ndarray]:
+    """Flax leaves of one layer -> torch fields (weights transposed back to [out, in])."""
+    out = {}
+    for field in FIELDS:
+        flax_field = _FLAX_FIELD[field]
+        if flax_field in leaves:
+            v = np.asarray(leaves[flax_field])
+            out[field] = np.ascontiguousarray(np.swapaxes(v, -1, -2) if field == "weight" else v)
+    return out
+
+
+def params_to_state_dict(config: ml_collections.ConfigDict, params: Mapping[str, Any],
+                         target_q_params: Mapping[str, Any] | None = None, *,
+                         key_format: str = "current") -> collections.OrderedDict[str, Any]:
+    """Official ``WorldModel.state_dict()`` (as numpy arrays) from Flax params: the inverse of the importer.
+
+    ``key_format='current'`` gives exactly the entries, order, dtypes and shapes that the official HEAD code's
+    ``TDMPC2.save`` writes (action masks, ``log_std_*`` buffers, online/detach/target Q tensordicts with their
+    ``__batch_size``/``__device`` entries); ``'release'`` the release-era layout (``_Qs.params.0..9``,
+    ``_target_Qs.params.0..9``). Without ``target_q_params`` the online Qs are written as targets.
+    Floating tensors keep the params' dtype.
+    """
+    if key_format not in TORCH_FORMATS:
+        raise ValueError(f"unknown key_format {key_format!r}; valid: {', '.join(TORCH_FORMATS)}")
+    target_q_params = params["Qs"] if target_q_params is None else target_q_params
+    sd: collections.OrderedDict[str, Any] = collections.OrderedDict()
+    if key_format == "current":
+        # a buffer of the module: it follows the module's dtype (model.half() casts it too)
+        sd["_action_masks"] = action_masks(config.task_set).astype(np.asarray(params["task_emb"]["embedding"]).dtype)
+        for name, value in (("log_std_min", config.log_std_min),
+                            ("log_std_dif", config.log_std_max - config.log_std_min)):
+            sd[name] = np.asarray(int(value) if float(value).is_integer() else value,
+                                  np.int64 if float(value).is_integer() else np.float32)
+    sd["_task_emb.weight"] = np.asarray(params["task_emb"]["embedding"])
+    for flax_name, prefix in _MODULES.items():
+        for layer_name in sorted(params[flax_name], key=lambda n: int(n.removeprefix("layer"))):
+            layer = int(layer_name.removeprefix("layer"))
+            for field, v in _torch_tensor_layout(params[flax_name][layer_name], False).items():
+                sd[f"{prefix}.{layer}.{field}"] = v
+
+    def q_entries(tree):
+        entries = {}
+        for layer_name in sorted(tree, key=lambda n: int(n.removeprefix("layer"))):
+            layer = int(layer_name.removeprefix("layer"))
+            for field, v in _torch_tensor_layout(tree[layer_name], True).items():
+                entries[(layer, field)] = v
+        return entries
+
+    online, target = q_entries(params["Qs"]), q_entries(target_q_params)
+    if key_format == "current":
+        for base, entries in (("_Qs.params", online), ("_detach_Qs_params", online), ("_target_Qs_params", target)):
+            for (layer, field), v in entries.items():
+                sd[f"{base}.{layer}.{field}"] = v
+            sd[f"{base}.__batch_size"] = (int(config.num_q),)
+            sd[f"{base}.__device"] = None
+    else:
+        for which, entries in (("online", online), ("target", target)):
+            for (layer, field), v in entries.items():
+                sd[_q_key(which, layer, field, "release")] = v
+    return sd
+
+
+def save_tdmpc2_checkpoint(path: str | os.PathLike, config: ml_collections.ConfigDict, params: Mapping[str, Any],
+                           target_q_params: Mapping[str, Any] | None = None, *, key_format: str = "current") -> str:
+    """Write ``{"model": state_dict}`` with ``torch.save``, as the official ``TDMPC2.save`` does.
+
+    Needs torch (``pip install 'mtdistill-jax[torch]'``). The file loads with ``torch.load(weights_only=True)``
+    and with the official ``TDMPC2.load``.
+    """
+    try:
+        import torch
+    except ImportError:
+        raise ImportError("writing an official .pt needs torch: pip install 'mtdistill-jax[torch]' "
+                          "(pinned CPU build torch==2.13.0)") from None
+    sd = params_to_state_dict(config, params, target_q_params, key_format=key_format)
+
+    def to_torch(v):
+        if v is None:
+            return None
+        if isinstance(v, tuple):
+            return torch.Size(v)
+        v = np.asarray(v)
+        if v.dtype.name == "bfloat16":
+            return torch.from_numpy(v.view(np.int16).copy()).view(torch.bfloat16)
+        return torch.from_numpy(v.copy())
+
+    out = collections.OrderedDict((k, to_torch(v)) for k, v in sd.items())
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save({"model": out}, path)
+    return path
