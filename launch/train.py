@@ -1,0 +1,55 @@
+"""Offline TD-MPC2 training from official dataset chunks, checkpointed and resumable.
+
+  python launch/train.py --workdir=runs/mt30_1m --data=chunk_0.pt,chunk_1.pt \
+      [--config=mtdistill_jax/configs/train.py] [--config.steps=100000] [--config.train.batch_size=256]
+
+Run the same command again (same --workdir) to resume from the latest checkpoint, e.g. after a crash or a
+preemption (SIGTERM saves a checkpoint at the current step before exiting).
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from mtdistill_jax.data.tdmpc2_format import load_chunks  # noqa: E402
+from mtdistill_jax.tdmpc2.offline import train_offline  # noqa: E402
+
+_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mtdistill_jax", "configs",
+                       "train.py")
+config_flags.DEFINE_config_file("config", _CONFIG, "training config (get_config())", lock_config=True)
+flags.DEFINE_string("workdir", None, "run directory: checkpoints and config", required=True)
+flags.DEFINE_list("data", None, "official dataset chunk files (globs allowed)", required=True)
+flags.DEFINE_integer("save_every", 10_000, "steps between checkpoints")
+flags.DEFINE_integer("keep", 3, "checkpoints kept on disk")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    absl_logging.set_verbosity(absl_logging.INFO)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save at INFO through absl
+    paths = sorted(p for pattern in FLAGS.data for p in (glob.glob(pattern) or [pattern]))
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise app.UsageError(f"data files not found: {missing}")
+    logging.info("devices: %s", jax.devices())
+    episodes = load_chunks(paths)
+    logging.info("%d episodes of %d frames from %d file(s)", episodes.num_episodes, episodes.num_frames, len(paths))
+    result = train_offline(FLAGS.config, episodes, FLAGS.workdir, save_every=FLAGS.save_every, keep=FLAGS.keep)
+    logging.info("%s at step %d (%s)", "preempted" if result.preempted else "done", result.step,
+                 f"resumed from {result.resumed_from}" if result.resumed_from is not None else "fresh run")
+
+
+if __name__ == "__main__":
+    app.run(main)

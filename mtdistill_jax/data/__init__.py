@@ -1,0 +1,1 @@
+"""Data: official dataset readers and samplers (no learner code)."""

@@ -1,0 +1,112 @@
+"""Training checkpoints: bit-exact resume (after a crash and after a preemption signal), keep-N, config checks."""
+
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+from refdata import reference_dir
+
+from mtdistill_jax.checkpoint.manager import CheckpointManager, ConfigMismatchError
+from mtdistill_jax.configs.train import get_config, get_smoke_config
+from mtdistill_jax.data.tdmpc2_format import load_chunk
+from mtdistill_jax.tdmpc2.offline import train_offline
+from mtdistill_jax.tdmpc2.train import init_training_state
+
+CHUNK = reference_dir() / "mt30_tiny_chunk.pt"
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def episodes():
+    if not CHUNK.is_file():
+        pytest.skip(f"{CHUNK} not found")
+    return load_chunk(CHUNK)
+
+
+def _config(steps=STEPS):
+    c = get_smoke_config()
+    c.steps = steps
+    return c
+
+
+def _assert_bit_equal(a, b):
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb, strict=True):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(x, y)
+
+
+class Crash(RuntimeError):
+    pass
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(episodes, tmp_path_factory):
+    return train_offline(_config(), episodes, str(tmp_path_factory.mktemp("full")), save_every=100)
+
+
+def test_resume_after_crash_is_bit_exact(episodes, uninterrupted, tmp_path):
+    def crash_at_5(step, metrics):
+        if step == 5:
+            raise Crash
+
+    with pytest.raises(Crash):  # checkpoint at step 4 (and at 1, orbax's first save), then the process "dies"
+        train_offline(_config(), episodes, str(tmp_path), save_every=4, on_step=crash_at_5)
+    assert 4 in CheckpointManager(tmp_path, _config()).all_steps()
+    resumed = train_offline(_config(), episodes, str(tmp_path), save_every=4)
+    assert resumed.resumed_from == 4 and resumed.step == STEPS and int(resumed.state.step) == STEPS
+    _assert_bit_equal(resumed.state, uninterrupted.state)
+    _assert_bit_equal(resumed.data_state, uninterrupted.data_state)
+    np.testing.assert_array_equal(jax.random.key_data(resumed.rng), jax.random.key_data(uninterrupted.rng))
+
+
+def test_sigterm_checkpoints_and_resumes_bit_exact(episodes, uninterrupted, tmp_path):
+    def preempt_at_2(step, metrics):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    stopped = train_offline(_config(), episodes, str(tmp_path), save_every=100, on_step=preempt_at_2)
+    assert stopped.preempted and stopped.step == 2
+    assert signal.getsignal(signal.SIGTERM) is before  # handler restored
+    assert CheckpointManager(tmp_path, _config()).latest_step() == 2
+    resumed = train_offline(_config(), episodes, str(tmp_path), save_every=100)
+    assert resumed.resumed_from == 2 and not resumed.preempted
+    _assert_bit_equal(resumed.state, uninterrupted.state)
+
+
+def test_keep_n_and_restore_onto_eval_shape(tmp_path):
+    config = _config()
+    state = init_training_state(config, jax.random.key(0))
+    with CheckpointManager(tmp_path, config, keep=2, save_every=1, async_save=True) as mngr:
+        for step in range(1, 6):
+            mngr.save(step, state.replace(step=state.step + step), rng=jax.random.key(step))
+        mngr.wait_until_finished()
+        assert mngr.all_steps() == [4, 5]
+        target = jax.eval_shape(lambda k: init_training_state(config, k), jax.random.key(0))
+        restored, rng, data = mngr.restore(target)
+    assert int(restored.step) == 5 and data is None
+    np.testing.assert_array_equal(jax.random.key_data(rng), jax.random.key_data(jax.random.key(5)))
+    _assert_bit_equal(restored.params, state.params)
+    _assert_bit_equal(restored.opt_state, state.opt_state)
+
+
+def test_other_model_size_is_refused_naming_fields(tmp_path):
+    config = _config()
+    with CheckpointManager(tmp_path, config, save_every=1) as mngr:
+        mngr.save(1, init_training_state(config, jax.random.key(0)))
+    other = get_config(5, "mt30")
+    with CheckpointManager(tmp_path, other) as mngr:
+        target = jax.eval_shape(lambda k: init_training_state(other, k), jax.random.key(0))
+        with pytest.raises(ConfigMismatchError, match=r"model\.mlp_dim: checkpoint 384 vs config 512") as e:
+            mngr.restore(target)
+    assert "model.model_size" in str(e.value) and "model.num_q" in str(e.value)
+    mt80 = get_config(1, "mt80")
+    with CheckpointManager(tmp_path, mt80) as mngr, pytest.raises(ConfigMismatchError, match="model.task_set"):
+        mngr.check_config()
+    with CheckpointManager(tmp_path / "empty", config) as mngr, pytest.raises(FileNotFoundError):
+        mngr.restore(None)
