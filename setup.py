@@ -29,6 +29,7 @@ INSTALL_REQUIRES = [
     "playground==0.2.0",
     "mediapy>=1.2,<2",  # mp4 writing of rendered episodes
     "imageio-ffmpeg>=0.5,<1",  # an ffmpeg binary for mediapy when the system has none
+    "matplotlib>=3.7,<4",  # per-task bar charts of evaluations
 ]
 
 EXTRAS = {

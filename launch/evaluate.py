@@ -1,0 +1,59 @@
+"""Evaluate an agent export or an official TD-MPC2 .pt on MT30 tasks (all tasks and episodes batched).
+
+  python launch/evaluate.py --agent=../shared/reference/paper_student_fp16.pt --workdir=runs/eval_student \
+      [--tasks=walker-walk,cheetah-run] [--episodes=10] [--mode=sample] [--name=eval]
+
+Writes <workdir>/<name>.{json,csv,md,png} (per-task returns, normalized scores, bar chart).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from mtdistill_jax.checkpoint.export import load_agent  # noqa: E402
+from mtdistill_jax.configs.train import get_config  # noqa: E402
+from mtdistill_jax.evaluate import evaluate, write_outputs  # noqa: E402
+from mtdistill_jax.tdmpc2.planner import MODES  # noqa: E402
+
+flags.DEFINE_string("agent", None, "agent export directory or official .pt", required=True)
+flags.DEFINE_string("workdir", None, "output directory", required=True)
+flags.DEFINE_list("tasks", None, "task subset (default: all tasks of the agent's task set)")
+flags.DEFINE_integer("episodes", 10, "episodes per task")
+flags.DEFINE_integer("seed", 1, "PRNG seed")
+flags.DEFINE_enum("mode", "sample", list(MODES), "planner action: sample (official evaluate.py), elite, mean")
+flags.DEFINE_integer("chunk", 10, "agent steps per compiled call (progress granularity)")
+flags.DEFINE_string("name", "eval", "output file stem")
+flags.DEFINE_bool("progress", True, "progress bar with ETA on stderr")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    print(f"devices: {jax.devices()}")
+    agent = load_agent(FLAGS.agent)
+    config = get_config(agent.config.model_size, agent.config.task_set)
+    with config.unlocked():
+        config.model = agent.config
+    print(f"agent: {FLAGS.agent} ({agent.config.task_set} {agent.config.model_size}M, stored {agent.dtype})")
+    result = evaluate(agent.params, config, FLAGS.tasks, FLAGS.episodes, FLAGS.seed, FLAGS.mode, FLAGS.chunk,
+                      FLAGS.progress)
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    paths = write_outputs(result, FLAGS.workdir, FLAGS.name, command)
+    print(result.table())
+    print(f"compile {result.compile_seconds:.1f} s, rollouts {result.seconds:.1f} s "
+          f"({result.plan_calls / result.seconds:.1f} planner calls/s)")
+    print("wrote " + ", ".join(paths.values()))
+
+
+if __name__ == "__main__":
+    app.run(main)
