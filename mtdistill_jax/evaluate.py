@@ -39,6 +39,7 @@ class EvalResult:
     seconds: float  # wall time of the rollouts (compile excluded)
     compile_seconds: float
     plan_calls: int  # planner calls (one per env per step)
+    trajectories: dict | None = None  # task -> {qpos, qvel, act, info} of its first episode (record=True)
 
     @property
     def episodes_per_task(self) -> int:
@@ -88,11 +89,13 @@ class Progress:
 
 
 def make_eval_program(config: ml_collections.ConfigDict, tasks: Sequence[str], episodes: int, mode: str = "sample",
-                      chunk: int = 10, impls: dict[str, str] | None = None, episode_length: int = EPISODE_LENGTH):
-    """``(init(key) -> carry, run_chunk(params, carry) -> carry)`` for K tasks x ``episodes`` envs.
+                      chunk: int = 10, impls: dict[str, str] | None = None, episode_length: int = EPISODE_LENGTH,
+                      record: bool = False):
+    """``(env, init(key) -> carry, run_chunk(params, carry) -> (carry, recorded))`` for K tasks x ``episodes``.
 
     ``carry`` = (env state, planner warm start, step t, returns [K*E], key); ``run_chunk`` advances every
-    env by ``chunk`` agent steps inside one compiled ``lax.scan``.
+    env by ``chunk`` agent steps inside one compiled ``lax.scan``. With ``record``, ``recorded`` holds per
+    task the physics state (qpos, qvel, act, info) of its first episode after each step, else None.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -116,9 +119,13 @@ def make_eval_program(config: ml_collections.ConfigDict, tasks: Sequence[str], e
             t0 = jnp.broadcast_to(t == 0, (B,))
             action, mean = plan(params, es.obs, es.task, ps.prev_mean, t0, k, mode)
             es = env.step(es, action)
-            return (es, PlannerState(prev_mean=mean), t + 1, ret + es.reward, key), None
+            rec = None
+            if record:
+                rec = tuple({"qpos": g.env.data.qpos[0], "qvel": g.env.data.qvel[0], "act": g.env.data.act[0],
+                             "info": jax.tree_util.tree_map(lambda x: x[0], g.env.info)} for g in es.groups)
+            return (es, PlannerState(prev_mean=mean), t + 1, ret + es.reward, key), rec
 
-        return jax.lax.scan(step, carry, None, length=chunk)[0]
+        return jax.lax.scan(step, carry, None, length=chunk)
 
     return env, init, run_chunk
 
@@ -126,7 +133,7 @@ def make_eval_program(config: ml_collections.ConfigDict, tasks: Sequence[str], e
 def evaluate(params, config: ml_collections.ConfigDict, tasks: Sequence[str] | None = None, episodes: int = 10,
              seed: int = 1, mode: str = "sample", chunk: int = 10, progress: bool = True,
              impls: dict[str, str] | None = None, on_chunk: Callable[[int], None] | None = None,
-             episode_length: int = EPISODE_LENGTH) -> EvalResult:
+             episode_length: int = EPISODE_LENGTH, record: bool = False) -> EvalResult:
     """Evaluate ``params`` (a WorldModel tree) on ``tasks`` (default: the whole task set) with the official
     protocol; returns per-task episode returns and the normalized score. ``episode_length`` below 500 is
     for smoke tests and quick looks only (scores are then not comparable)."""
@@ -137,24 +144,58 @@ def evaluate(params, config: ml_collections.ConfigDict, tasks: Sequence[str] | N
         raise ValueError(f"unknown tasks {unknown} for {ts.name}; valid: {', '.join(ts.tasks)}")
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
-    env, init, run_chunk = make_eval_program(config, tasks, episodes, mode, chunk, impls, episode_length)
+    env, init, run_chunk = make_eval_program(config, tasks, episodes, mode, chunk, impls, episode_length, record)
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
     carry = jax.jit(init)(jax.random.key(seed))
+    first = None
+    if record:  # the reset state, so videos start at t = 0
+        first = tuple({"qpos": g.env.data.qpos[0], "qvel": g.env.data.qvel[0], "act": g.env.data.act[0],
+                       "info": jax.tree_util.tree_map(lambda x: x[0], g.env.info)} for g in carry[0].groups)
+        first = [jax.tree_util.tree_map(lambda x: np.asarray(x)[None], first)]
     t = time.perf_counter()
     run = jax.jit(run_chunk, donate_argnums=(1,)).lower(params, carry).compile()
     compile_s = time.perf_counter() - t
     bar = Progress(episode_length, f"eval {len(tasks)} tasks x {episodes} episodes", progress)
     t = time.perf_counter()
     for i in range(episode_length // chunk):
-        carry = run(params, carry)
+        carry, rec = run(params, carry)
         jax.block_until_ready(carry[3])
+        if record:
+            first.append(jax.tree_util.tree_map(np.asarray, rec))
         bar.update((i + 1) * chunk)
         if on_chunk is not None:
             on_chunk((i + 1) * chunk)
     seconds = time.perf_counter() - t
     returns = np.asarray(carry[3], np.float64).reshape(len(tasks), episodes)
+    trajectories = None
+    if record:
+        stacked = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *first)
+        trajectories = dict(zip(tasks, stacked, strict=True))
     return EvalResult(tasks=tasks, returns=returns, mode=mode, seconds=seconds, compile_seconds=compile_s,
-                      plan_calls=episode_length * env.num_envs)
+                      plan_calls=episode_length * env.num_envs, trajectories=trajectories)
+
+
+def save_videos(result: EvalResult, workdir: str, fps: float = 25.0, height: int = 240, width: int = 320,
+                tasks: Sequence[str] | None = None) -> dict[str, str]:
+    """One mp4 per task of its first recorded episode (needs ``evaluate(..., record=True)``)."""
+    import types
+
+    from mtdistill_jax.envs import make
+    from mtdistill_jax.envs.render import render_frames, save_video
+
+    if result.trajectories is None:
+        raise ValueError("no trajectories recorded: run evaluate(..., record=True)")
+    os.makedirs(workdir, exist_ok=True)
+    out = {}
+    for task in tasks or result.tasks:
+        traj = result.trajectories[task]
+        T = traj["qpos"].shape[0]
+        states = [types.SimpleNamespace(
+            data=types.SimpleNamespace(qpos=traj["qpos"][i], qvel=traj["qvel"][i], act=traj["act"][i]),
+            info=jax.tree_util.tree_map(lambda x, i=i: x[i], traj["info"])) for i in range(T)]
+        frames = render_frames(make(task), states, height=height, width=width)
+        out[task] = save_video(frames, os.path.join(workdir, f"{task}.mp4"), fps)
+    return out
 
 
 def write_outputs(result: EvalResult, workdir: str, name: str = "eval", command: str | None = None) -> dict[str, str]:

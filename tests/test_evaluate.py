@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mtdistill_jax.configs.train import get_smoke_config
-from mtdistill_jax.evaluate import EvalResult, evaluate, write_outputs
+from mtdistill_jax.evaluate import EvalResult, evaluate, save_videos, write_outputs
 from mtdistill_jax.nn.world_model import init_params, make_world_model
 
 TASKS = ["pendulum-swingup", "cartpole-balance"]
@@ -42,6 +42,24 @@ def test_evaluate_returns_and_outputs(setup, tmp_path):
     assert Path(paths["csv"]).read_text().startswith("task,mean,std,normalized,ep0,ep1")
     assert "python launch/evaluate.py" in Path(paths["md"]).read_text()
     assert Path(paths["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_recorded_episode_video(setup, tmp_path):
+    config, params = setup
+    r = evaluate(params, config, TASKS, episodes=1, seed=0, chunk=5, episode_length=10, progress=False, record=True)
+    traj = r.trajectories["pendulum-swingup"]
+    assert traj["qpos"].shape == (11, 1)  # reset state + 10 steps
+    from mtdistill_jax.envs.render import frame_is_blank
+
+    out = save_videos(r, str(tmp_path), tasks=["pendulum-swingup"])
+    assert Path(out["pendulum-swingup"]).stat().st_size > 1000
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(out["pendulum-swingup"])
+    meta = next(reader)
+    w, h = meta["size"]
+    frames = [np.frombuffer(f, np.uint8).reshape(h, w, 3) for f in reader]
+    assert len(frames) == 11 and not frame_is_blank(frames[0])
 
 
 def test_bad_input(setup):
