@@ -23,7 +23,7 @@ def setup():
 
 def test_evaluate_returns_and_outputs(setup, tmp_path):
     config, params = setup
-    r = evaluate(params, config, TASKS, episodes=2, seed=3, chunk=5, episode_length=20, progress=False)
+    r = evaluate(params, config, TASKS, episodes=2, seed=3, chunk=5, episode_length=20, progress=False, record=True)
     assert r.returns.shape == (2, 2) and r.tasks == TASKS and r.plan_calls == 20 * 4
     # cartpole-balance pays ~1 per control step while the pole is up: 20 agent steps x 2 => close to 40
     assert 10 < r.returns[1].min() <= 40 + 1e-4
@@ -43,12 +43,10 @@ def test_evaluate_returns_and_outputs(setup, tmp_path):
     assert "python launch/evaluate.py" in Path(paths["md"]).read_text()
     assert Path(paths["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-
-def test_recorded_episode_video(setup, tmp_path):
-    config, params = setup
-    r = evaluate(params, config, TASKS, episodes=1, seed=0, chunk=5, episode_length=10, progress=False, record=True)
+    # the recorded first episode of each task, as a video
     traj = r.trajectories["pendulum-swingup"]
-    assert traj["qpos"].shape == (11, 1)  # reset state + 10 steps
+    assert traj["qpos"].shape == (21, 1)  # reset state + 20 steps
+    assert again.trajectories is None
     from mtdistill_jax.envs.render import frame_is_blank
 
     out = save_videos(r, str(tmp_path), tasks=["pendulum-swingup"])
@@ -59,7 +57,7 @@ def test_recorded_episode_video(setup, tmp_path):
     meta = next(reader)
     w, h = meta["size"]
     frames = [np.frombuffer(f, np.uint8).reshape(h, w, 3) for f in reader]
-    assert len(frames) == 11 and not frame_is_blank(frames[0])
+    assert len(frames) == 21 and not frame_is_blank(frames[0])
 
 
 def test_bad_input(setup):
