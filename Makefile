@@ -1,5 +1,5 @@
 # Two entry points, each sets up .venv itself if it is missing:
-#   make demo   - import the paper's distilled 1M student and plan with it on all MT30 tasks
+#   make demo   - import the paper's distilled 1M student, plan with it on all MT30 tasks, evaluate it on 3 tasks in MJX
 #   make test   - the test suite (what CI runs)
 PYTHON ?= python3
 VENV ?= .venv

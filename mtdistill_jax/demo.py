@@ -4,8 +4,11 @@
 2. For every MT30 task, take the observations/actions/rewards that the official environments produced
    (``reference/envs/<task>_seed0.npz``) and compare the student's predicted rewards with the real ones.
 3. Plan with MPPI for all 30 tasks in one batched, compiled call and print the first actions.
+4. Evaluate it on a few MT30 tasks in our MJX environments (official protocol: 500 steps, planner noise),
+   all tasks' episodes batched in one compiled program, with a progress bar.
 
-Usage: ``python -m mtdistill_jax.demo [--checkpoint PATH] [--reference_dir DIR] [--mode sample|elite|mean]``.
+Usage: ``python -m mtdistill_jax.demo [--checkpoint PATH] [--reference_dir DIR] [--mode sample|elite|mean]
+[--eval_tasks cartpole-balance,pendulum-swingup,cup-catch] [--episodes 1]``.
 """
 
 from __future__ import annotations
@@ -36,7 +39,11 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", type=Path, default=None, help="official .pt (default: the paper student)")
     ap.add_argument("--mode", default="sample", choices=["sample", "elite", "mean"], help="planner action mode")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="small planner budget (2 iterations x 64 samples)")
+    ap.add_argument("--quick", action="store_true",
+                    help="small planner budget (2 iterations x 64 samples) and 20-step evaluation episodes")
+    ap.add_argument("--eval_tasks", default="cartpole-balance,pendulum-swingup,cup-catch",
+                    help="MT30 tasks to evaluate in MJX (comma-separated; empty to skip)")
+    ap.add_argument("--episodes", type=int, default=1, help="evaluation episodes per task")
     args = ap.parse_args(argv)
     ckpt = args.checkpoint or args.reference_dir / "paper_student_fp16.pt"
     if not ckpt.is_file():
@@ -105,6 +112,19 @@ def main(argv=None) -> int:
     for i, name in enumerate(ts.tasks):
         a = np.asarray(action[i, : ts.action_dims[i]])
         print(f"  {name:26s} a = {np.array2string(a, precision=3, suppress_small=True)}")
+
+    # 4. Evaluation in our MJX MT30 environments.
+    eval_tasks = [t for t in args.eval_tasks.split(",") if t]
+    if eval_tasks:
+        from mtdistill_jax.evaluate import evaluate
+
+        length = 20 if args.quick else 500
+        print(f"\nevaluating on {', '.join(eval_tasks)}: {args.episodes} episode(s) x {length} steps, mode {args.mode}")
+        result = evaluate(params, config, eval_tasks, episodes=args.episodes, seed=args.seed + 1, mode=args.mode,
+                          episode_length=length)
+        print(result.table())
+        print(f"compile {result.compile_seconds:.1f}s, rollouts {result.seconds:.1f}s"
+              + (" (20-step episodes: not comparable with published scores)" if args.quick else ""))
     return 0
 
 

@@ -17,6 +17,7 @@ def test_demo_runs_on_paper_student(capsys):
     err = float(out.split("mean reward-prediction error over 30 tasks (random-action data): ")[1].split()[0])
     assert err < 0.1
     assert out.count(" a = [") == 30
+    assert "| cartpole-balance |" in out and "MT30 normalized score" in out
 
 
 def test_demo_missing_checkpoint(tmp_path, capsys):
