@@ -114,7 +114,10 @@ def export_torch(src: str, path: str, *, key_format: str = "current") -> str:
     if export.target_q_params is None:
         notes.append("no target Qs in the export: the online Qs were written as target Qs")
     save_tdmpc2_checkpoint(path, export.config, export.params, export.target_q_params, key_format=key_format)
-    lines = [f"wrote {os.path.abspath(path)} ({key_format} key format, {bytes_on_disk(path) / 1e6:.3f} MB)"]
+    if export is not stored:
+        export = dataclasses.replace(export, dtype="float32")
+    lines = [size_table(stored, export, bytes_on_disk(src), bytes_on_disk(path)),
+             f"wrote {os.path.abspath(path)} ({key_format} key format)"]
     lines += [f"note: {n}" for n in notes]
     return "\n".join(lines)
 

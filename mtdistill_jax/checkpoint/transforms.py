@@ -24,6 +24,7 @@ except ImportError:  # pragma: no cover
 DTYPES = ("float32", "bfloat16", "float16", "int8")
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 INT8_SUFFIX, SCALE_SUFFIX = "_int8", "_scale"
+MODULE_ORDER = ("task_emb", "encoder", "dynamics", "reward_head", "pi_head", "Qs")  # report order
 
 
 def _np_dtype(name: str) -> np.dtype:
@@ -146,7 +147,8 @@ def describe(params) -> dict[str, Any]:
     """Parameter counts and bytes per top-level module and bytes per dtype (for size tables and --inspect)."""
     by_module: dict[str, dict[str, Any]] = {}
     by_dtype: dict[str, int] = {}
-    for mod, sub in params.items():
+    for mod in sorted(params, key=lambda m: (MODULE_ORDER.index(m) if m in MODULE_ORDER else len(MODULE_ORDER), m)):
+        sub = params[mod]
         count, nbytes, dtypes = [0], [0], set()
 
         def visit(path, x, count=count, nbytes=nbytes, dtypes=dtypes):
