@@ -70,8 +70,10 @@ def mjx_rate(task: str, impl: str, n: int, steps: int, harness: str) -> tuple[fl
         compile_s = time.perf_counter() - t
         jax.block_until_ready(fn(state, jax.random.key(2)))
         t = time.perf_counter()
-        jax.block_until_ready(fn(state, jax.random.key(3)))
-        return compile_s, n * steps / (time.perf_counter() - t)
+        out = jax.block_until_ready(fn(state, jax.random.key(3)))
+        rate = n * steps / (time.perf_counter() - t)
+        _check_no_overflow(task, out)
+        return compile_s, rate
 
     step = jax.jit(jax.vmap(env.step))
     a = jnp.zeros((n, A))
@@ -85,6 +87,15 @@ def mjx_rate(task: str, impl: str, n: int, steps: int, harness: str) -> tuple[fl
         s = step(s, a)
     jax.block_until_ready(s.obs)
     return compile_s, n * steps / (time.perf_counter() - t)
+
+
+def _check_no_overflow(task, state) -> None:
+    """Warp reports dropped contacts/constraints in ``data._impl.overflow`` (its contact buffer, 48 slots by
+    default, is shared by all vmapped worlds): a rate with drops is not valid physics, so it is reported as an
+    error instead of a figure."""
+    overflow = getattr(getattr(state.data, "_impl", None), "overflow", None)
+    if overflow is not None and int(np.max(np.asarray(overflow))) != 0:
+        raise RuntimeError(f"{task}: warp buffer overflow (contacts or constraints dropped)")
 
 
 def main():
