@@ -45,11 +45,12 @@ _TASKS: dict[str, str] = {
 }
 assert tuple(_TASKS) == MT30_TASKS
 
-# MJX implementation per task and platform, chosen with benchmarks/envs.py (lax.scan harness, 2-core CPU):
-# impl="jax" wins on CPU everywhere we measured (walker-walk: 98 / 151 / 126 agent steps/s at N = 1 / 64 / 256
-# vs 4 / 269 / 774 for warp, whose batched runs overflow its contact buffer (naconmax 48) and drop contacts,
-# so those warp figures are not valid physics). No GPU was available to measure: other platforms use "jax"
-# too until measured. Both stay selectable with make(name, impl=...).
+# MJX implementation per task and platform, chosen with benchmarks/envs.py (lax.scan harness, 2-core CPU, all
+# 30 tasks at N = 1 / 64 / 256, README tables): impl="jax" is faster than "warp" for every task and N on CPU
+# (e.g. walker-walk 98 / 151 / 126 vs 4 / 218 / dropped contacts; pendulum-swingup 4381 / 193313 / 252960 vs
+# 34 / 2106 / 6539), and warp's contact buffer is shared by vmapped worlds, so batched contact-rich runs drop
+# contacts. No GPU was available to measure: other platforms use "jax" too until measured. Both stay
+# selectable with make(name, impl=...).
 DEFAULT_IMPL: dict[str, dict[str, str]] = {"cpu": {name: "jax" for name in _TASKS}}
 
 
