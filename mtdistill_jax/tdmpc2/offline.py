@@ -74,7 +74,7 @@ def train_offline(config: ml_collections.ConfigDict, episodes: Episodes, workdir
         while step < config.steps:
             rng, k = jax.random.split(rng)
             batch, data_state = sample(data_state)
-            if step == int(state.step) and step == (resumed_from or 0):
+            if step == s0:
                 validate_batch(batch, config)  # once: shapes and task ids of the data
             state, m = learner.update(state, batch, k, check_values=False)
             step += 1
