@@ -8,7 +8,14 @@ import dataclasses
 import os
 
 from mtdistill_jax.checkpoint import transforms
-from mtdistill_jax.checkpoint.export import AgentExport, bytes_on_disk, load_agent, load_agent_stored, save_agent
+from mtdistill_jax.checkpoint.export import (
+    AgentExport,
+    bytes_on_disk,
+    from_torch_file,
+    load_agent_stored,
+    save_agent,
+    to_compute,
+)
 
 
 def _full_tree(export: AgentExport) -> dict:
@@ -35,11 +42,10 @@ def size_table(before: AgentExport, after: AgentExport, before_disk: int | None 
         n = b["modules"][mod]["params"]
         rows.append(f"{mod:14s} {n:>10,d} {_mb(b['modules'][mod]['bytes'])} {_mb(a['modules'][mod]['bytes'])} "
                     f"{a['modules'][mod]['bytes'] / (4 * n):>9.1%}")
-    for name, ex_b, ex_a in (("target Qs", before.target_q_params, after.target_q_params),):
-        if ex_b is not None and ex_a is not None:
-            db, da = transforms.describe({"Qs": ex_b}), transforms.describe({"Qs": ex_a})
-            rows.append(f"{name:14s} {db['params']:>10,d} {_mb(db['bytes'])} {_mb(da['bytes'])} "
-                        f"{da['bytes'] / (4 * db['params']):>9.1%}")
+    if before.target_q_params is not None and after.target_q_params is not None:
+        db, da = transforms.describe({"Qs": before.target_q_params}), transforms.describe({"Qs": after.target_q_params})
+        rows.append(f"{'target Qs':14s} {db['params']:>10,d} {_mb(db['bytes'])} {_mb(da['bytes'])} "
+                    f"{da['bytes'] / (4 * db['params']):>9.1%}")
     tb, ta = transforms.describe(_full_tree(before)), transforms.describe(_full_tree(after))
     rows.append(f"{'total':14s} {tb['params']:>10,d} {_mb(tb['bytes'])} {_mb(ta['bytes'])} "
                 f"{ta['bytes'] / (4 * tb['params']):>9.1%}")
@@ -58,21 +64,13 @@ def import_torch(path: str, out: str, *, dtype: str | None = None, overwrite: bo
     Without target-Q tensors in the file the online Qs are copied as targets (said in the report and the
     export's notes). ``dtype`` (optional) applies a transform; by default the file's dtype is kept.
     """
-    from mtdistill_jax.checkpoint.tdmpc2_torch import load_tdmpc2_checkpoint
-
-    ck = load_tdmpc2_checkpoint(path, model_size=model_size, task_set=task_set, dtype=None)
-    notes = [f"imported from {os.path.basename(path)} ({ck.key_format} key format, {ck.source_dtype})"]
-    target = ck.target_q_params
-    if target is None:
-        target = {k: dict(v) for k, v in ck.params["Qs"].items()}
-        notes.append("the file has no target-Q tensors: the online Qs were copied as target Qs")
-    source = AgentExport(config=ck.config, params=ck.params, target_q_params=target, dtype=ck.source_dtype,
-                         source=os.path.abspath(path), notes=notes)
+    source = from_torch_file(path, model_size=model_size, task_set=task_set, copy_missing_targets=True)
+    c = source.config
     result = _apply_dtype(source, dtype) if dtype else source
     save_agent(out, result, overwrite=overwrite)
-    lines = [f"imported {path}: MT{ck.config.task_set[2:]} {ck.config.model_size}M model, "
-             f"{source.param_count:,d} parameters, {ck.key_format} key format, {ck.source_dtype}"]
-    lines += [f"note: {n}" for n in notes[1:]]
+    lines = [f"{path}: MT{c.task_set[2:]} {c.model_size}M model, {source.param_count:,d} parameters; "
+             + source.notes[0]]
+    lines += [f"note: {n}" for n in source.notes[1:]]
     lines.append(size_table(source, load_agent_stored(out), bytes_on_disk(path), bytes_on_disk(out)))
     lines.append(f"wrote agent export {os.path.abspath(out)}")
     return "\n".join(lines)
@@ -105,17 +103,14 @@ def export_torch(src: str, path: str, *, key_format: str = "current") -> str:
     """
     from mtdistill_jax.checkpoint.tdmpc2_torch import save_tdmpc2_checkpoint
 
-    stored = load_agent_stored(src) if os.path.isdir(src) else load_agent(src, dtype="float32")
-    export = stored
-    notes = []
+    stored = load_agent_stored(src)
+    export, notes = stored, []
     if transforms.is_quantized(stored.params):
-        export = load_agent(src, dtype="float32")
+        export = dataclasses.replace(to_compute(stored), dtype="float32")
         notes.append("int8 kernels dequantised to float32 (official TD-MPC2 has no int8 layers)")
     if export.target_q_params is None:
         notes.append("no target Qs in the export: the online Qs were written as target Qs")
     save_tdmpc2_checkpoint(path, export.config, export.params, export.target_q_params, key_format=key_format)
-    if export is not stored:
-        export = dataclasses.replace(export, dtype="float32")
     lines = [size_table(stored, export, bytes_on_disk(src), bytes_on_disk(path)),
              f"wrote {os.path.abspath(path)} ({key_format} key format)"]
     lines += [f"note: {n}" for n in notes]
@@ -124,16 +119,8 @@ def export_torch(src: str, path: str, *, key_format: str = "current") -> str:
 
 def inspect(path: str) -> str:
     """Parameter counts per module, dtypes and bytes (in memory and on disk) of an export or a ``.pt``."""
-    if os.path.isdir(path):
-        export = load_agent_stored(path)
-        kind = "agent export"
-    else:
-        from mtdistill_jax.checkpoint.tdmpc2_torch import load_tdmpc2_checkpoint
-
-        raw = load_tdmpc2_checkpoint(path, dtype=None)
-        export = AgentExport(config=raw.config, params=raw.params, target_q_params=raw.target_q_params,
-                             dtype=raw.source_dtype, notes=raw.notes)
-        kind = f"official .pt ({raw.key_format} key format)"
+    export = load_agent_stored(path)
+    kind = "agent export" if os.path.isdir(path) else "official .pt"
     c = export.config
     lines = [f"{path}: {kind}",
              f"model: {c.task_set} {c.model_size}M (enc {c.enc_dim}, mlp {c.mlp_dim}, latent {c.latent_dim}, "

@@ -139,10 +139,34 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+def from_torch_file(path: str | os.PathLike, *, model_size: int | None = None, task_set: str | None = None,
+                    copy_missing_targets: bool = False) -> AgentExport:
+    """An official TD-MPC2 ``.pt`` as an :class:`AgentExport` in the file's dtype (safe importer, no torch).
+
+    With ``copy_missing_targets`` a file without target-Q tensors gets the online Qs as targets (and a note
+    saying so); otherwise ``target_q_params`` stays None.
+    """
+    from mtdistill_jax.checkpoint.tdmpc2_torch import load_tdmpc2_checkpoint
+
+    ck = load_tdmpc2_checkpoint(path, model_size=model_size, task_set=task_set, dtype=None)
+    notes = [f"imported from {os.path.basename(os.fspath(path))} ({ck.key_format} key format, {ck.source_dtype})"]
+    target = ck.target_q_params
+    if target is None and copy_missing_targets:
+        target = {k: dict(v) for k, v in ck.params["Qs"].items()}
+        notes.append("the file has no target-Q tensors: the online Qs were copied as target Qs")
+    else:
+        notes += ck.notes
+    return AgentExport(config=ck.config, params=ck.params, target_q_params=target, dtype=ck.source_dtype,
+                       source=os.path.abspath(os.fspath(path)), notes=notes)
+
+
 def load_agent_stored(path: str | os.PathLike) -> AgentExport:
-    """The export exactly as stored (int8 leaves stay quantised, floats keep their storage dtype)."""
+    """The agent exactly as stored: an export directory (int8 leaves stay quantised, floats keep their storage
+    dtype) or an official ``.pt`` (its tensors in the file's dtype)."""
     import orbax.checkpoint as ocp
 
+    if os.path.isfile(os.fspath(path)):
+        return from_torch_file(path)
     path = os.path.abspath(os.fspath(path))
     meta = read_meta(path)
     config = model_config_from_dict(meta["model_config"])
@@ -182,24 +206,16 @@ def _check_against_config(export: AgentExport, where: str) -> None:
         compare(expected["Qs"], transforms.to_compute(tq) if transforms.is_quantized(tq) else tq, "/target_Qs")
 
 
-def load_agent(path: str | os.PathLike, *, dtype: str = "float32") -> AgentExport:
-    """Load an agent export directory (or an official TD-MPC2 ``.pt``) with compute-ready params.
-
-    int8 kernels are dequantised and every floating leaf cast to ``dtype``; ``export.dtype`` still says how it
-    was stored.
-    """
-    path = os.fspath(path)
-    if os.path.isfile(path):
-        from mtdistill_jax.checkpoint.tdmpc2_torch import load_tdmpc2_checkpoint
-
-        ck = load_tdmpc2_checkpoint(path, dtype=None)
-        export = AgentExport(config=ck.config, params=ck.params, target_q_params=ck.target_q_params,
-                             dtype=ck.source_dtype, source=os.path.abspath(path), notes=list(ck.notes))
-    else:
-        export = load_agent_stored(path)
-    params = transforms.to_compute(export.params, dtype)
+def to_compute(export: AgentExport, dtype: str = "float32") -> AgentExport:
+    """The same agent with params ready for the model: int8 kernels dequantised, floats cast to ``dtype``
+    (``export.dtype`` still says how it was stored)."""
     target = None if export.target_q_params is None else transforms.to_compute(export.target_q_params, dtype)
-    return dataclasses.replace(export, params=params, target_q_params=target)
+    return dataclasses.replace(export, params=transforms.to_compute(export.params, dtype), target_q_params=target)
+
+
+def load_agent(path: str | os.PathLike, *, dtype: str = "float32") -> AgentExport:
+    """Load an agent export directory (or an official TD-MPC2 ``.pt``) with compute-ready params."""
+    return to_compute(load_agent_stored(path), dtype)
 
 
 def bytes_on_disk(path: str | os.PathLike) -> int:
