@@ -217,15 +217,17 @@ def params_to_device(params, dtype=None):
 TORCH_FORMATS = ("current", "release")
 
 
-def _torch_tensor_layout(leaves: Mapping[str, np.ndarray], ensemble: bool) -> dict[str, np.ndarray]:
-    """Flax leaves of one layer -> torch fields (weights transposed back to [out, in])."""
-    out = {}
-    for field in FIELDS:
-        flax_field = _FLAX_FIELD[field]
-        if flax_field in leaves:
-            v = np.asarray(leaves[flax_field])
-            out[field] = np.ascontiguousarray(np.swapaxes(v, -1, -2) if field == "weight" else v)
-    return out
+def _torch_layers(tree: Mapping[str, Any]):
+    """``(layer index, {torch field: array})`` of a module's Flax tree in layer order; weights transposed back
+    to torch's ``[out, in]`` (``[members, out, in]`` for the Q-ensemble)."""
+    for layer_name in sorted(tree, key=lambda n: int(n.removeprefix("layer"))):
+        leaves = tree[layer_name]
+        fields = {}
+        for field in FIELDS:
+            if _FLAX_FIELD[field] in leaves:
+                v = np.asarray(leaves[_FLAX_FIELD[field]])
+                fields[field] = np.ascontiguousarray(np.swapaxes(v, -1, -2) if field == "weight" else v)
+        yield int(layer_name.removeprefix("layer")), fields
 
 
 def params_to_state_dict(config: ml_collections.ConfigDict, params: Mapping[str, Any],
@@ -252,18 +254,12 @@ def params_to_state_dict(config: ml_collections.ConfigDict, params: Mapping[str,
                                   np.int64 if float(value).is_integer() else np.float32)
     sd["_task_emb.weight"] = np.asarray(params["task_emb"]["embedding"])
     for flax_name, prefix in _MODULES.items():
-        for layer_name in sorted(params[flax_name], key=lambda n: int(n.removeprefix("layer"))):
-            layer = int(layer_name.removeprefix("layer"))
-            for field, v in _torch_tensor_layout(params[flax_name][layer_name], False).items():
+        for layer, fields in _torch_layers(params[flax_name]):
+            for field, v in fields.items():
                 sd[f"{prefix}.{layer}.{field}"] = v
 
     def q_entries(tree):
-        entries = {}
-        for layer_name in sorted(tree, key=lambda n: int(n.removeprefix("layer"))):
-            layer = int(layer_name.removeprefix("layer"))
-            for field, v in _torch_tensor_layout(tree[layer_name], True).items():
-                entries[(layer, field)] = v
-        return entries
+        return {(layer, field): v for layer, fields in _torch_layers(tree) for field, v in fields.items()}
 
     online, target = q_entries(params["Qs"]), q_entries(target_q_params)
     if key_format == "current":

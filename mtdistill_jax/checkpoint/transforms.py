@@ -12,14 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
-try:  # bfloat16 numpy dtype (a jax dependency)
-    import ml_dtypes
-
-    BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
-except ImportError:  # pragma: no cover
-    BFLOAT16 = None
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 
 DTYPES = ("float32", "bfloat16", "float16", "int8")
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
