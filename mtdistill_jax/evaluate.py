@@ -88,6 +88,12 @@ class Progress:
         self.stream.flush()
 
 
+def first_episode_states(state):
+    """Per task, what rendering needs of its first env (qpos, qvel, act, task info) in a MultiTaskState."""
+    return tuple({"qpos": g.env.data.qpos[0], "qvel": g.env.data.qvel[0], "act": g.env.data.act[0],
+                  "info": jax.tree_util.tree_map(lambda x: x[0], g.env.info)} for g in state.groups)
+
+
 def make_eval_program(config: ml_collections.ConfigDict, tasks: Sequence[str], episodes: int, mode: str = "sample",
                       chunk: int = 10, impls: dict[str, str] | None = None, episode_length: int = EPISODE_LENGTH,
                       record: bool = False):
@@ -119,10 +125,7 @@ def make_eval_program(config: ml_collections.ConfigDict, tasks: Sequence[str], e
             t0 = jnp.broadcast_to(t == 0, (B,))
             action, mean = plan(params, es.obs, es.task, ps.prev_mean, t0, k, mode)
             es = env.step(es, action)
-            rec = None
-            if record:
-                rec = tuple({"qpos": g.env.data.qpos[0], "qvel": g.env.data.qvel[0], "act": g.env.data.act[0],
-                             "info": jax.tree_util.tree_map(lambda x: x[0], g.env.info)} for g in es.groups)
+            rec = first_episode_states(es) if record else None
             return (es, PlannerState(prev_mean=mean), t + 1, ret + es.reward, key), rec
 
         return jax.lax.scan(step, carry, None, length=chunk)
@@ -149,9 +152,7 @@ def evaluate(params, config: ml_collections.ConfigDict, tasks: Sequence[str] | N
     carry = jax.jit(init)(jax.random.key(seed))
     first = None
     if record:  # the reset state, so videos start at t = 0
-        first = tuple({"qpos": g.env.data.qpos[0], "qvel": g.env.data.qvel[0], "act": g.env.data.act[0],
-                       "info": jax.tree_util.tree_map(lambda x: x[0], g.env.info)} for g in carry[0].groups)
-        first = [jax.tree_util.tree_map(lambda x: np.asarray(x)[None], first)]
+        first = [jax.tree_util.tree_map(lambda x: np.asarray(x)[None], first_episode_states(carry[0]))]
     t = time.perf_counter()
     run = jax.jit(run_chunk, donate_argnums=(1,)).lower(params, carry).compile()
     compile_s = time.perf_counter() - t
