@@ -13,3 +13,35 @@ _cache = os.environ.get("JAX_COMPILATION_CACHE_DIR",
                         os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache", "jax"))
 jax.config.update("jax_compilation_cache_dir", _cache)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def _mapping_limit() -> tuple[int, int] | None:
+    """(memory mappings of this process, the kernel's vm.max_map_count), where /proc tells."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            count = sum(1 for _ in f)
+        with open("/proc/sys/vm/max_map_count") as f:
+            return count, int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_code():
+    """Drop JAX's in-memory executables once this worker holds half the kernel's mapping limit.
+
+    Each loaded XLA:CPU executable keeps anonymous memory mappings for its JIT-compiled code until it is
+    released. An xdist worker that compiles a large share of the suite otherwise climbs past ``vm.max_map_count``
+    (65530 by default; measured: ~60,700 mappings in one worker before it segfaulted serialising the next
+    executable for the cache, and ~22,000 within tests/envs/test_parity.py alone), after which the next mmap
+    fails. Executables needed again come back from the persistent cache.
+    """
+    yield
+    counts = _mapping_limit()
+    if counts is not None and counts[0] > counts[1] // 2:
+        jax.clear_caches()
+        gc.collect()
