@@ -1,6 +1,9 @@
 """Test-session set-up: 8 virtual CPU devices (for the mesh tests) and the persistent compilation cache."""
 
+import gc
 import os
+
+import pytest
 
 # Must happen before jax is imported anywhere.
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -14,20 +17,22 @@ _cache = os.environ.get("JAX_COMPILATION_CACHE_DIR",
 jax.config.update("jax_compilation_cache_dir", _cache)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
-import gc  # noqa: E402
 
-import pytest  # noqa: E402
-
-
-def _mapping_limit() -> tuple[int, int] | None:
-    """(memory mappings of this process, the kernel's vm.max_map_count), where /proc tells."""
+def _max_map_count() -> int | None:
+    """The kernel's vm.max_map_count, where /proc tells (Linux)."""
     try:
-        with open("/proc/self/maps", "rb") as f:
-            count = sum(1 for _ in f)
         with open("/proc/sys/vm/max_map_count") as f:
-            return count, int(f.read())
+            return int(f.read())
     except (OSError, ValueError):
         return None
+
+
+def _mapping_count() -> int:
+    with open("/proc/self/maps", "rb") as f:
+        return sum(1 for _ in f)
+
+
+_MAX_MAP_COUNT = _max_map_count()
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +46,6 @@ def _release_compiled_code():
     fails. Executables needed again come back from the persistent cache.
     """
     yield
-    counts = _mapping_limit()
-    if counts is not None and counts[0] > counts[1] // 2:
+    if _MAX_MAP_COUNT is not None and _mapping_count() > _MAX_MAP_COUNT // 2:
         jax.clear_caches()
         gc.collect()
