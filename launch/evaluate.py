@@ -16,6 +16,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from mtdistill_jax.xla_cpu import use_fewer_kernels  # noqa: E402
+
+use_fewer_kernels()  # before JAX starts: an all-MT30 program otherwise passes vm.max_map_count on CPU
+
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 

@@ -27,6 +27,7 @@ from mtdistill_jax.envs.multitask import MultiTaskEnv
 from mtdistill_jax.envs.score import normalized_return
 from mtdistill_jax.nn.world_model import make_world_model
 from mtdistill_jax.tdmpc2.planner import MODES, PlannerState, make_planner
+from mtdistill_jax.xla_cpu import check_mapping_budget
 
 EPISODE_LENGTH = 500
 
@@ -147,6 +148,7 @@ def evaluate(params, config: ml_collections.ConfigDict, tasks: Sequence[str] | N
         raise ValueError(f"unknown tasks {unknown} for {ts.name}; valid: {', '.join(ts.tasks)}")
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
+    check_mapping_budget(len(tasks), jax.default_backend())
     env, init, run_chunk = make_eval_program(config, tasks, episodes, mode, chunk, impls, episode_length, record)
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
     carry = jax.jit(init)(jax.random.key(seed))

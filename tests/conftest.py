@@ -12,27 +12,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 
+from mtdistill_jax.xla_cpu import mapping_count, max_map_count  # noqa: E402
+
 _cache = os.environ.get("JAX_COMPILATION_CACHE_DIR",
                         os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache", "jax"))
 jax.config.update("jax_compilation_cache_dir", _cache)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-def _max_map_count() -> int | None:
-    """The kernel's vm.max_map_count, where /proc tells (Linux)."""
-    try:
-        with open("/proc/sys/vm/max_map_count") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return None
-
-
-def _mapping_count() -> int:
-    with open("/proc/self/maps", "rb") as f:
-        return sum(1 for _ in f)
-
-
-_MAX_MAP_COUNT = _max_map_count()
+_MAX_MAP_COUNT = max_map_count()
 
 
 @pytest.fixture(autouse=True)
@@ -46,6 +34,6 @@ def _release_compiled_code():
     fails. Executables needed again come back from the persistent cache.
     """
     yield
-    if _MAX_MAP_COUNT is not None and _mapping_count() > _MAX_MAP_COUNT // 2:
+    if _MAX_MAP_COUNT is not None and (mapping_count() or 0) > _MAX_MAP_COUNT // 2:
         jax.clear_caches()
         gc.collect()

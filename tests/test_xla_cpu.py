@@ -1,0 +1,79 @@
+"""The XLA:CPU memory-mapping guard: the fewer-kernels flag, the budget check, and that the flag really cuts
+the mappings a compiled program holds on the installed jax."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import pytest
+from refdata import REPO
+
+from mtdistill_jax import xla_cpu
+from mtdistill_jax.configs.train import get_smoke_config
+from mtdistill_jax.evaluate import evaluate
+from mtdistill_jax.nn.world_model import init_params, make_world_model
+
+
+def test_use_fewer_kernels_adds_flag_once_and_keeps_others():
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    assert xla_cpu.use_fewer_kernels(env) and xla_cpu.fewer_kernels_on(env)
+    assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8 " + xla_cpu.FEWER_KERNELS_FLAG
+    xla_cpu.use_fewer_kernels(env)
+    assert env["XLA_FLAGS"].count("xla_cpu_use_fusion_emitters") == 1
+    empty = {}
+    assert xla_cpu.use_fewer_kernels(empty) and empty["XLA_FLAGS"] == xla_cpu.FEWER_KERNELS_FLAG
+    user = {"XLA_FLAGS": "--xla_cpu_use_fusion_emitters=true"}  # the user's explicit choice wins
+    assert not xla_cpu.use_fewer_kernels(user) and user["XLA_FLAGS"] == "--xla_cpu_use_fusion_emitters=true"
+
+
+def test_check_mapping_budget():
+    per = xla_cpu.MAPS_PER_TASK
+    xla_cpu.check_mapping_budget(30, "cpu", limit=65530, current=3000, fewer_kernels=True)  # 30 x 1850 fits
+    with pytest.raises(RuntimeError, match="vm.max_map_count") as e:
+        xla_cpu.check_mapping_budget(30, "cpu", limit=65530, current=3000, fewer_kernels=False)
+    assert xla_cpu.FEWER_KERNELS_FLAG in str(e.value) and f"{30 * per[False]:,}" in str(e.value)
+    with pytest.raises(RuntimeError) as e:
+        xla_cpu.check_mapping_budget(30, "cpu", limit=40000, current=3000, fewer_kernels=True)
+    assert xla_cpu.FEWER_KERNELS_FLAG not in str(e.value) and "sysctl -w vm.max_map_count=" in str(e.value)
+    xla_cpu.check_mapping_budget(300, "gpu", limit=10, current=10, fewer_kernels=False)  # not an XLA:CPU matter
+    assert xla_cpu.estimated_mappings(3, True) == 3 * per[True] < xla_cpu.estimated_mappings(3, False)
+
+
+def test_evaluate_refuses_before_compiling(monkeypatch):
+    config = get_smoke_config()
+    params = init_params(make_world_model(config.model), jax.random.key(0))
+    monkeypatch.setattr(xla_cpu, "max_map_count", lambda: (xla_cpu.mapping_count() or 0) + 100)
+    monkeypatch.setattr(xla_cpu, "mapping_count", lambda: 1000)
+    with pytest.raises(RuntimeError, match="memory mappings"):
+        evaluate(params, config, ["pendulum-swingup"], episodes=1, episode_length=10, progress=False)
+
+
+PROBE = textwrap.dedent("""
+    import jax, jax.numpy as jnp
+    def maps():
+        with open('/proc/self/maps') as f:
+            return sum(1 for _ in f)
+    def f(x):  # many distinct fusions: elementwise chains cut by reductions
+        for i in range(40):
+            x = jnp.tanh(x * (i + 1.5) + jnp.sin(x)) - jnp.mean(x ** 2, axis=-1, keepdims=True) * (0.1 + i)
+        return x
+    x = jnp.ones((8, 16))
+    before = maps()
+    jax.jit(f).lower(x).compile()
+    print(maps() - before)
+""")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc (Linux)")
+def test_fewer_kernels_flag_cuts_mappings():
+    def added(flags):
+        env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
+        r = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return int(r.stdout.split()[-1])
+
+    default, fewer = added(""), added(xla_cpu.FEWER_KERNELS_FLAG)
+    assert fewer * 2 < default, (default, fewer)
