@@ -5,10 +5,15 @@
 
 Writes <workdir>/<name>.{json,csv,md,png} (per-task returns, normalized scores, bar chart); --video adds
 <workdir>/videos/<task>.mp4 of each task's first episode.
+
+Episodes can be spread over processes or machines with different --seed values and pooled afterwards:
+
+  python launch/evaluate.py --merge=runs/a/seed1.json,runs/b/seed2.json --workdir=runs/eval --name=pooled
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -16,20 +21,19 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mtdistill_jax.xla_cpu import use_fewer_kernels  # noqa: E402
-
-use_fewer_kernels()  # before JAX starts: an all-MT30 program otherwise passes vm.max_map_count on CPU
-
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from mtdistill_jax.checkpoint.export import load_agent  # noqa: E402
 from mtdistill_jax.configs.train import get_config  # noqa: E402
-from mtdistill_jax.evaluate import evaluate, save_videos, write_outputs  # noqa: E402
+from mtdistill_jax.evaluate import EvalResult, evaluate, merge_results, save_videos, write_outputs  # noqa: E402
 from mtdistill_jax.tdmpc2.planner import MODES  # noqa: E402
+from mtdistill_jax.xla_cpu import use_fewer_kernels  # noqa: E402
 
-flags.DEFINE_string("agent", None, "agent export directory or official .pt", required=True)
+flags.DEFINE_string("agent", None, "agent export directory or official .pt")
 flags.DEFINE_string("workdir", None, "output directory", required=True)
+flags.DEFINE_list("merge", None, "instead of evaluating: pool the episodes of these result .json files (runs of "
+                  "the same tasks with different seeds) into one result")
 flags.DEFINE_list("tasks", None, "task subset (default: all tasks of the agent's task set)")
 flags.DEFINE_integer("episodes", 10, "episodes per task")
 flags.DEFINE_integer("seed", 1, "PRNG seed")
@@ -38,6 +42,8 @@ flags.DEFINE_integer("chunk", 10, "agent steps per compiled call (progress granu
 flags.DEFINE_string("name", "eval", "output file stem")
 flags.DEFINE_bool("progress", True, "progress bar with ETA on stderr")
 flags.DEFINE_bool("video", False, "record each task's first episode and write an mp4 per task")
+flags.DEFINE_bool("fewer_kernels", True, "XLA:CPU: add --xla_cpu_use_fusion_emitters=false to XLA_FLAGS (unless "
+                  "XLA_FLAGS sets it), so an all-MT30 program stays under vm.max_map_count")
 flags.DEFINE_integer("episode_length", 500, "agent steps per episode (500 = official; less only for quick looks)")
 FLAGS = flags.FLAGS
 
@@ -46,6 +52,22 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.getLogger("absl").setLevel(logging.WARNING)
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    if (FLAGS.agent is None) == (FLAGS.merge is None):
+        raise app.UsageError("give exactly one of --agent (evaluate) and --merge (pool earlier results)")
+    if FLAGS.merge:
+        results = []
+        for path in FLAGS.merge:
+            with open(path) as f:
+                results.append(EvalResult.from_dict(json.load(f)))
+        result = merge_results(results)
+        paths = write_outputs(result, FLAGS.workdir, FLAGS.name, command)
+        print(result.table())
+        print(f"pooled {len(results)} runs (seeds {', '.join(map(str, result.seeds))}); wrote "
+              + ", ".join(paths.values()))
+        return
+    if FLAGS.fewer_kernels:
+        use_fewer_kernels()  # before the first jax.devices(): XLA reads its flags when the backend starts
     print(f"devices: {jax.devices()}")
     agent = load_agent(FLAGS.agent)
     config = get_config(agent.config.model_size, agent.config.task_set)
@@ -54,7 +76,6 @@ def main(argv):
     print(f"agent: {FLAGS.agent} ({agent.config.task_set} {agent.config.model_size}M, stored {agent.dtype})")
     result = evaluate(agent.params, config, FLAGS.tasks, FLAGS.episodes, FLAGS.seed, FLAGS.mode, FLAGS.chunk,
                       FLAGS.progress, episode_length=FLAGS.episode_length, record=FLAGS.video)
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     paths = write_outputs(result, FLAGS.workdir, FLAGS.name, command)
     print(result.table())
     print(f"compile {result.compile_seconds:.1f} s, rollouts {result.seconds:.1f} s "

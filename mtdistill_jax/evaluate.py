@@ -41,6 +41,8 @@ class EvalResult:
     compile_seconds: float
     plan_calls: int  # planner calls (one per env per step)
     trajectories: dict | None = None  # task -> {qpos, qvel, act, info} of its first episode (record=True)
+    seeds: tuple[int, ...] = ()  # PRNG seeds of the runs whose episodes these are (several after merge_results)
+    episode_length: int = EPISODE_LENGTH
 
     @property
     def episodes_per_task(self) -> int:
@@ -56,10 +58,26 @@ class EvalResult:
 
     def to_dict(self) -> dict:
         return {"normalized_score": self.normalized_score, "episodes_per_task": self.episodes_per_task,
-                "mode": self.mode, "seconds": self.seconds, "compile_seconds": self.compile_seconds,
+                "mode": self.mode, "seeds": [int(s) for s in self.seeds], "episode_length": self.episode_length,
+                "seconds": self.seconds, "compile_seconds": self.compile_seconds, "plan_calls": self.plan_calls,
                 "tasks": [{"name": t, "returns": [float(x) for x in r], "mean": float(r.mean()),
                            "std": float(r.std()), "normalized": float(n)}
                           for t, r, n in zip(self.tasks, self.returns, self.normalized, strict=True)]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EvalResult:
+        """The inverse of :meth:`to_dict` (trajectories are not stored)."""
+        try:
+            tasks = [t["name"] for t in d["tasks"]]
+            returns = np.asarray([t["returns"] for t in d["tasks"]], np.float64)
+            if returns.ndim != 2 or returns.shape[1] < 1:
+                raise ValueError(f"per-task returns must be equal-length, non-empty lists, got shape {returns.shape}")
+            return cls(tasks=tasks, returns=returns, mode=d["mode"], seconds=float(d.get("seconds", 0.0)),
+                       compile_seconds=float(d.get("compile_seconds", 0.0)),
+                       plan_calls=int(d.get("plan_calls", 0)), seeds=tuple(int(s) for s in d.get("seeds", ())),
+                       episode_length=int(d.get("episode_length", EPISODE_LENGTH)))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"not an evaluation result (see EvalResult.to_dict): {e!r}") from e
 
     def table(self) -> str:
         rows = [f"| task | return (mean ± std over {self.episodes_per_task}) | normalized |", "|---|---|---|"]
@@ -67,6 +85,38 @@ class EvalResult:
             rows.append(f"| {t} | {r.mean():.1f} ± {r.std():.1f} | {n:.2f} |")
         rows.append(f"| **MT30 normalized score** ({len(self.tasks)} tasks) | | **{self.normalized_score:.2f}** |")
         return "\n".join(rows)
+
+
+def merge_results(results: Sequence[EvalResult]) -> EvalResult:
+    """Pool the episodes of several runs of the same evaluation made with different seeds.
+
+    Lets the episodes of one evaluation be spread over several processes or machines (e.g. one 1-episode
+    all-MT30 run per CPU core, or per seed on a machine too small for the batched program): the result is
+    what one run with all their episodes per task reports. Runs must share tasks (same order), planner mode
+    and episode length, and record distinct seeds (a repeated seed repeats the same episodes).
+    """
+    results = list(results)
+    if not results:
+        raise ValueError("nothing to merge")
+    first = results[0]
+    seeds: list[int] = []
+    for i, r in enumerate(results):
+        if r.tasks != first.tasks:
+            raise ValueError(f"run {i} has tasks {r.tasks}, run 0 has {first.tasks}")
+        if r.mode != first.mode or r.episode_length != first.episode_length:
+            raise ValueError(f"run {i} used mode {r.mode!r} / episode length {r.episode_length}, run 0 "
+                             f"{first.mode!r} / {first.episode_length}")
+        if not r.seeds:
+            raise ValueError(f"run {i} records no seed, so its episodes cannot be told apart from the others'")
+        repeated = sorted(set(seeds) & set(r.seeds))
+        if repeated:
+            raise ValueError(f"seed(s) {repeated} appear in more than one run: their episodes would be counted twice")
+        seeds += list(r.seeds)
+    return EvalResult(tasks=list(first.tasks), returns=np.concatenate([r.returns for r in results], axis=1),
+                      mode=first.mode, seconds=sum(r.seconds for r in results),
+                      compile_seconds=sum(r.compile_seconds for r in results),
+                      plan_calls=sum(r.plan_calls for r in results), seeds=tuple(seeds),
+                      episode_length=first.episode_length)
 
 
 class Progress:
@@ -175,7 +225,8 @@ def evaluate(params, config: ml_collections.ConfigDict, tasks: Sequence[str] | N
         stacked = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *first)
         trajectories = dict(zip(tasks, stacked, strict=True))
     return EvalResult(tasks=tasks, returns=returns, mode=mode, seconds=seconds, compile_seconds=compile_s,
-                      plan_calls=episode_length * env.num_envs, trajectories=trajectories)
+                      plan_calls=episode_length * env.num_envs, trajectories=trajectories, seeds=(seed,),
+                      episode_length=episode_length)
 
 
 def save_videos(result: EvalResult, workdir: str, fps: float = 25.0, height: int = 240, width: int = 320,
@@ -214,6 +265,9 @@ def write_outputs(result: EvalResult, workdir: str, name: str = "eval", command:
     with open(paths["md"], "w") as f:
         if command:
             f.write(f"Command: `{command}`\n\n")
+        seeds = ", ".join(map(str, result.seeds)) or "not recorded"
+        f.write(f"{result.episodes_per_task} episode(s) per task of {result.episode_length} agent steps, planner "
+                f"mode `{result.mode}`, seed(s) {seeds}.\n\n")
         f.write(result.table() + "\n")
     plot_bars(result, paths["png"])
     return paths

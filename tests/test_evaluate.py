@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mtdistill_jax.configs.train import get_smoke_config
-from mtdistill_jax.evaluate import EvalResult, evaluate, save_videos, write_outputs
+from mtdistill_jax.evaluate import EvalResult, evaluate, merge_results, save_videos, write_outputs
 from mtdistill_jax.nn.world_model import init_params, make_world_model
 
 TASKS = ["pendulum-swingup", "cartpole-balance"]
@@ -42,6 +42,18 @@ def test_evaluate_returns_and_outputs(setup, tmp_path):
     assert Path(paths["csv"]).read_text().startswith("task,mean,std,normalized,ep0,ep1")
     assert "python launch/evaluate.py" in Path(paths["md"]).read_text()
     assert Path(paths["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert d["seeds"] == [3] and d["episode_length"] == 20
+    back = EvalResult.from_dict(d)
+    np.testing.assert_array_equal(back.returns, r.returns)
+    assert (back.tasks, back.seeds, back.mode, back.episode_length) == (TASKS, (3,), "sample", 20)
+
+    # episodes of runs with other seeds pool into one result; the same seed twice is refused
+    pooled = merge_results([r, other])
+    assert pooled.returns.shape == (2, 4) and pooled.seeds == (3, 4) and pooled.plan_calls == 2 * 80
+    np.testing.assert_array_equal(pooled.returns[:, 2:], other.returns)
+    assert pooled.normalized_score == pytest.approx((r.normalized_score + other.normalized_score) / 2)
+    with pytest.raises(ValueError, match=r"seed\(s\) \[3\] appear in more than one run"):
+        merge_results([r, again])
 
     # the recorded first episode of each task, as a video
     traj = r.trajectories["pendulum-swingup"]
@@ -75,3 +87,43 @@ def test_table_format():
                    compile_seconds=1.0, plan_calls=10)
     assert r.normalized_score == pytest.approx(10.0)
     assert "| a | 200.0 ± 100.0 | 20.00 |" in r.table()
+
+
+def _result(tasks, seed, returns, mode="sample"):
+    return EvalResult(tasks=tasks, returns=np.array(returns, float), mode=mode, seconds=1.0, compile_seconds=1.0,
+                      plan_calls=10, seeds=(seed,) if seed is not None else ())
+
+
+def test_merge_refuses_runs_that_differ():
+    a = _result(["a", "b"], 1, [[1.0], [2.0]])
+    with pytest.raises(ValueError, match="tasks"):
+        merge_results([a, _result(["b", "a"], 2, [[1.0], [2.0]])])
+    with pytest.raises(ValueError, match="mode"):
+        merge_results([a, _result(["a", "b"], 2, [[1.0], [2.0]], mode="mean")])
+    with pytest.raises(ValueError, match="records no seed"):
+        merge_results([a, _result(["a", "b"], None, [[1.0], [2.0]])])
+    with pytest.raises(ValueError, match="nothing to merge"):
+        merge_results([])
+    with pytest.raises(ValueError, match="not an evaluation result"):
+        EvalResult.from_dict({"tasks": [{"returns": [1.0]}]})
+
+
+def test_cli_merge(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    files = []
+    for seed, rets in ((1, [[100.0], [0.0]]), (2, [[300.0, 500.0], [20.0, 40.0]])):
+        files.append(tmp_path / f"s{seed}.json")
+        files[-1].write_text(json.dumps(_result(["walker-walk", "cup-catch"], seed, rets).to_dict()))
+    cmd = [sys.executable, str(root / "launch" / "evaluate.py"), f"--workdir={tmp_path}", "--name=pooled"]
+    out = subprocess.run(cmd + ["--merge=" + ",".join(map(str, files))], capture_output=True, text=True, cwd=root)
+    assert out.returncode == 0, out.stderr
+    d = json.loads((tmp_path / "pooled.json").read_text())
+    assert d["episodes_per_task"] == 3 and d["seeds"] == [1, 2]
+    assert d["tasks"][0]["returns"] == [100.0, 300.0, 500.0] and d["normalized_score"] == pytest.approx(16.0)
+    assert "seed(s) 1, 2" in (tmp_path / "pooled.md").read_text()
+    both = subprocess.run(cmd + ["--merge=" + str(files[0]), "--agent=x.pt"], capture_output=True, text=True,
+                          cwd=root)
+    assert both.returncode != 0 and "exactly one of --agent" in both.stderr
