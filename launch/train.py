@@ -4,11 +4,14 @@
       [--config=mtdistill_jax/configs/train.py] [--config.steps=100000] [--config.train.batch_size=256]
 
 Run the same command again (same --workdir) to resume from the latest checkpoint, e.g. after a crash or a
-preemption (SIGTERM saves a checkpoint at the current step before exiting).
+preemption (SIGTERM saves a checkpoint at the current step before exiting). A bad flag or config override, a
+missing or corrupt data file or a checkpoint of another model stops it before training with one `error: ...`
+line on stderr (exit 2: command line, 1: inputs); MTDISTILL_TRACEBACK=1 or --verbosity=1 adds the traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import logging
 import os
@@ -17,34 +20,40 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
+from mtdistill_jax import cli  # noqa: E402
+from mtdistill_jax.configs.train import check_config  # noqa: E402
 from mtdistill_jax.data.tdmpc2_format import load_chunks  # noqa: E402
 from mtdistill_jax.tdmpc2.offline import train_offline  # noqa: E402
 
 _CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mtdistill_jax", "configs",
                        "train.py")
-config_flags.DEFINE_config_file("config", _CONFIG, "training config (get_config())", lock_config=True)
+cli.define_config_file("config", _CONFIG, "training config (get_config())", lock_config=True)
 flags.DEFINE_string("workdir", None, "run directory: checkpoints and config", required=True)
 flags.DEFINE_list("data", None, "official dataset chunk files (globs allowed)", required=True)
-flags.DEFINE_integer("save_every", 10_000, "steps between checkpoints")
-flags.DEFINE_integer("keep", 3, "checkpoints kept on disk")
+flags.DEFINE_integer("save_every", 10_000, "steps between checkpoints", lower_bound=1)
+flags.DEFINE_integer("keep", 3, "checkpoints kept on disk", lower_bound=1)
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    absl_logging.set_verbosity(absl_logging.INFO)
+        raise cli.UsageError(f"unexpected arguments: {argv[1:]}")
+    absl_logging.set_verbosity(max(absl_logging.get_verbosity(), absl_logging.INFO))
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save at INFO through absl
+    try:
+        check_config(FLAGS.config)
+    except cli.UserError as e:
+        raise cli.UsageError(f"--config: {e}") from e
+    cli.check_output_dir(FLAGS.workdir, "workdir")
     paths = sorted(p for pattern in FLAGS.data for p in (glob.glob(pattern) or [pattern]))
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        raise app.UsageError(f"data files not found: {missing}")
-    logging.info("devices: %s", jax.devices())
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), ", ".join(missing))
     episodes = load_chunks(paths)
+    logging.info("devices: %s", jax.devices())
     logging.info("%d episodes of %d frames from %d file(s)", episodes.num_episodes, episodes.num_frames, len(paths))
     result = train_offline(FLAGS.config, episodes, FLAGS.workdir, save_every=FLAGS.save_every, keep=FLAGS.keep)
     logging.info("%s at step %d (%s)", "preempted" if result.preempted else "done", result.step,
@@ -52,4 +61,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -23,8 +23,9 @@ import ml_collections
 import numpy as np
 
 from mtdistill_jax.configs.tasks import get_task_set
-from mtdistill_jax.envs.multitask import MultiTaskEnv
+from mtdistill_jax.envs.registry import task_names
 from mtdistill_jax.envs.score import normalized_return
+from mtdistill_jax.errors import UserError
 from mtdistill_jax.nn.world_model import make_world_model
 from mtdistill_jax.tdmpc2.planner import MODES, PlannerState, make_planner
 from mtdistill_jax.xla_cpu import check_mapping_budget
@@ -76,8 +77,23 @@ class EvalResult:
                        compile_seconds=float(d.get("compile_seconds", 0.0)),
                        plan_calls=int(d.get("plan_calls", 0)), seeds=tuple(int(s) for s in d.get("seeds", ())),
                        episode_length=int(d.get("episode_length", EPISODE_LENGTH)))
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"not an evaluation result (see EvalResult.to_dict): {e!r}") from e
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"not an evaluation result (see EvalResult.to_dict): {e!r}") from e
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> EvalResult:
+        """Read a result ``.json`` written by :func:`write_outputs`; errors name the file."""
+        path = os.fspath(path)
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            d = json.loads(raw)
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise UserError(f"{path}: not a JSON file ({e})") from None
+        try:
+            return cls.from_dict(d)
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
 
     def table(self) -> str:
         rows = [f"| task | return (mean ± std over {self.episodes_per_task}) | normalized |", "|---|---|---|"]
@@ -97,20 +113,20 @@ def merge_results(results: Sequence[EvalResult]) -> EvalResult:
     """
     results = list(results)
     if not results:
-        raise ValueError("nothing to merge")
+        raise UserError("nothing to merge")
     first = results[0]
     seeds: list[int] = []
     for i, r in enumerate(results):
         if r.tasks != first.tasks:
-            raise ValueError(f"run {i} has tasks {r.tasks}, run 0 has {first.tasks}")
+            raise UserError(f"run {i} has tasks {r.tasks}, run 0 has {first.tasks}")
         if r.mode != first.mode or r.episode_length != first.episode_length:
-            raise ValueError(f"run {i} used mode {r.mode!r} / episode length {r.episode_length}, run 0 "
+            raise UserError(f"run {i} used mode {r.mode!r} / episode length {r.episode_length}, run 0 "
                              f"{first.mode!r} / {first.episode_length}")
         if not r.seeds:
-            raise ValueError(f"run {i} records no seed, so its episodes cannot be told apart from the others'")
+            raise UserError(f"run {i} records no seed, so its episodes cannot be told apart from the others'")
         repeated = sorted(set(seeds) & set(r.seeds))
         if repeated:
-            raise ValueError(f"seed(s) {repeated} appear in more than one run: their episodes would be counted twice")
+            raise UserError(f"seed(s) {repeated} appear in more than one run: their episodes would be counted twice")
         seeds += list(r.seeds)
     return EvalResult(tasks=list(first.tasks), returns=np.concatenate([r.returns for r in results], axis=1),
                       mode=first.mode, seconds=sum(r.seconds for r in results),
@@ -154,10 +170,9 @@ def make_eval_program(config: ml_collections.ConfigDict, tasks: Sequence[str], e
     env by ``chunk`` agent steps inside one compiled ``lax.scan``. With ``record``, ``recorded`` holds per
     task the physics state (qpos, qvel, act, info) of its first episode after each step, else None.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if chunk < 1 or episode_length % chunk:
-        raise ValueError(f"chunk {chunk} must divide the episode length {episode_length}")
+    from mtdistill_jax.envs.multitask import MultiTaskEnv  # imports MuJoCo/MJX: only once arguments are checked
+
+    check_eval_args(config.model.task_set, tasks, episodes, mode, chunk, episode_length)
     ts = get_task_set(config.model.task_set)
     env = MultiTaskEnv(tasks, episodes, ts, episode_length=episode_length, auto_reset=False, impls=impls)
     plan = make_planner(make_world_model(config.model), config)
@@ -184,6 +199,28 @@ def make_eval_program(config: ml_collections.ConfigDict, tasks: Sequence[str], e
     return env, init, run_chunk
 
 
+def check_eval_args(task_set: str, tasks: Sequence[str] | None = None, episodes: int = 10, mode: str = "sample",
+                    chunk: int = 10, episode_length: int = EPISODE_LENGTH) -> list[str]:
+    """The tasks to evaluate (default: the whole task set), after checking every argument of :func:`evaluate`
+    (cheaply: nothing is built or compiled); a bad one raises a :class:`~mtdistill_jax.errors.UserError`
+    saying what is valid."""
+    ts = get_task_set(task_set)
+    tasks = ts.select(tasks)
+    no_env = [t for t in tasks if t not in task_names()]
+    if no_env:
+        raise UserError(f"no MJX environment for {no_env} (Meta-World tasks of {ts.name} are supported offline "
+                        f"only); tasks that can be evaluated: {', '.join(task_names())}")
+    if episodes < 1:
+        raise UserError(f"episodes must be >= 1, got {episodes}")
+    if mode not in MODES:
+        raise UserError(f"mode must be one of {MODES}, got {mode!r}")
+    if episode_length < 1:
+        raise UserError(f"episode_length must be >= 1, got {episode_length}")
+    if chunk < 1 or episode_length % chunk:
+        raise UserError(f"chunk {chunk} must divide the episode length {episode_length}")
+    return tasks
+
+
 def evaluate(params, config: ml_collections.ConfigDict, tasks: Sequence[str] | None = None, episodes: int = 10,
              seed: int = 1, mode: str = "sample", chunk: int = 10, progress: bool = True,
              impls: dict[str, str] | None = None, on_chunk: Callable[[int], None] | None = None,
@@ -191,13 +228,7 @@ def evaluate(params, config: ml_collections.ConfigDict, tasks: Sequence[str] | N
     """Evaluate ``params`` (a WorldModel tree) on ``tasks`` (default: the whole task set) with the official
     protocol; returns per-task episode returns and the normalized score. ``episode_length`` below 500 is
     for smoke tests and quick looks only (scores are then not comparable)."""
-    ts = get_task_set(config.model.task_set)
-    tasks = list(tasks or ts.tasks)
-    unknown = [t for t in tasks if t not in ts.tasks]
-    if unknown:
-        raise ValueError(f"unknown tasks {unknown} for {ts.name}; valid: {', '.join(ts.tasks)}")
-    if episodes < 1:
-        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    tasks = check_eval_args(config.model.task_set, tasks, episodes, mode, chunk, episode_length)
     check_mapping_budget(len(tasks), jax.default_backend())
     env, init, run_chunk = make_eval_program(config, tasks, episodes, mode, chunk, impls, episode_length, record)
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)

@@ -20,12 +20,18 @@ from __future__ import annotations
 
 import os
 
+from mtdistill_jax.errors import UserError
+
 FEWER_KERNELS_FLAG = "--xla_cpu_use_fusion_emitters=false"
 
 # Memory mappings one MT30 task adds to the evaluation program (reset + step chunk, planner included), per
 # setting of the fusion emitters. Measured on the 2-core CPU with jax 0.10.2 for walker-walk + cheetah-run
 # (among the heaviest MJX graphs): 6,519 mappings with the default emitters, 3,666 with FEWER_KERNELS_FLAG.
 MAPS_PER_TASK = {False: 3300, True: 1850}
+
+
+class MappingBudgetError(UserError, RuntimeError):
+    """The program would need more memory mappings than the kernel allows (says the remedies)."""
 
 
 def fewer_kernels_on(environ=os.environ) -> bool:
@@ -72,7 +78,8 @@ def estimated_mappings(num_tasks: int, fewer_kernels: bool | None = None) -> int
 
 def check_mapping_budget(num_tasks: int, platform: str, limit: int | None = None, current: int | None = None,
                          fewer_kernels: bool | None = None) -> None:
-    """Raise ``RuntimeError`` if compiling ``num_tasks`` MJX tasks on CPU would pass ``vm.max_map_count``."""
+    """Raise :class:`MappingBudgetError` (a ``RuntimeError``) if compiling ``num_tasks`` MJX tasks on CPU would
+    pass ``vm.max_map_count``."""
     if platform != "cpu":
         return
     limit = max_map_count() if limit is None else limit
@@ -89,7 +96,7 @@ def check_mapping_budget(num_tasks: int, platform: str, limit: int | None = None
     if not fewer_kernels:
         remedies.insert(0, f"set XLA_FLAGS={FEWER_KERNELS_FLAG} before JAX starts (launch/evaluate.py does; "
                            "in Python call mtdistill_jax.xla_cpu.use_fewer_kernels() before using jax)")
-    raise RuntimeError(
+    raise MappingBudgetError(
         f"compiling {num_tasks} MJX tasks in one XLA:CPU program needs about {need:,} memory mappings; this process "
         f"holds {current:,} and the kernel allows {limit:,} (vm.max_map_count), so it would crash mid-compile. "
         "Remedies: " + "; ".join(remedies) + ".")

@@ -16,6 +16,7 @@ from mtdistill_jax.checkpoint.export import (
     save_agent,
     to_compute,
 )
+from mtdistill_jax.errors import UserError
 
 
 def _full_tree(export: AgentExport) -> dict:
@@ -77,8 +78,11 @@ def import_torch(path: str, out: str, *, dtype: str | None = None, overwrite: bo
 
 
 def _apply_dtype(export: AgentExport, dtype: str) -> AgentExport:
-    params = transforms.transform(export.params, dtype)
-    target = None if export.target_q_params is None else transforms.transform(export.target_q_params, dtype)
+    try:  # the params do not fit the dtype (e.g. values beyond the float16 range): the error names the tensor
+        params = transforms.transform(export.params, dtype)
+        target = None if export.target_q_params is None else transforms.transform(export.target_q_params, dtype)
+    except ValueError as e:
+        raise UserError(f"cannot store {export.source or 'the agent'} as {dtype}: {e}") from e
     note = f"transformed {_stored_dtype_name(export)} -> {dtype}"
     return dataclasses.replace(export, params=params, target_q_params=target, dtype=dtype,
                                notes=[*export.notes, note])
@@ -87,7 +91,7 @@ def _apply_dtype(export: AgentExport, dtype: str) -> AgentExport:
 def convert_dtype(src: str, out: str, dtype: str, *, overwrite: bool = False) -> str:
     """Agent export ``src`` -> agent export ``out`` stored as ``dtype`` (float32/bfloat16/float16/int8)."""
     if dtype not in transforms.DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(transforms.DTYPES)}")
+        raise UserError(f"unknown dtype {dtype!r}; valid: {', '.join(transforms.DTYPES)}")
     before = load_agent_stored(src)
     after = _apply_dtype(before, dtype)
     save_agent(out, after, overwrite=overwrite)

@@ -16,6 +16,7 @@ TD-MPC2 ``.pt`` file directly (read through the safe importer).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -26,12 +27,13 @@ import numpy as np
 
 from mtdistill_jax.checkpoint import transforms
 from mtdistill_jax.configs.model_sizes import check_model_config, get_model_config
+from mtdistill_jax.errors import UserError
 
 FORMAT, VERSION = "mtdistill-agent", 1
 META_FILE, PARAMS_DIR = "agent.json", "params"
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """A path that is not a readable agent export (or an export that does not fit its config)."""
 
 
@@ -66,7 +68,10 @@ def model_config_from_dict(d: dict[str, Any]) -> ml_collections.ConfigDict:
         raise ExportError(f"model config has unknown fields {unknown}; known: {sorted(config.keys())}")
     with config.unlocked():
         for k, v in d.items():
-            config[k] = type(config[k])(v)
+            try:
+                config[k] = type(config[k])(v)
+            except (TypeError, ValueError):
+                raise ExportError(f"model config field {k} is {v!r}, expected a {type(config[k]).__name__}") from None
     check_model_config(config)
     return config
 
@@ -122,8 +127,14 @@ def is_agent_dir(path: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(os.fspath(path), META_FILE))
 
 
+def _require_exists(path: str | os.PathLike) -> None:
+    if not os.path.exists(os.fspath(path)):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), os.fspath(path))
+
+
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     path = os.fspath(path)
+    _require_exists(path)
     if not is_agent_dir(path):
         raise ExportError(f"{path} is not an agent export (no {META_FILE}); convert a .pt with "
                           "`python launch/convert.py --from_torch=FILE --out=DIR`")
@@ -136,6 +147,9 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         raise ExportError(f"{path}/{META_FILE}: format {meta.get('format')!r}, expected {FORMAT!r}")
     if meta.get("version", 0) > VERSION:
         raise ExportError(f"{path}: export version {meta['version']} is newer than this library's {VERSION}")
+    missing = [k for k in ("model_config", "dtype") if k not in meta]
+    if missing:
+        raise ExportError(f"{path}/{META_FILE} lacks {missing}")
     return meta
 
 
@@ -162,9 +176,14 @@ def from_torch_file(path: str | os.PathLike, *, model_size: int | None = None, t
 
 def load_agent_stored(path: str | os.PathLike) -> AgentExport:
     """The agent exactly as stored: an export directory (int8 leaves stay quantised, floats keep their storage
-    dtype) or an official ``.pt`` (its tensors in the file's dtype)."""
+    dtype) or an official ``.pt`` (its tensors in the file's dtype).
+
+    A missing path raises ``FileNotFoundError``; a directory that is no export, or whose params do not fit its
+    config, :class:`ExportError`; a ``.pt`` that cannot be read or fits no model the
+    :class:`~mtdistill_jax.errors.UserError` subclasses of the safe importer."""
     import orbax.checkpoint as ocp
 
+    _require_exists(path)
     if os.path.isfile(os.fspath(path)):
         return from_torch_file(path)
     path = os.path.abspath(os.fspath(path))

@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mtdistill_jax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # Config fields whose difference makes a checkpoint unusable (the tensors would not fit), by prefix.
@@ -36,7 +38,7 @@ STRUCTURAL_PREFIXES = ("model.",)
 EXTRA_VERSION = 1  # layout of the 'extra' item
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(UserError):
     """The checkpoint was written for a different model (names the config fields that differ)."""
 
 
@@ -87,9 +89,9 @@ class CheckpointManager:
         import orbax.checkpoint as ocp
 
         if keep is not None and keep < 1:
-            raise ValueError(f"keep must be >= 1 (or None for all), got {keep}")
+            raise UserError(f"keep must be >= 1 (or None for all), got {keep}")
         if save_every < 1:
-            raise ValueError(f"save_every must be >= 1, got {save_every}")
+            raise UserError(f"save_every must be >= 1, got {save_every}")
         self.directory = os.path.abspath(os.fspath(directory))
         self.config = config_to_dict(config)
         self._ocp = ocp

@@ -27,6 +27,7 @@ import numpy as np
 
 from mtdistill_jax.configs.model_sizes import MODEL_SIZES, get_model_config
 from mtdistill_jax.configs.tasks import TASK_SETS, get_task_set
+from mtdistill_jax.errors import UserError
 from mtdistill_jax.nn.world_model import abstract_params, action_masks, make_world_model
 
 FIELDS = ("weight", "bias", "ln.weight", "ln.bias")
@@ -35,7 +36,7 @@ _FLAX_FIELD = {"weight": "kernel", "bias": "bias", "ln.weight": "ln_scale", "ln.
 _MODULES = {"encoder": "_encoder.state", "dynamics": "_dynamics", "reward_head": "_reward", "pi_head": "_pi"}
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError):
     """A state dict that does not describe a TD-MPC2 world model of a known size (names key and shape)."""
 
 
@@ -196,7 +197,7 @@ def load_tdmpc2_checkpoint(path: str | os.PathLike, *, model_size: int | None = 
     from mtdistill_jax.checkpoint.torch_pickle import load_pt
 
     if (model_size is None) != (task_set is None):
-        raise ValueError("give both model_size and task_set, or neither (then they are inferred)")
+        raise UserError("give both model_size and task_set, or neither (then they are inferred)")
     obj = load_pt(path)
     if not isinstance(obj, Mapping):
         raise CheckpointMismatchError(f"{os.fspath(path)}: expected a dict, found {type(obj).__name__}")
@@ -205,7 +206,9 @@ def load_tdmpc2_checkpoint(path: str | os.PathLike, *, model_size: int | None = 
     try:
         return state_dict_to_params(sd, config, dtype)
     except CheckpointMismatchError as e:
-        raise CheckpointMismatchError(f"{os.fspath(path)}: {e}") from None
+        forced = "" if config is None else (f" (it does not fit the given model size {model_size} on "
+                                            f"{config.task_set}; give neither to infer them from the shapes)")
+        raise CheckpointMismatchError(f"{os.fspath(path)}: {e}{forced}") from None
 
 
 def params_to_device(params, dtype=None):
@@ -242,7 +245,7 @@ def params_to_state_dict(config: ml_collections.ConfigDict, params: Mapping[str,
     Floating tensors keep the params' dtype.
     """
     if key_format not in TORCH_FORMATS:
-        raise ValueError(f"unknown key_format {key_format!r}; valid: {', '.join(TORCH_FORMATS)}")
+        raise UserError(f"unknown key_format {key_format!r}; valid: {', '.join(TORCH_FORMATS)}")
     target_q_params = params["Qs"] if target_q_params is None else target_q_params
     sd: collections.OrderedDict[str, Any] = collections.OrderedDict()
     if key_format == "current":

@@ -37,14 +37,16 @@ from typing import Any, BinaryIO
 import ml_dtypes
 import numpy as np
 
+from mtdistill_jax.errors import UserError
+
 __all__ = ["CheckpointFormatError", "UnsafePickleError", "load_pt"]
 
 
-class UnsafePickleError(ValueError):
+class UnsafePickleError(UserError):
     """The checkpoint's pickle references a global outside the allow-list; nothing of it was executed."""
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(UserError):
     """The file is not a readable PyTorch zip checkpoint (truncated, corrupted or of an unsupported kind)."""
 
 
@@ -437,8 +439,8 @@ def _load_from_file(
         archive = zipfile.ZipFile(fobj)
     except _ZIP_READ_ERRORS as exc:
         raise CheckpointFormatError(
-            f"{source}: starts like a zip archive but cannot be opened as one ({exc}); "
-            "the file is probably truncated or corrupted"
+            f"{source}: truncated or corrupted checkpoint file: it starts like a zip archive but cannot be "
+            f"opened as one ({exc})"
         ) from exc
     with archive:
         prefix = _find_prefix(source, archive)

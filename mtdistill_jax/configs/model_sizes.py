@@ -10,6 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 from mtdistill_jax.configs.tasks import get_task_set
+from mtdistill_jax.errors import UserError
 
 MODEL_SIZES: dict[int, dict[str, int]] = {
     1: dict(enc_dim=256, mlp_dim=384, latent_dim=128, num_enc_layers=2, num_q=2),
@@ -39,7 +40,7 @@ def get_model_config(model_size: int = 1, task_set: str = "mt30") -> ml_collecti
     Returns a locked ``ConfigDict``: assigning a misspelled field raises instead of silently adding it.
     """
     if model_size not in MODEL_SIZES:
-        raise ValueError(f"unknown model size {model_size!r}; valid: {sorted(MODEL_SIZES)}")
+        raise UserError(f"unknown model size {model_size!r}; valid: {sorted(MODEL_SIZES)}")
     ts = get_task_set(task_set)
     c = ml_collections.ConfigDict()
     c.task_set = ts.name  # 'mt30' or 'mt80': task ids, obs/action padding, action masks
@@ -60,17 +61,18 @@ def get_model_config(model_size: int = 1, task_set: str = "mt30") -> ml_collecti
 
 
 def check_model_config(c: ml_collections.ConfigDict) -> None:
-    """Raise a ``ValueError`` naming the field when a model config cannot describe a TD-MPC2 world model."""
+    """Raise a :class:`~mtdistill_jax.errors.UserError` (a ``ValueError``) naming the field when a model config
+    cannot describe a TD-MPC2 world model."""
     get_task_set(c.task_set)
     for f in MODEL_FIELDS + ("simnorm_dim", "num_bins"):
         v = c[f]
         if not isinstance(v, int) or v <= 0:
-            raise ValueError(f"model config field {f} must be a positive int, got {v!r}")
+            raise UserError(f"model config field {f} must be a positive int, got {v!r}")
     if c.latent_dim % c.simnorm_dim:
-        raise ValueError(f"latent_dim {c.latent_dim} is not a multiple of simnorm_dim {c.simnorm_dim}")
+        raise UserError(f"latent_dim {c.latent_dim} is not a multiple of simnorm_dim {c.simnorm_dim}")
     if c.num_q < 2:
-        raise ValueError(f"num_q must be >= 2 (two heads are subsampled), got {c.num_q}")
+        raise UserError(f"num_q must be >= 2 (two heads are subsampled), got {c.num_q}")
     if c.num_bins < 2:
-        raise ValueError(f"num_bins must be >= 2 for two-hot regression, got {c.num_bins}")
+        raise UserError(f"num_bins must be >= 2 for two-hot regression, got {c.num_bins}")
     if not c.vmin < c.vmax:
-        raise ValueError(f"vmin {c.vmin} must be below vmax {c.vmax}")
+        raise UserError(f"vmin {c.vmin} must be below vmax {c.vmax}")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+from mtdistill_jax.errors import UnknownNameError, UserError
+
 # 19 stock DeepMind Control tasks followed by the 11 custom TD-MPC2 tasks, in the official order.
 MT30_TASKS: tuple[str, ...] = (
     "walker-stand", "walker-walk", "walker-run", "cheetah-run", "reacher-easy",
@@ -91,11 +93,25 @@ class TaskSet:
         return tuple(discount_for_episode_length(L) for L in self.episode_lengths)
 
     def task_id(self, name: str) -> int:
-        """Index of ``name``; unknown names raise a ``KeyError`` listing the valid ones."""
+        """Index of ``name``; unknown names raise an :class:`UnknownNameError` (a ``KeyError``) listing the valid
+        ones."""
         try:
             return self.tasks.index(name)
         except ValueError:
-            raise KeyError(f"unknown task {name!r} for task set {self.name}; valid: {', '.join(self.tasks)}") from None
+            raise UnknownNameError(f"unknown task {name!r} for task set {self.name}; valid: "
+                                   f"{', '.join(self.tasks)}") from None
+
+    def select(self, names: Sequence[str] | None = None) -> list[str]:
+        """``names`` (default: all tasks), checked: unknown names raise an :class:`UnknownNameError` listing
+        the valid ones, a repeated name a :class:`UserError`."""
+        names = list(names or self.tasks)
+        unknown = [t for t in names if t not in self.tasks]
+        if unknown:
+            raise UnknownNameError(f"unknown tasks {unknown} for {self.name}; valid: {', '.join(self.tasks)}")
+        repeated = sorted({t for t in names if names.count(t) > 1})
+        if repeated:
+            raise UserError(f"tasks must be distinct; repeated: {', '.join(repeated)}")
+        return names
 
     def task_ids(self, names: Sequence[str]) -> list[int]:
         return [self.task_id(n) for n in names]
@@ -128,5 +144,5 @@ def get_task_set(name: str) -> TaskSet:
     """Look a task set up by name (``mt30`` or ``mt80``, case-insensitive)."""
     key = name.lower()
     if key not in TASK_SETS:
-        raise KeyError(f"unknown task set {name!r}; valid: {', '.join(TASK_SETS)}")
+        raise UnknownNameError(f"unknown task set {name!r}; valid: {', '.join(TASK_SETS)}")
     return TASK_SETS[key]

@@ -1,14 +1,16 @@
 """Training and planning config for TD-MPC2 (official defaults from ``tdmpc2/config.yaml``).
 
 ``get_config()`` is the config used by ``launch/train.py``; ``get_smoke_config()`` is a one-step config
-for tests. Each field has one comment; configs are locked so a misspelled override raises.
+for tests. Each field has one comment; configs are locked so a misspelled override raises, and
+``check_config`` rejects values no run can use (naming the field) before anything is built.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from mtdistill_jax.configs.model_sizes import get_model_config
+from mtdistill_jax.configs.model_sizes import check_model_config, get_model_config
+from mtdistill_jax.errors import UserError
 
 
 def get_train_config() -> ml_collections.ConfigDict:
@@ -60,6 +62,69 @@ def get_config(model_size: int = 1, task_set: str = "mt30") -> ml_collections.Co
     c.log_every = 1000  # steps between metric logs
     c.lock()
     return c
+
+
+def _positive(v) -> bool:
+    return v > 0
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+# field -> (test, what it must be); fields absent from a config are skipped
+_CHECKS = {
+    "steps": (_positive_int, "an int >= 1"),
+    "log_every": (_positive_int, "an int >= 1"),
+    "train.horizon": (_positive_int, "an int >= 1"),
+    "train.batch_size": (_positive_int, "an int >= 1"),
+    "train.rho": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "train.consistency_coef": (lambda v: v >= 0, ">= 0"),
+    "train.reward_coef": (lambda v: v >= 0, ">= 0"),
+    "train.value_coef": (lambda v: v >= 0, ">= 0"),
+    "train.entropy_coef": (lambda v: v >= 0, ">= 0"),
+    "train.lr": (_positive, "> 0"),
+    "train.enc_lr_scale": (lambda v: v >= 0, ">= 0"),
+    "train.adam_eps": (_positive, "> 0"),
+    "train.pi_adam_eps": (_positive, "> 0"),
+    "train.grad_clip_norm": (_positive, "> 0"),
+    "train.tau": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "train.discount_denom": (_positive, "> 0"),
+    "train.discount_min": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "train.discount_max": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "planner.horizon": (_positive_int, "an int >= 1"),
+    "planner.iterations": (_positive_int, "an int >= 1"),
+    "planner.num_samples": (_positive_int, "an int >= 1"),
+    "planner.num_elites": (_positive_int, "an int >= 1"),
+    "planner.temperature": (_positive, "> 0"),
+    "planner.min_std": (_positive, "> 0"),
+    "planner.max_std": (_positive, "> 0"),
+}
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raise a :class:`~mtdistill_jax.errors.UserError` naming the field when a value (e.g. a command-line
+    override) cannot work: sizes and counts >= 1, rates and coefficients in range, planner counts consistent."""
+    check_model_config(config.model)
+    for path, (test, what) in _CHECKS.items():
+        node = config
+        for key in path.split("."):
+            node = node.get(key) if node is not None else None
+        if node is not None and not test(node):
+            raise UserError(f"config field {path} must be {what}, got {node!r}")
+    t, p = config.get("train"), config.get("planner")
+    if t is not None and t.discount_min > t.discount_max:
+        raise UserError(f"config field train.discount_min {t.discount_min} is above train.discount_max "
+                        f"{t.discount_max}")
+    if p is not None:
+        if not 0 <= p.num_pi_trajs < p.num_samples:
+            raise UserError(f"config field planner.num_pi_trajs must be in [0, planner.num_samples="
+                            f"{p.num_samples}), got {p.num_pi_trajs}")
+        if p.num_elites > p.num_samples:
+            raise UserError(f"config field planner.num_elites must be <= planner.num_samples={p.num_samples}, "
+                            f"got {p.num_elites}")
+        if p.min_std > p.max_std:
+            raise UserError(f"config field planner.min_std {p.min_std} is above planner.max_std {p.max_std}")
 
 
 def get_smoke_config() -> ml_collections.ConfigDict:

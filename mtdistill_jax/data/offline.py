@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtdistill_jax.data.tdmpc2_format import Episodes
+from mtdistill_jax.errors import UserError
 from mtdistill_jax.types import Batch
 
 
@@ -36,13 +37,13 @@ class OfflineSampler:
                  action_pad: int | None = None):
         episodes.validate()
         if batch_size <= 0 or horizon <= 0:
-            raise ValueError(f"batch_size and horizon must be positive, got {batch_size}, {horizon}")
+            raise UserError(f"batch_size and horizon must be positive, got {batch_size}, {horizon}")
         if episodes.num_frames < horizon + 2:
-            raise ValueError(f"episodes have {episodes.num_frames} frames; horizon {horizon} needs at least "
+            raise UserError(f"episodes have {episodes.num_frames} frames; horizon {horizon} needs at least "
                              f"{horizon + 2} (reset frame + H+1 steps)")
         for name, arr, pad in (("obs", episodes.obs, obs_pad), ("action", episodes.action, action_pad)):
             if pad is not None and arr.shape[-1] != pad:
-                raise ValueError(f"episodes' {name} width is {arr.shape[-1]}, the task set pads to {pad}")
+                raise UserError(f"episodes' {name} width is {arr.shape[-1]}, the task set pads to {pad}")
         self.batch_size, self.horizon = batch_size, horizon
         self.num_episodes, self.num_frames = episodes.num_episodes, episodes.num_frames
         self.obs = jnp.asarray(episodes.obs)

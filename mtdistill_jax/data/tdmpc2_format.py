@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from mtdistill_jax.checkpoint.torch_pickle import CheckpointFormatError, load_pt
+from mtdistill_jax.errors import UserError
 
 KEYS = ("obs", "action", "reward", "task")
 
@@ -67,12 +68,12 @@ class Episodes:
         E, T1 = self.obs.shape[:2]
         for name, arr, ndim in (("obs", self.obs, 3), ("action", self.action, 3), ("reward", self.reward, 2)):
             if arr.ndim != ndim or arr.shape[:2] != (E, T1):
-                raise ValueError(f"{where}: {name} has shape {list(arr.shape)}, expected [{E}, {T1}, ...] "
+                raise UserError(f"{where}: {name} has shape {list(arr.shape)}, expected [{E}, {T1}, ...] "
                                  f"({ndim}-D, like obs)")
         if self.task.shape != (E,):
-            raise ValueError(f"{where}: task has shape {list(self.task.shape)}, expected [{E}]")
+            raise UserError(f"{where}: task has shape {list(self.task.shape)}, expected [{E}]")
         if T1 < 2:
-            raise ValueError(f"{where}: episodes have {T1} frames; at least 2 are needed")
+            raise UserError(f"{where}: episodes have {T1} frames; at least 2 are needed")
 
 
 def load_chunk(path: str | os.PathLike) -> Episodes:
@@ -97,10 +98,10 @@ def load_chunk(path: str | os.PathLike) -> Episodes:
 
 def concat(parts: Sequence[Episodes]) -> Episodes:
     if not parts:
-        raise ValueError("no episodes to concatenate")
+        raise UserError("no episodes to concatenate")
     frames = {p.num_frames for p in parts}
     if len(frames) > 1:
-        raise ValueError(f"chunks have different episode lengths {sorted(frames)}; load them separately")
+        raise UserError(f"chunks have different episode lengths {sorted(frames)}; load them separately")
     return Episodes(*(np.concatenate([getattr(p, k) for p in parts]) for k in KEYS))
 
 

@@ -1,7 +1,7 @@
 """Task registry: MT30 names (official order) -> MJX environment constructors.
 
-``make(name, **kwargs)`` builds one task; unknown names raise a ``KeyError`` listing the valid ones;
-Meta-World (``mw-*``) tasks of MT80 have no MJX version and say so.
+``make(name, **kwargs)`` builds one task; unknown names raise an ``UnknownNameError`` (a ``KeyError``)
+listing the valid ones; Meta-World (``mw-*``) tasks of MT80 have no MJX version and say so.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 
 from mtdistill_jax.configs.tasks import METAWORLD_TASKS, MT30_TASKS
+from mtdistill_jax.errors import UnknownNameError
 
 # name -> "module:Class" (modules are imported lazily: building one task does not import the others)
 _TASKS: dict[str, str] = {
@@ -70,10 +71,10 @@ def task_names() -> tuple[str, ...]:
 
 def get_env_class(name: str):
     if name in METAWORLD_TASKS or name.startswith("mw-"):
-        raise KeyError(f"{name!r} is a Meta-World task of MT80: there is no MJX version of Meta-World, so MT80 "
+        raise UnknownNameError(f"{name!r} is a Meta-World task of MT80: there is no MJX version of Meta-World, so MT80 "
                        "is supported offline only (datasets and checkpoints); MJX tasks: the 30 MT30 tasks")
     if name not in _TASKS:
-        raise KeyError(f"unknown task {name!r}; valid: {', '.join(MT30_TASKS)}")
+        raise UnknownNameError(f"unknown task {name!r}; valid: {', '.join(MT30_TASKS)}")
     module, cls = _TASKS[name].split(":")
     return getattr(importlib.import_module(f"mtdistill_jax.envs.{module}"), cls)
 

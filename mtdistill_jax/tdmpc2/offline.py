@@ -20,8 +20,10 @@ import jax
 import ml_collections
 
 from mtdistill_jax.checkpoint.manager import CheckpointManager
+from mtdistill_jax.configs.train import check_config
 from mtdistill_jax.data.offline import OfflineSampler, SamplerState
 from mtdistill_jax.data.tdmpc2_format import Episodes
+from mtdistill_jax.errors import UserError
 from mtdistill_jax.tdmpc2.train import Learner, TrainingState, validate_batch
 
 log = logging.getLogger(__name__)
@@ -44,12 +46,13 @@ def train_offline(config: ml_collections.ConfigDict, episodes: Episodes, workdir
     """Run (or resume) offline training to ``config.steps`` updates; returns the final :class:`RunResult`."""
     from mtdistill_jax.configs.tasks import get_task_set
 
+    check_config(config)
     ts = get_task_set(config.model.task_set)
     learner = Learner(config, mesh=mesh)
     sampler = OfflineSampler(episodes, config.train.batch_size, config.train.horizon, ts.obs_pad, ts.action_pad)
     if episodes.task.min() < 0 or episodes.task.max() >= ts.num_tasks:
-        raise ValueError(f"episodes have task ids in [{episodes.task.min()}, {episodes.task.max()}], "
-                         f"outside [0, {ts.num_tasks}) of {ts.name}")
+        raise UserError(f"episodes have task ids in [{episodes.task.min()}, {episodes.task.max()}], "
+                        f"outside [0, {ts.num_tasks}) of {ts.name}")
     sample = jax.jit(sampler.sample)
     log_every = log_every or config.log_every
     mngr = CheckpointManager(workdir, config, keep=keep, save_every=save_every, async_save=async_save)
