@@ -52,3 +52,23 @@ def env_episode_files() -> list[Path]:
 def env_index() -> dict:
     p = reference_dir() / "envs" / "index.json"
     return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def update_cases() -> list[str]:
+    """Names ``<name>`` with ``update_<name>.npz`` and ``update_<name>_config.json`` both present."""
+    d = reference_dir()
+    if not d.is_dir():
+        return []
+    names = []
+    for p in sorted(d.glob("update_*.npz")):
+        name = re.fullmatch(r"update_(.+)\.npz", p.name).group(1)
+        if (d / f"update_{name}_config.json").is_file():
+            names.append(name)
+    return names
+
+
+def load_update_case(name: str):
+    """``(config json, npz arrays)`` of an update-step reference."""
+    d = reference_dir()
+    cfg = json.loads((d / f"update_{name}_config.json").read_text())
+    return cfg, dict(np.load(d / f"update_{name}.npz"))

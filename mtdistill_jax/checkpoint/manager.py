@@ -3,7 +3,8 @@
 Each step directory holds three items:
 
 - ``state``: the learner state pytree (``TrainingState``: params, target Qs, both optimiser states, running
-  scale, step), restored onto a ``jax.eval_shape`` target (shapes, dtypes and shardings from the target);
+  scale, step, carried task-embedding gradient), restored onto a ``jax.eval_shape`` target (shapes, dtypes
+  and shardings from the target);
 - ``extra``: the run's PRNG key (raw ``uint32`` data) and the data cursor (e.g. the offline sampler state or a
   replay-buffer state);
 - ``config``: the full run config as JSON.

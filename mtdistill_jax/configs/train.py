@@ -32,6 +32,7 @@ def get_train_config() -> ml_collections.ConfigDict:
     c.discount_denom = 5  # per-task discount = clip((L/denom - 1)/(L/denom), min, max)
     c.discount_min = 0.95  # lower clip of the discount
     c.discount_max = 0.995  # upper clip of the discount
+    c.task_emb_policy_grad = "release"  # 'release': no policy gradient on the task embedding; 'head': official leak
     c.lock()
     return c
 
@@ -92,6 +93,7 @@ _CHECKS = {
     "train.discount_denom": (_positive, "> 0"),
     "train.discount_min": (lambda v: 0 < v < 1, "in (0, 1)"),
     "train.discount_max": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "train.task_emb_policy_grad": (lambda v: v in ("release", "head"), "'release' or 'head'"),
     "planner.horizon": (_positive_int, "an int >= 1"),
     "planner.iterations": (_positive_int, "an int >= 1"),
     "planner.num_samples": (_positive_int, "an int >= 1"),

@@ -120,7 +120,8 @@ class WorldModel(nn.Module):
 
         Returns ``(action, info)``; ``info`` holds ``mean`` (tanh of the masked mean), ``log_std`` (masked),
         ``log_prob`` (squashed, unscaled), ``log_prob_presquash``, ``entropy`` (= -log_prob),
-        ``scaled_entropy`` (= -action_dims * log_prob_presquash, the official entropy_scale identity) and
+        ``scaled_entropy`` (official: -log_prob * (action_dims * log_prob_presquash / (log_prob + 1e-8)), whose
+        value is ~ -action_dims * log_prob_presquash; the gradient flows through this exact expression) and
         ``action_dims``.
         """
         c = self.config
@@ -141,7 +142,7 @@ class WorldModel(nn.Module):
             "log_prob_presquash": log_prob,
             "log_prob": log_prob_sq,
             "entropy": -log_prob_sq,
-            "scaled_entropy": -log_prob * action_dims,
+            "scaled_entropy": -log_prob_sq * (log_prob * action_dims / (log_prob_sq + 1e-8)),
             "action_dims": action_dims,
         }
         return action, info

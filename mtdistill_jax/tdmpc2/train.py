@@ -1,14 +1,20 @@
-"""TD-MPC2 update step: ``TrainingState`` and one jitted ``update(state, batch, key) -> (state, metrics)``.
+"""TD-MPC2 update step: ``TrainingState`` and one jitted ``update(state, batch, key, draws=None) -> (state, metrics)``.
 
 One update does what the official ``TDMPC2._update`` does, in order: TD targets (no gradient), world-model
-step (Adam, encoder lr scaled, global-norm clip), policy step on the detached latents with the *updated*
-world model, running value-scale update, Polyak update of the target Qs.
+step (Adam, encoder lr scaled, global-norm clip), policy step on the latents from *before* the world-model
+step with the *updated* Q weights and task embedding, running value-scale update, Polyak update of the
+target Qs. The random draws (policy noise, Q-head choices) come from :func:`sample_draws` unless the caller
+passes :class:`Draws` (e.g. recorded from the official code); the key then drives dropout only.
+
+``config.train.task_emb_policy_grad`` chooses what the policy loss does to the task embedding: ``'release'``
+(default) cuts it off; ``'head'`` (official HEAD) lets the policy gradient reach it, and since the official
+policy optimiser neither owns nor clears that gradient it is carried in ``TrainingState.task_emb_grad`` and
+added to the *next* world-model gradient (its norm, clip and Adam step).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import flax.struct
 import jax
@@ -19,7 +25,7 @@ import optax
 
 from mtdistill_jax.configs.tasks import get_task_set
 from mtdistill_jax.nn.world_model import WorldModel, init_params, make_world_model, renorm_rows
-from mtdistill_jax.tdmpc2.losses import PI_KEY, WM_KEYS, Losses, make_losses
+from mtdistill_jax.tdmpc2.losses import PI_KEY, WM_KEYS, Draws, Losses, make_losses, sample_draws
 from mtdistill_jax.types import Batch, Params
 
 
@@ -33,6 +39,8 @@ class TrainingState:
     pi_opt_state: optax.OptState  # policy optimiser state (params['pi_head'])
     scale: jax.Array  # running P5-P95 value scale (float32 scalar, starts at 1)
     step: jax.Array  # number of updates applied (int32 scalar)
+    task_emb_grad: jax.Array  # [num_tasks, task_dim] policy gradient left on the task embedding, added to the
+    #                           next world-model gradient (task_emb_policy_grad='head'; stays zero in 'release')
 
 
 def split_params(params: Params) -> tuple[dict, dict]:
@@ -76,7 +84,8 @@ def init_training_state(config: ml_collections.ConfigDict, key=None, params: Par
     wm_params, pi_params = split_params(params)
     return TrainingState(params=params, target_q_params=target_q_params, opt_state=wm_opt.init(wm_params),
                          pi_opt_state=pi_opt.init(pi_params), scale=jnp.ones((), jnp.float32),
-                         step=jnp.zeros((), jnp.int32))
+                         step=jnp.zeros((), jnp.int32),
+                         task_emb_grad=jnp.zeros_like(params["task_emb"]["embedding"]))
 
 
 def renorm_used_embeddings(params: Params, task) -> Params:
@@ -87,36 +96,56 @@ def renorm_used_embeddings(params: Params, task) -> Params:
     return {**params, "task_emb": {**params["task_emb"], "embedding": table}}
 
 
-def make_update_fn(model: WorldModel, config: ml_collections.ConfigDict,
-                   losses: Losses | None = None) -> Callable[[TrainingState, Batch, Any], tuple[TrainingState, dict]]:
-    """The un-jitted update ``(state, batch, key) -> (state, metrics)`` (jit it, or scan it)."""
+def make_update_fn(model: WorldModel, config: ml_collections.ConfigDict, losses: Losses | None = None, *,
+                   return_intermediates: bool = False) -> Callable[..., tuple]:
+    """The un-jitted update ``(state, batch, key, draws=None) -> (state, metrics)`` (jit it, or scan it).
+
+    ``draws`` (:class:`Draws`) fixes the policy noise and Q-head choices; by default they are drawn from
+    ``key`` with :func:`sample_draws`. With ``return_intermediates`` the update returns a third value, a dict
+    of the step's intermediates (TD targets, latents, policy outputs, pre-clip gradients, ...).
+    """
     losses = losses or make_losses(model, config)
     wm_opt, pi_opt = make_optimizers(config)
     tau = config.train.tau
+    head = config.train.task_emb_policy_grad == "head"
 
-    def update(state: TrainingState, batch: Batch, key) -> tuple[TrainingState, dict]:
-        k_wm, k_pi = jax.random.split(key)
+    def update(state: TrainingState, batch: Batch, key, draws: Draws | None = None):
+        k_draws, k_wm, k_pi = jax.random.split(key, 3)
+        if draws is None:
+            draws = sample_draws(k_draws, config, batch.task.shape[0], batch.obs.dtype)
         params = renorm_used_embeddings(state.params, batch.task)
         wm_params, _ = split_params(params)
         grad_fn = jax.grad(losses.world_model_loss, has_aux=True)
-        wm_grads, (metrics, zs) = grad_fn(wm_params, params, state.target_q_params, batch, k_wm)
+        wm_grads, (metrics, wm_aux) = grad_fn(wm_params, params, state.target_q_params, batch, draws, k_wm)
+        if head:  # the policy gradient of the previous step joins this one (official HEAD)
+            emb_grad = wm_grads["task_emb"]["embedding"] + state.task_emb_grad
+            wm_grads = {**wm_grads, "task_emb": {**wm_grads["task_emb"], "embedding": emb_grad}}
         grad_norm = optax.tree_utils.tree_norm(wm_grads)
         updates, opt_state = wm_opt.update(wm_grads, state.opt_state, wm_params)
-        wm_params = optax.apply_updates(wm_params, updates)
-        params = {**params, **wm_params}
+        # the policy's first lookup renormalises (in place, as torch does) the used rows the step pushed past norm 1
+        params = renorm_used_embeddings({**params, **optax.apply_updates(wm_params, updates)}, batch.task)
 
-        pi_params = params[PI_KEY]
-        pi_grads, (pi_metrics, scale) = jax.grad(losses.policy_loss, has_aux=True)(
-            pi_params, params, zs, batch.task, state.scale, k_pi)
+        trainable = {PI_KEY: params[PI_KEY]}
+        if head:
+            trainable["task_emb"] = params["task_emb"]
+        grads, (pi_metrics, scale, pi_aux) = jax.grad(losses.policy_loss, has_aux=True)(
+            trainable, params, wm_aux["zs"], batch.task, state.scale, draws.pi_eps, draws.pi_heads, k_pi)
+        pi_grads = grads[PI_KEY]
+        task_emb_grad = grads["task_emb"]["embedding"] if head else state.task_emb_grad
         pi_grad_norm = optax.tree_utils.tree_norm(pi_grads)
-        pi_updates, pi_opt_state = pi_opt.update(pi_grads, state.pi_opt_state, pi_params)
-        params = {**params, PI_KEY: optax.apply_updates(pi_params, pi_updates)}
+        pi_updates, pi_opt_state = pi_opt.update(pi_grads, state.pi_opt_state, params[PI_KEY])
+        params = {**params, PI_KEY: optax.apply_updates(params[PI_KEY], pi_updates)}
 
         target_q = jax.tree_util.tree_map(lambda t, o: t + tau * (o - t), state.target_q_params, params["Qs"])
         new_state = state.replace(params=params, target_q_params=target_q, opt_state=opt_state,
-                                  pi_opt_state=pi_opt_state, scale=scale, step=state.step + 1)
+                                  pi_opt_state=pi_opt_state, scale=scale, step=state.step + 1,
+                                  task_emb_grad=task_emb_grad)
         metrics = {**metrics, **pi_metrics, "train/grad_norm": grad_norm, "train/pi_grad_norm": pi_grad_norm}
-        return new_state, metrics
+        if not return_intermediates:
+            return new_state, metrics
+        inter = {**wm_aux, **pi_aux, "task_emb_at_td": renorm_used_embeddings(state.params, batch.task)[
+            "task_emb"]["embedding"], "wm_grads": wm_grads, "pi_grads": pi_grads, "task_emb_grad": task_emb_grad}
+        return new_state, metrics, inter
 
     return update
 
@@ -162,18 +191,18 @@ class Learner:
         self.losses = make_losses(self.model, config)
         self._update = make_update_fn(self.model, config, self.losses)
         self.mesh = mesh
+        donate_argnums = (0,) if donate else ()
         if mesh is None:
-            self.update_jit = jax.jit(self._update, donate_argnums=(0,) if donate else ())
+            self.update_jit = jax.jit(self._update, donate_argnums=donate_argnums)
+            self._update_draws_jit = self.update_jit
         else:
             from mtdistill_jax.parallel import batch_sharding, replicated
 
-            rep = replicated(mesh)
-            self.update_jit = jax.jit(
-                self._update,
-                in_shardings=(rep, batch_sharding(mesh), rep),
-                out_shardings=(rep, rep),
-                donate_argnums=(0,) if donate else (),
-            )
+            rep, bs = replicated(mesh), batch_sharding(mesh)
+            self.update_jit = jax.jit(self._update, in_shardings=(rep, bs, rep), out_shardings=(rep, rep),
+                                      donate_argnums=donate_argnums)
+            self._update_draws_jit = jax.jit(self._update, in_shardings=(rep, bs, rep, rep),
+                                             out_shardings=(rep, rep), donate_argnums=donate_argnums)
 
     def init(self, key=None, params: Params | None = None, target_q_params: Params | None = None) -> TrainingState:
         state = init_training_state(self.config, key, params, target_q_params)
@@ -183,10 +212,14 @@ class Learner:
             state = replicate(state, self.mesh)
         return state
 
-    def update(self, state: TrainingState, batch: Batch, key, check_values: bool = True):
+    def update(self, state: TrainingState, batch: Batch, key, draws: Draws | None = None,
+               check_values: bool = True):
+        """One update; ``draws`` (optional) fixes the policy noise and Q-head choices (else drawn from ``key``)."""
         validate_batch(batch, self.config, check_values)
         if self.mesh is not None:
             from mtdistill_jax.parallel import shard_batch
 
             batch = shard_batch(batch, self.mesh)
-        return self.update_jit(state, batch, key)
+        if draws is None:
+            return self.update_jit(state, batch, key)
+        return self._update_draws_jit(state, batch, key, draws)

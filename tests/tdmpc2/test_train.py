@@ -64,8 +64,9 @@ def test_policy_loss_leaves_world_model_untouched(learner, state0):
     params = state0.params
     zs = jax.random.uniform(jax.random.key(3), (4, 8, 128))
     task = jnp.arange(8)
-    grads = jax.jit(jax.grad(
-        lambda p: losses.policy_loss(p["pi_head"], p, zs, task, jnp.ones(()), jax.random.key(4))[0]))(params)
+    eps = jax.random.normal(jax.random.key(4), (4, 8, 6))
+    grads = jax.jit(jax.grad(lambda p: losses.policy_loss(
+        {"pi_head": p["pi_head"]}, p, zs, task, jnp.ones(()), eps, jnp.asarray([1, 0]), jax.random.key(5))[0]))(params)
     for k, g in grads.items():
         norm = float(jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree_util.tree_leaves(g))))
         if k == "pi_head":
@@ -115,3 +116,41 @@ def test_bad_batches_raise_clear_errors(learner, state0, field, value, match):
     batch = make_batch().replace(**{field: value})
     with pytest.raises(ValueError, match=match):
         learner.update(state0, batch, jax.random.key(0))
+
+
+def test_default_draws_are_sample_draws(learner, state0):
+    """The draws seam: passing ``sample_draws`` of the update's own draw key reproduces the default path."""
+    from mtdistill_jax.tdmpc2.losses import sample_draws
+
+    batch, key = make_batch(2), jax.random.key(7)
+    draws = sample_draws(jax.random.split(key, 3)[0], learner.config, 8)
+    assert draws.td_eps.shape == (3, 8, 6) and draws.pi_eps.shape == (4, 8, 6) and draws.pi_heads.shape == (2,)
+    s1, m1 = learner.update(state0, batch, key)
+    s2, m2 = learner.update(state0, batch, key, draws)
+    chex.assert_trees_all_close(m1, m2, atol=1e-7, rtol=1e-6)  # two compilations: last-bit differences only
+    chex.assert_trees_all_close(s1.params, s2.params, atol=1e-7, rtol=1e-6)
+
+
+def test_policy_loss_q_has_dropout_in_train_mode(learner, state0):
+    """Official train mode: the Q in the policy loss has dropout active (key-dependent iff dropout > 0)."""
+    losses = make_losses(learner.model, learner.config)
+    assert learner.config.model.dropout > 0
+    zs = jax.random.uniform(jax.random.key(3), (4, 8, 128))
+    eps = jax.random.normal(jax.random.key(4), (4, 8, 6))
+    leaves, treedef = jax.tree_util.tree_flatten(state0.params["Qs"])  # the zero-initialised last layer gives Q = 0
+    noisy = [x + 0.05 * jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(leaves)]
+    params = {**state0.params, "Qs": jax.tree_util.tree_unflatten(treedef, noisy)}
+
+    def loss(key, p=params):
+        return float(losses.policy_loss({"pi_head": p["pi_head"]}, p, zs, jnp.arange(8), jnp.ones(()), eps,
+                                        jnp.asarray([0, 1]), key)[0])
+
+    assert loss(jax.random.key(0)) != loss(jax.random.key(1))
+    cfg = learner.config.copy_and_resolve_references()
+    cfg.model.dropout = 0.0
+    from mtdistill_jax.nn import make_world_model
+
+    no_drop = make_losses(make_world_model(cfg.model), cfg)
+    out = [float(no_drop.policy_loss({"pi_head": params["pi_head"]}, params, zs, jnp.arange(8), jnp.ones(()), eps,
+                                     jnp.asarray([0, 1]), jax.random.key(k))[0]) for k in (0, 1)]
+    assert out[0] == out[1]
