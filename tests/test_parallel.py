@@ -45,3 +45,29 @@ def test_batch_is_sharded_and_must_divide():
     assert b.obs.sharding.shard_shape(b.obs.shape) == (4, 2, 24)
     with pytest.raises(ValueError, match="not divisible by the 8 devices"):
         shard_batch(tt.make_batch(0, B=12), mesh)
+
+
+def test_compile_step_shards_leading_args_and_replicates_the_rest():
+    """``compile_step``: given specs for the leading arguments, later (optional) arguments and the output
+    replicated; one jit per argument count, each with ``lower``; plain ``jax.jit`` without a mesh."""
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    from mtdistill_jax.parallel import DATA_AXIS, compile_step
+
+    def step(state, x, extra=None):
+        y = state + jnp.sum(x)
+        return y if extra is None else y * extra, x * 2
+
+    mesh = make_mesh(8)
+    fn = compile_step(step, mesh, in_specs=(None, P(DATA_AXIS)), out_specs=(None, P(DATA_AXIS)))
+    x = np.arange(16, dtype=np.float32)
+    y, x2 = fn(jnp.ones(()), x)
+    assert float(y) == 121.0 and y.sharding.is_fully_replicated and len(y.sharding.device_set) == 8
+    assert x2.sharding.shard_shape(x2.shape) == (2,)
+    y3, _ = fn(jnp.ones(()), x, jnp.float32(2.0))
+    assert float(y3) == 242.0 and y3.sharding.is_fully_replicated
+    (s_state, s_x, s_extra), _ = fn.lower(jnp.ones(()), x, jnp.float32(2.0)).compile().input_shardings
+    assert s_x.shard_shape(x.shape) == (2,) and s_state.is_fully_replicated and s_extra.is_fully_replicated
+    plain = compile_step(step)
+    assert float(plain(jnp.ones(()), x)[0]) == 121.0 and hasattr(plain, "lower")

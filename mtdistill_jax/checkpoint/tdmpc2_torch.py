@@ -21,7 +21,6 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 
@@ -209,11 +208,6 @@ def load_tdmpc2_checkpoint(path: str | os.PathLike, *, model_size: int | None = 
         forced = "" if config is None else (f" (it does not fit the given model size {model_size} on "
                                             f"{config.task_set}; give neither to infer them from the shapes)")
         raise CheckpointMismatchError(f"{os.fspath(path)}: {e}{forced}") from None
-
-
-def params_to_device(params, dtype=None):
-    """Move a numpy param tree to JAX arrays (optionally casting)."""
-    return jax.tree_util.tree_map(lambda x: jax.numpy.asarray(x, dtype), params)
 
 
 # --------------------------------------------------------------------------------------------- export to torch

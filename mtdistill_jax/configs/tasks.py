@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import numpy as np
+
 from mtdistill_jax.errors import UnknownNameError, UserError
 
 # 19 stock DeepMind Control tasks followed by the 11 custom TD-MPC2 tasks, in the official order.
@@ -62,6 +64,15 @@ def discount_for_episode_length(episode_length: int, denom: float = DISCOUNT_DEN
         raise ValueError(f"episode_length must be positive, got {episode_length}")
     frac = episode_length / denom
     return float(min(max((frac - 1) / frac, low), high))
+
+
+def task_discounts(config) -> np.ndarray:
+    """Per-task discounts ``[num_tasks]`` (float32) of ``config.model.task_set``, each
+    :func:`discount_for_episode_length` of the task's episode length with ``config.train``'s
+    ``discount_denom`` / ``discount_min`` / ``discount_max``."""
+    ts, tc = get_task_set(config.model.task_set), config.train
+    return np.asarray([discount_for_episode_length(L, tc.discount_denom, tc.discount_min, tc.discount_max)
+                       for L in ts.episode_lengths], np.float32)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,10 @@
-"""TD-MPC2 update step: ``TrainingState`` and one jitted ``update(state, batch, key, draws=None) -> (state, metrics)``.
+"""TD-MPC2 update step: ``TrainingState`` and ``update(state, batch, key, draws=None, aux=None) -> (state, metrics)``.
+
+``make_update_fn(model, config, *, extra_wm_loss=None, extra_pi_loss=None)`` builds the pure update (jit it
+with :func:`mtdistill_jax.parallel.compile_step`, or scan it); each objective runs the student forward once
+(:class:`~mtdistill_jax.tdmpc2.losses.Rollout`, :class:`~mtdistill_jax.tdmpc2.losses.PolicyOutputs`) and
+extra terms read those outputs, ``aux`` (e.g. frozen teacher params), ``state.step`` and a key.
+:func:`gradient_update_fn` (loss + optimiser) serves the world-model and the policy step.
 
 One update does what the official ``TDMPC2._update`` does, in order: TD targets (no gradient), world-model
 step (Adam, encoder lr scaled, global-norm clip), policy step on the latents from *before* the world-model
@@ -15,6 +21,7 @@ added to the *next* world-model gradient (its norm, clip and Adam step).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax
@@ -25,7 +32,15 @@ import optax
 
 from mtdistill_jax.configs.tasks import get_task_set
 from mtdistill_jax.nn.world_model import WorldModel, init_params, make_world_model, renorm_rows
-from mtdistill_jax.tdmpc2.losses import PI_KEY, WM_KEYS, Draws, Losses, make_losses, sample_draws
+from mtdistill_jax.tdmpc2.losses import (
+    PI_KEY,
+    WM_KEYS,
+    Draws,
+    Losses,
+    make_losses,
+    running_scale_update,
+    sample_draws,
+)
 from mtdistill_jax.types import Batch, Params
 
 
@@ -96,55 +111,142 @@ def renorm_used_embeddings(params: Params, task) -> Params:
     return {**params, "task_emb": {**params["task_emb"], "embedding": table}}
 
 
+@flax.struct.dataclass
+class GradientStep:
+    """What :func:`gradient_update_fn`'s step returns."""
+
+    loss: jax.Array  # the objective's value
+    aux: Any  # the objective's auxiliary output
+    params: Params  # params after the optimiser step
+    opt_state: optax.OptState  # optimiser state after the step
+    grads: Params  # gradient the optimiser saw (after ``adjust_grads``, before clipping)
+    grad_norm: jax.Array  # its global norm
+    side_grads: Any  # gradient w.r.t. ``side`` (None without one)
+
+
+def gradient_update_fn(loss_fn: Callable, optimizer: optax.GradientTransformation) -> Callable[..., GradientStep]:
+    """Loss + optimiser in one step, in the spirit of brax's ``gradient_update_fn``.
+
+    ``loss_fn(params, side, *args) -> (loss, aux)``. The returned
+    ``step(params, opt_state, *args, side=None, adjust_grads=None) -> GradientStep`` differentiates it with
+    respect to ``params`` (optimised) and ``side`` (differentiated but not optimised: the gradient is handed
+    back, e.g. the policy gradient on the task embedding in the official HEAD variant); ``adjust_grads(grads)``
+    may change the gradient before the optimiser sees it (e.g. add a gradient carried from the last step).
+    """
+    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+
+    def step(params, opt_state, *args, side=None, adjust_grads=None) -> GradientStep:
+        (loss, aux), (grads, side_grads) = grad_fn(params, side, *args)
+        if adjust_grads is not None:
+            grads = adjust_grads(grads)
+        grad_norm = optax.tree_utils.tree_norm(grads)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return GradientStep(loss=loss, aux=aux, params=optax.apply_updates(params, updates), opt_state=opt_state,
+                            grads=grads, grad_norm=grad_norm, side_grads=side_grads)
+
+    return step
+
+
+ExtraWMLoss = Callable[..., tuple]  # (rollout, batch, aux, step, key) -> (loss, metrics)
+ExtraPiLoss = Callable[..., tuple]  # (rollout, pi_out, batch, aux, step, key) -> (loss, metrics)
+
+
 def make_update_fn(model: WorldModel, config: ml_collections.ConfigDict, losses: Losses | None = None, *,
+                   extra_wm_loss: ExtraWMLoss | None = None, extra_pi_loss: ExtraPiLoss | None = None,
                    return_intermediates: bool = False) -> Callable[..., tuple]:
-    """The un-jitted update ``(state, batch, key, draws=None) -> (state, metrics)`` (jit it, or scan it).
+    """The pure, un-jitted update ``(state, batch, key, draws=None, aux=None) -> (state, metrics)`` (jit or scan it).
 
     ``draws`` (:class:`Draws`) fixes the policy noise and Q-head choices; by default they are drawn from
-    ``key`` with :func:`sample_draws`. With ``return_intermediates`` the update returns a third value, a dict
-    of the step's intermediates (TD targets, latents, policy outputs, pre-clip gradients, ...).
+    ``key`` with :func:`sample_draws`. ``aux`` is any pytree handed to the extra terms as a traced argument
+    (e.g. frozen teacher params); it is never captured as a constant.
+
+    Extension points (each optional, each inside the gradient of its objective, so it is clipped and stepped
+    by the same optimiser):
+
+    - ``extra_wm_loss(rollout, batch, aux, step, key) -> (loss, metrics)`` is added to the world-model
+      objective; ``rollout`` is the student's :class:`Rollout` of this step (differentiable),
+      ``step = state.step`` (int32, for schedules) and ``key`` its own PRNG key.
+    - ``extra_pi_loss(rollout, pi_out, batch, aux, step, key) -> (loss, metrics)`` is added to the policy
+      objective; ``pi_out`` (:class:`PolicyOutputs`) is differentiable, ``rollout`` the world-model rollout
+      of this step (before the world-model step, frozen).
+
+    Their metrics are merged into the update's (name them, e.g. ``distill/...``). Without extra terms the
+    keys are split as before (``draws``, world model, policy) and the update is the official one.
+
+    With ``return_intermediates`` the update returns a third value, a dict of the step's intermediates (TD
+    targets, latents, policy outputs, pre-clip gradients, ...).
     """
     losses = losses or make_losses(model, config)
     wm_opt, pi_opt = make_optimizers(config)
     tau = config.train.tau
     head = config.train.task_emb_policy_grad == "head"
 
-    def update(state: TrainingState, batch: Batch, key, draws: Draws | None = None):
+    def wm_objective(wm_params, _side, params, target_q, batch, draws, key, aux, step, k_extra):
+        full = {**params, **wm_params}
+        ro = losses.rollout(full, batch, key)
+        td, td_aux = losses.td_target(full, target_q, ro.next_z, batch.reward, batch.task, draws.td_eps,
+                                      draws.td_heads)
+        loss, metrics = losses.world_model_loss(ro, batch, td)
+        if extra_wm_loss is not None:
+            extra, extra_metrics = extra_wm_loss(ro, batch, aux, step, k_extra)
+            loss = loss + extra
+            metrics = {**metrics, **extra_metrics}
+        return loss, (metrics, ro, {"td_targets": td, **td_aux})
+
+    def pi_objective(pi_params, side, params, ro, batch, draws, scale, key, aux, step, k_extra):
+        trainable = {PI_KEY: pi_params, **(side or {})}
+        pi = losses.policy_rollout(trainable, params, ro.zs, batch.task, draws.pi_eps, draws.pi_heads, key)
+        new_scale = running_scale_update(scale, jax.lax.stop_gradient(pi.q[0]), tau)  # official: before use
+        loss, metrics = losses.policy_loss(pi, new_scale)
+        if extra_pi_loss is not None:
+            extra, extra_metrics = extra_pi_loss(ro, pi, batch, aux, step, k_extra)
+            loss = loss + extra
+            metrics = {**metrics, **extra_metrics}
+        return loss, (metrics, new_scale, pi)
+
+    wm_step = gradient_update_fn(wm_objective, wm_opt)
+    pi_step = gradient_update_fn(pi_objective, pi_opt)
+
+    def add_leaked_task_emb_grad(grads, leaked):
+        """The policy gradient of the previous step joins this one (official HEAD)."""
+        emb = grads["task_emb"]["embedding"] + leaked
+        return {**grads, "task_emb": {**grads["task_emb"], "embedding": emb}}
+
+    def update(state: TrainingState, batch: Batch, key, draws: Draws | None = None, aux=None):
         k_draws, k_wm, k_pi = jax.random.split(key, 3)
+        k_wm_extra = k_pi_extra = None
+        if extra_wm_loss is not None or extra_pi_loss is not None:
+            k_wm_extra, k_pi_extra = jax.random.split(jax.random.fold_in(key, 3))
         if draws is None:
             draws = sample_draws(k_draws, config, batch.task.shape[0], batch.obs.dtype)
         params = renorm_used_embeddings(state.params, batch.task)
         wm_params, _ = split_params(params)
-        grad_fn = jax.grad(losses.world_model_loss, has_aux=True)
-        wm_grads, (metrics, wm_aux) = grad_fn(wm_params, params, state.target_q_params, batch, draws, k_wm)
-        if head:  # the policy gradient of the previous step joins this one (official HEAD)
-            emb_grad = wm_grads["task_emb"]["embedding"] + state.task_emb_grad
-            wm_grads = {**wm_grads, "task_emb": {**wm_grads["task_emb"], "embedding": emb_grad}}
-        grad_norm = optax.tree_utils.tree_norm(wm_grads)
-        updates, opt_state = wm_opt.update(wm_grads, state.opt_state, wm_params)
+        adjust = (lambda g: add_leaked_task_emb_grad(g, state.task_emb_grad)) if head else None
+        wm = wm_step(wm_params, state.opt_state, params, state.target_q_params, batch, draws, k_wm, aux,
+                     state.step, k_wm_extra, adjust_grads=adjust)
+        metrics, ro, td_aux = wm.aux
         # the policy's first lookup renormalises (in place, as torch does) the used rows the step pushed past norm 1
-        params = renorm_used_embeddings({**params, **optax.apply_updates(wm_params, updates)}, batch.task)
+        params = renorm_used_embeddings({**params, **wm.params}, batch.task)
 
-        trainable = {PI_KEY: params[PI_KEY]}
-        if head:
-            trainable["task_emb"] = params["task_emb"]
-        grads, (pi_metrics, scale, pi_aux) = jax.grad(losses.policy_loss, has_aux=True)(
-            trainable, params, wm_aux["zs"], batch.task, state.scale, draws.pi_eps, draws.pi_heads, k_pi)
-        pi_grads = grads[PI_KEY]
-        task_emb_grad = grads["task_emb"]["embedding"] if head else state.task_emb_grad
-        pi_grad_norm = optax.tree_utils.tree_norm(pi_grads)
-        pi_updates, pi_opt_state = pi_opt.update(pi_grads, state.pi_opt_state, params[PI_KEY])
-        params = {**params, PI_KEY: optax.apply_updates(params[PI_KEY], pi_updates)}
+        side = {"task_emb": params["task_emb"]} if head else None
+        pi = pi_step(params[PI_KEY], state.pi_opt_state, params, ro, batch, draws, state.scale, k_pi, aux,
+                     state.step, k_pi_extra, side=side)
+        pi_metrics, scale, pi_out = pi.aux
+        task_emb_grad = pi.side_grads["task_emb"]["embedding"] if head else state.task_emb_grad
+        params = {**params, PI_KEY: pi.params}
 
         target_q = jax.tree_util.tree_map(lambda t, o: t + tau * (o - t), state.target_q_params, params["Qs"])
-        new_state = state.replace(params=params, target_q_params=target_q, opt_state=opt_state,
-                                  pi_opt_state=pi_opt_state, scale=scale, step=state.step + 1,
+        new_state = state.replace(params=params, target_q_params=target_q, opt_state=wm.opt_state,
+                                  pi_opt_state=pi.opt_state, scale=scale, step=state.step + 1,
                                   task_emb_grad=task_emb_grad)
-        metrics = {**metrics, **pi_metrics, "train/grad_norm": grad_norm, "train/pi_grad_norm": pi_grad_norm}
+        metrics = {**metrics, **pi_metrics, "train/grad_norm": wm.grad_norm, "train/pi_grad_norm": pi.grad_norm}
         if not return_intermediates:
             return new_state, metrics
-        inter = {**wm_aux, **pi_aux, "task_emb_at_td": renorm_used_embeddings(state.params, batch.task)[
-            "task_emb"]["embedding"], "wm_grads": wm_grads, "pi_grads": pi_grads, "task_emb_grad": task_emb_grad}
+        inter = {"zs": ro.zs, "next_z": ro.next_z, **td_aux, "pi_action": pi_out.action, "pi_mean": pi_out.mean,
+                 "pi_log_std": pi_out.log_std, "pi_scaled_entropy_all": pi_out.scaled_entropy, "pi_q": pi_out.q,
+                 "task_emb_at_td": renorm_used_embeddings(state.params, batch.task)["task_emb"]["embedding"],
+                 "wm_grads": wm.grads, "pi_grads": pi.grads, "task_emb_grad": task_emb_grad,
+                 "rollout": ro, "pi_out": pi_out}
         return new_state, metrics, inter
 
     return update
@@ -183,26 +285,23 @@ class Learner:
 
     ``learner = Learner(config); state = learner.init(key); state, metrics = learner.update(state, batch, key)``.
     Pass ``mesh`` (see :mod:`mtdistill_jax.parallel`) to shard the batch over devices with replicated params.
+    ``update_fn`` replaces the default step (``make_update_fn(model, config)``) by any step with the signature
+    ``(state, batch, key, draws=None, aux=None, ...) -> (state, metrics)``, e.g. one with extra loss terms;
+    the Learner only validates the batch and compiles it (:func:`mtdistill_jax.parallel.compile_step`).
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh=None, donate: bool = True):
+    def __init__(self, config: ml_collections.ConfigDict, mesh=None, donate: bool = True, *,
+                 update_fn: Callable | None = None):
+        from mtdistill_jax.parallel import batch_specs, compile_step
+
         self.config = config
         self.model = make_world_model(config.model)
         self.losses = make_losses(self.model, config)
-        self._update = make_update_fn(self.model, config, self.losses)
+        self._update = update_fn or make_update_fn(self.model, config, self.losses)
         self.mesh = mesh
-        donate_argnums = (0,) if donate else ()
-        if mesh is None:
-            self.update_jit = jax.jit(self._update, donate_argnums=donate_argnums)
-            self._update_draws_jit = self.update_jit
-        else:
-            from mtdistill_jax.parallel import batch_sharding, replicated
-
-            rep, bs = replicated(mesh), batch_sharding(mesh)
-            self.update_jit = jax.jit(self._update, in_shardings=(rep, bs, rep), out_shardings=(rep, rep),
-                                      donate_argnums=donate_argnums)
-            self._update_draws_jit = jax.jit(self._update, in_shardings=(rep, bs, rep, rep),
-                                             out_shardings=(rep, rep), donate_argnums=donate_argnums)
+        # state, batch, key replicated / sharded over the batch / replicated; later arguments replicated
+        self.update_jit = compile_step(self._update, mesh, in_specs=(None, batch_specs()),
+                                       donate_argnums=(0,) if donate else ())
 
     def init(self, key=None, params: Params | None = None, target_q_params: Params | None = None) -> TrainingState:
         state = init_training_state(self.config, key, params, target_q_params)
@@ -212,14 +311,16 @@ class Learner:
             state = replicate(state, self.mesh)
         return state
 
-    def update(self, state: TrainingState, batch: Batch, key, draws: Draws | None = None,
+    def update(self, state: TrainingState, batch: Batch, key, draws: Draws | None = None, aux=None, *,
                check_values: bool = True):
-        """One update; ``draws`` (optional) fixes the policy noise and Q-head choices (else drawn from ``key``)."""
+        """One update after :func:`validate_batch`: ``draws`` (optional) fixes the policy noise and Q-head
+        choices (else drawn from ``key``), ``aux`` (optional) reaches the step's extra loss terms."""
         validate_batch(batch, self.config, check_values)
         if self.mesh is not None:
             from mtdistill_jax.parallel import shard_batch
 
             batch = shard_batch(batch, self.mesh)
-        if draws is None:
-            return self.update_jit(state, batch, key)
-        return self._update_draws_jit(state, batch, key, draws)
+        args = (draws, aux)
+        while args and args[-1] is None:  # the call update_jit(state, batch, key) compiles for the default
+            args = args[:-1]
+        return self.update_jit(state, batch, key, *args)

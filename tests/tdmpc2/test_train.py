@@ -65,8 +65,8 @@ def test_policy_loss_leaves_world_model_untouched(learner, state0):
     zs = jax.random.uniform(jax.random.key(3), (4, 8, 128))
     task = jnp.arange(8)
     eps = jax.random.normal(jax.random.key(4), (4, 8, 6))
-    grads = jax.jit(jax.grad(lambda p: losses.policy_loss(
-        {"pi_head": p["pi_head"]}, p, zs, task, jnp.ones(()), eps, jnp.asarray([1, 0]), jax.random.key(5))[0]))(params)
+    grads = jax.jit(jax.grad(lambda p: losses.policy_loss(losses.policy_rollout(
+        {"pi_head": p["pi_head"]}, p, zs, task, eps, jnp.asarray([1, 0]), jax.random.key(5)), jnp.ones(()))[0]))(params)
     for k, g in grads.items():
         norm = float(jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree_util.tree_leaves(g))))
         if k == "pi_head":
@@ -142,8 +142,8 @@ def test_policy_loss_q_has_dropout_in_train_mode(learner, state0):
     params = {**state0.params, "Qs": jax.tree_util.tree_unflatten(treedef, noisy)}
 
     def loss(key, p=params):
-        return float(losses.policy_loss({"pi_head": p["pi_head"]}, p, zs, jnp.arange(8), jnp.ones(()), eps,
-                                        jnp.asarray([0, 1]), key)[0])
+        return float(losses.policy_loss(losses.policy_rollout({"pi_head": p["pi_head"]}, p, zs, jnp.arange(8), eps,
+                                                              jnp.asarray([0, 1]), key), jnp.ones(()))[0])
 
     assert loss(jax.random.key(0)) != loss(jax.random.key(1))
     cfg = learner.config.copy_and_resolve_references()
@@ -151,6 +151,15 @@ def test_policy_loss_q_has_dropout_in_train_mode(learner, state0):
     from mtdistill_jax.nn import make_world_model
 
     no_drop = make_losses(make_world_model(cfg.model), cfg)
-    out = [float(no_drop.policy_loss({"pi_head": params["pi_head"]}, params, zs, jnp.arange(8), jnp.ones(()), eps,
-                                     jnp.asarray([0, 1]), jax.random.key(k))[0]) for k in (0, 1)]
+    out = [float(no_drop.policy_loss(no_drop.policy_rollout({"pi_head": params["pi_head"]}, params, zs, jnp.arange(8),
+                                                            eps, jnp.asarray([0, 1]), jax.random.key(k)),
+                                     jnp.ones(()))[0]) for k in (0, 1)]
     assert out[0] == out[1]
+
+
+def test_one_discount_definition(learner):
+    """The per-task discounts come from configs (one definition) and are what the losses use."""
+    from mtdistill_jax.configs import tasks
+
+    np.testing.assert_array_equal(np.asarray(learner.losses.discounts), tasks.task_discounts(learner.config))
+    np.testing.assert_allclose(tasks.task_discounts(learner.config), tasks.MT30.discounts, rtol=1e-7)

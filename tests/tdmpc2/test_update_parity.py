@@ -29,10 +29,10 @@ from refdata import load_update_case, reference_dir, update_cases
 
 from mtdistill_jax.checkpoint.tdmpc2_torch import load_tdmpc2_checkpoint, params_to_state_dict
 from mtdistill_jax.configs import get_config
-from mtdistill_jax.configs.tasks import get_task_set
+from mtdistill_jax.configs.tasks import get_task_set, task_discounts
 from mtdistill_jax.configs.train import check_config
 from mtdistill_jax.nn import make_world_model
-from mtdistill_jax.tdmpc2.losses import Draws, running_scale_percentiles, running_scale_update, task_discounts
+from mtdistill_jax.tdmpc2.losses import Draws, running_scale_percentiles, running_scale_update
 from mtdistill_jax.tdmpc2.train import init_training_state, make_update_fn
 from mtdistill_jax.types import Batch
 
