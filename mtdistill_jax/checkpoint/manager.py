@@ -209,10 +209,6 @@ class CheckpointManager:
             signal.signal(s, h)
         self._old_handlers.clear()
 
-    @property
-    def signalled(self) -> int | None:
-        return self._signalled
-
     def should_stop(self, step: int) -> bool:
         """True when the run must checkpoint now and exit (preemption notice or a handled signal)."""
         return self._signalled is not None or bool(self._mngr.reached_preemption(int(step)))

@@ -33,6 +33,7 @@ def get_train_config() -> ml_collections.ConfigDict:
     c.discount_min = 0.95  # lower clip of the discount
     c.discount_max = 0.995  # upper clip of the discount
     c.task_emb_policy_grad = "release"  # 'release': no policy gradient on the task embedding; 'head': official leak
+    c.steps_per_dispatch = 100  # most updates run inside one compiled lax loop per host dispatch (K)
     c.lock()
     return c
 
@@ -79,6 +80,7 @@ _CHECKS = {
     "log_every": (_positive_int, "an int >= 1"),
     "train.horizon": (_positive_int, "an int >= 1"),
     "train.batch_size": (_positive_int, "an int >= 1"),
+    "train.steps_per_dispatch": (_positive_int, "an int >= 1"),
     "train.rho": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "train.consistency_coef": (lambda v: v >= 0, ">= 0"),
     "train.reward_coef": (lambda v: v >= 0, ">= 0"),

@@ -1,9 +1,15 @@
 """Offline sub-trajectory sampler over whole episodes (the official MT30/MT80 datasets, or any Episodes).
 
-The sampler is a stateless object plus a pytree state (``init(key)``, ``sample(state)``), like the replay
-buffer. Its state is the data cursor a checkpoint needs: a PRNG key and the number of batches drawn so far;
-batch ``i`` is a pure function of ``(key, i)``, so a restored run draws exactly the batches the original run
-would have drawn.
+The sampler is a stateless object plus pytree arguments, like the replay buffer: the episodes live in an
+:class:`OfflineData` pytree of device arrays (``sampler.load(episodes)``) and the data cursor in a
+:class:`SamplerState` (``sampler.init(key)``); both are *arguments* of the pure ``sample(data, state)``, never
+closure constants, so a jitted sampler (or a training loop that samples inside ``lax.scan``) compiles to the
+same small program whatever the size of the dataset. Only the array shapes are static (a dataset of another
+shape retraces; it does not grow the program).
+
+The cursor is what a checkpoint needs: a PRNG key and the number of batches drawn so far. Batch ``i`` is a
+pure function of ``(key, i)`` (:meth:`OfflineSampler.sample_at`), so a restored run draws exactly the
+batches the original run would have drawn.
 
 Sampling follows the official ``Buffer`` (a ``SliceSampler`` over episodes): each of the B sub-trajectories is
 H+1 consecutive frames of one uniformly chosen episode at a uniformly chosen start, and yields
@@ -24,50 +30,97 @@ from mtdistill_jax.types import Batch
 
 
 @flax.struct.dataclass
+class OfflineData:
+    """Whole episodes on device, frame-aligned as :class:`Episodes` (index 0 of action/reward is filler,
+    kept finite here). obs [E, T+1, O] float32, action [E, T+1, A] float32, reward [E, T+1] float32,
+    task [E] int32."""
+
+    obs: jax.Array
+    action: jax.Array
+    reward: jax.Array
+    task: jax.Array
+
+    @property
+    def num_episodes(self) -> int:
+        return int(self.obs.shape[0])
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.obs.shape[1])
+
+
+@flax.struct.dataclass
 class SamplerState:
     key: jax.Array  # raw uint32[2] key (checkpointable as plain data)
     count: jax.Array  # int32 scalar: batches drawn so far (the data cursor)
 
 
 class OfflineSampler:
-    """``sampler = OfflineSampler(episodes, batch_size=256, horizon=3); s = sampler.init(key);
-    batch, s = sampler.sample(s)`` (``sample`` is pure and jittable; the episodes live on device)."""
+    """``sampler = OfflineSampler(batch_size=256, horizon=3); data = sampler.load(episodes);
+    s = sampler.init(key); batch, s = sampler.sample(data, s)``.
 
-    def __init__(self, episodes: Episodes, batch_size: int, horizon: int, obs_pad: int | None = None,
-                 action_pad: int | None = None):
-        episodes.validate()
+    The object holds only static sizes; ``sample``/``sample_at`` are pure and jittable with the data as an
+    argument (``jax.jit(sampler.sample)(data, s)``).
+    """
+
+    def __init__(self, batch_size: int, horizon: int, obs_pad: int | None = None, action_pad: int | None = None):
+        if isinstance(batch_size, Episodes):
+            raise TypeError("OfflineSampler no longer holds the episodes: use "
+                            "OfflineSampler(batch_size, horizon, ...) and data = sampler.load(episodes)")
         if batch_size <= 0 or horizon <= 0:
             raise UserError(f"batch_size and horizon must be positive, got {batch_size}, {horizon}")
-        if episodes.num_frames < horizon + 2:
-            raise UserError(f"episodes have {episodes.num_frames} frames; horizon {horizon} needs at least "
-                             f"{horizon + 2} (reset frame + H+1 steps)")
-        for name, arr, pad in (("obs", episodes.obs, obs_pad), ("action", episodes.action, action_pad)):
-            if pad is not None and arr.shape[-1] != pad:
-                raise UserError(f"episodes' {name} width is {arr.shape[-1]}, the task set pads to {pad}")
-        self.batch_size, self.horizon = batch_size, horizon
-        self.num_episodes, self.num_frames = episodes.num_episodes, episodes.num_frames
-        self.obs = jnp.asarray(episodes.obs)
-        # Filler at index 0 may be NaN; it is never gathered, but keep it finite so a bug cannot hide as NaN.
-        self.action = jnp.asarray(np.nan_to_num(episodes.action))
-        self.reward = jnp.asarray(np.nan_to_num(episodes.reward))
-        self.task = jnp.asarray(episodes.task, jnp.int32)
+        self.batch_size, self.horizon = int(batch_size), int(horizon)
+        self.obs_pad, self.action_pad = obs_pad, action_pad
 
+    # ------------------------------------------------------------------------------------------- data
+    def _check_shapes(self, obs_shape, action_shape, where: str) -> None:
+        H = self.horizon
+        if obs_shape[1] < H + 2:
+            raise UserError(f"{where} have {obs_shape[1]} frames; horizon {H} needs at least "
+                            f"{H + 2} (reset frame + H+1 steps)")
+        for name, shape, pad in (("obs", obs_shape, self.obs_pad), ("action", action_shape, self.action_pad)):
+            if pad is not None and shape[-1] != pad:
+                raise UserError(f"{where}' {name} width is {shape[-1]}, the task set pads to {pad}")
+
+    def load(self, episodes: Episodes, device=None) -> OfflineData:
+        """Check ``episodes`` against the sampler and copy them to ``device`` (a device or sharding; default
+        device if None) as an :class:`OfflineData` pytree."""
+        episodes.validate()
+        self._check_shapes(episodes.obs.shape, episodes.action.shape, "episodes")
+        # Filler at index 0 may be NaN; it is never gathered, but keep it finite so a bug cannot hide as NaN.
+        host = OfflineData(obs=np.asarray(episodes.obs, np.float32),
+                           action=np.nan_to_num(np.asarray(episodes.action, np.float32)),
+                           reward=np.nan_to_num(np.asarray(episodes.reward, np.float32)),
+                           task=np.asarray(episodes.task, np.int32))
+        return jax.device_put(host, device)
+
+    # ------------------------------------------------------------------------------------------ cursor
     def init(self, key) -> SamplerState:
         if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
             key = jax.random.key_data(key)
         return SamplerState(key=jnp.asarray(key, jnp.uint32), count=jnp.zeros((), jnp.int32))
 
-    def sample(self, state: SamplerState) -> tuple[Batch, SamplerState]:
-        """Batch number ``state.count`` (time-major, see :class:`Batch`) and the advanced state."""
+    # ---------------------------------------------------------------------------------------- sampling
+    def sample_at(self, data: OfflineData, key, i) -> Batch:
+        """Batch number ``i`` of the stream with raw ``uint32[2]`` key ``key`` (time-major, see :class:`Batch`).
+
+        obs [H+1, B, O], action [H, B, A], reward [H, B, 1], task [B]; a pure function of ``(data, key, i)``.
+        """
         B, H = self.batch_size, self.horizon
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.count)
+        self._check_shapes(data.obs.shape, data.action.shape, "data")  # static shapes: checked at trace time
+        num_episodes, num_frames = data.obs.shape[:2]
+        key = jax.random.fold_in(jax.random.wrap_key_data(key), i)
         k_ep, k_start = jax.random.split(key)
-        ep = jax.random.randint(k_ep, (B,), 0, self.num_episodes)
+        ep = jax.random.randint(k_ep, (B,), 0, num_episodes)
         # last frame index is T = num_frames-1; the window s..s+H must fit: s in [0, T-H]
-        start = jax.random.randint(k_start, (B,), 0, self.num_frames - H)
+        start = jax.random.randint(k_start, (B,), 0, num_frames - H)
         frames = start[None, :] + jnp.arange(H + 1)[:, None]  # [H+1, B]
-        obs = self.obs[ep[None, :], frames]  # [H+1, B, O]
-        action = self.action[ep[None, :], frames[1:]]  # [H, B, A]
-        reward = self.reward[ep[None, :], frames[1:]][..., None]  # [H, B, 1]
-        batch = Batch(obs=obs, action=action, reward=reward, task=self.task[ep])
+        obs = data.obs[ep[None, :], frames]  # [H+1, B, O]
+        action = data.action[ep[None, :], frames[1:]]  # [H, B, A]
+        reward = data.reward[ep[None, :], frames[1:]][..., None]  # [H, B, 1]
+        return Batch(obs=obs, action=action, reward=reward, task=data.task[ep])
+
+    def sample(self, data: OfflineData, state: SamplerState) -> tuple[Batch, SamplerState]:
+        """Batch number ``state.count`` and the advanced cursor."""
+        batch = self.sample_at(data, state.key, state.count)
         return batch, state.replace(count=state.count + 1)

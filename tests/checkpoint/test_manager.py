@@ -1,4 +1,8 @@
-"""Training checkpoints: bit-exact resume (after a crash and after a preemption signal), keep-N, config checks."""
+"""Training checkpoints: bit-exact resume (after a crash and after a preemption signal), keep-N, config checks.
+
+The offline loop runs K = 3 updates per dispatch here, so chunks of the uninterrupted run (ends 3, 6, 8) and
+of the interrupted ones (save_every=4: ends 3, 4, 6, 8) are cut differently and must still agree bit for bit.
+"""
 
 import os
 import signal
@@ -15,7 +19,8 @@ from mtdistill_jax.tdmpc2.offline import train_offline
 from mtdistill_jax.tdmpc2.train import init_training_state
 
 CHUNK = reference_dir() / "mt30_tiny_chunk.pt"
-STEPS = 6
+STEPS = 8
+K = 3  # updates per dispatch
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +33,7 @@ def episodes():
 def _config(steps=STEPS):
     c = get_smoke_config()
     c.steps = steps
+    c.train.steps_per_dispatch = K
     return c
 
 
@@ -50,13 +56,17 @@ def uninterrupted(episodes, tmp_path_factory):
 
 
 def test_resume_after_crash_is_bit_exact(episodes, uninterrupted, tmp_path):
-    def crash_at_5(step, metrics):
-        if step == 5:
+    chunk_ends = []
+
+    def crash_after_4(step, metrics):  # called after each chunk
+        chunk_ends.append(step)
+        if step > 4:
             raise Crash
 
-    with pytest.raises(Crash):  # checkpoint at step 4 (and at 1, orbax's first save), then the process "dies"
-        train_offline(_config(), episodes, str(tmp_path), save_every=4, on_step=crash_at_5)
-    assert 4 in CheckpointManager(tmp_path, _config()).all_steps()
+    with pytest.raises(Crash):  # checkpoint at 4 (and at 3, orbax's first save), then the process "dies" at 6
+        train_offline(_config(), episodes, str(tmp_path), save_every=4, on_step=crash_after_4)
+    assert chunk_ends == [3, 4, 6]
+    assert CheckpointManager(tmp_path, _config()).all_steps() == [3, 4]
     resumed = train_offline(_config(), episodes, str(tmp_path), save_every=4)
     assert resumed.resumed_from == 4 and resumed.step == STEPS and int(resumed.state.step) == STEPS
     _assert_bit_equal(resumed.state, uninterrupted.state)
@@ -70,7 +80,8 @@ def test_sigterm_checkpoints_and_resumes_bit_exact(episodes, uninterrupted, tmp_
             os.kill(os.getpid(), signal.SIGTERM)
 
     before = signal.getsignal(signal.SIGTERM)
-    stopped = train_offline(_config(), episodes, str(tmp_path), save_every=100, on_step=preempt_at_2)
+    # log_every=2 cuts chunks at 2, 4, 6, 8: the signal arrives in the first, the run saves at its end
+    stopped = train_offline(_config(), episodes, str(tmp_path), save_every=100, on_step=preempt_at_2, log_every=2)
     assert stopped.preempted and stopped.step == 2
     assert signal.getsignal(signal.SIGTERM) is before  # handler restored
     assert CheckpointManager(tmp_path, _config()).latest_step() == 2
