@@ -30,7 +30,15 @@ INSTALL_REQUIRES = [
     "mediapy>=1.2,<2",  # mp4 writing of rendered episodes
     "imageio-ffmpeg>=0.5,<1",  # an ffmpeg binary for mediapy when the system has none
     "matplotlib>=3.7,<4",  # per-task bar charts of evaluations
+    "tqdm>=4.66,<5",  # evaluation progress bar with rate and ETA (tested with 4.70.1)
 ]
+
+# `python launch/x.py` and these commands run the same mains (mtdistill_jax/launch/).
+ENTRY_POINTS = {"console_scripts": [
+    "mtdistill-evaluate = mtdistill_jax.launch.evaluate:entry_point",
+    "mtdistill-convert = mtdistill_jax.launch.convert:entry_point",
+    "mtdistill-train = mtdistill_jax.launch.train:entry_point",
+]}
 
 EXTRAS = {
     # Only needed to write official-format .pt files or to cross-check the torch-free reader. Pinned: an
@@ -51,5 +59,6 @@ setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
+    entry_points=ENTRY_POINTS,
     license="MIT",
 )

@@ -69,7 +69,7 @@ def main():
             def args_fn(i, params=params, obs=obs, task=task, prev=prev, t0=t0):
                 return params, obs, task, prev, t0, jax.random.key(i)
 
-            fn = jax.jit(planner._plan)
+            fn = jax.jit(planner.plan)
             c, med, p10, p90 = time_jitted(fn, args_fn, args.repeats)
             gflop = B * plan_flops(cfg) / 1e9
             print(f"{size:>4}M {B:>3} {c:>9.1f} {med * 1e3:>9.1f} {p10 * 1e3:>7.1f}-{p90 * 1e3:<7.1f} "

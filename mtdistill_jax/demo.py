@@ -27,7 +27,7 @@ from mtdistill_jax import math as tm
 from mtdistill_jax.checkpoint.tdmpc2_torch import load_tdmpc2_checkpoint
 from mtdistill_jax.configs import get_config, get_task_set
 from mtdistill_jax.nn import WorldModel, count_params
-from mtdistill_jax.tdmpc2.planner import Planner
+from mtdistill_jax.tdmpc2.planner import MODES, Planner
 
 DEFAULT_REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 
@@ -37,7 +37,8 @@ def main(argv=None) -> int:
     ref = Path(os.environ.get("MTDISTILL_REFERENCE_DIR", DEFAULT_REFERENCE))
     ap.add_argument("--reference_dir", type=Path, default=ref, help="folder with the official reference data")
     ap.add_argument("--checkpoint", type=Path, default=None, help="official .pt (default: the paper student)")
-    ap.add_argument("--mode", default="sample", choices=["sample", "elite", "mean"], help="planner action mode")
+    ap.add_argument("--mode", default="sample", choices=list(MODES),
+                    help="planner action: sample (official act/evaluate), elite (official eval_mode=True), mean")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true",
                     help="small planner budget (2 iterations x 64 samples) and 20-step evaluation episodes")
@@ -97,18 +98,19 @@ def main(argv=None) -> int:
     planner = Planner(config, model)
     state = planner.init(ts.num_tasks)
     tasks = np.arange(ts.num_tasks)
-    t0 = np.ones(ts.num_tasks, bool)
+    first = np.ones(ts.num_tasks, bool)  # obs0 starts an episode: no warm start (the official t0)
     key = jax.random.key(args.seed)
     t = time.perf_counter()
-    action, state = planner.act(params, obs0, tasks, state, t0, key, args.mode)
+    action, state = planner.act(params, obs0, tasks, state, first, key, args.mode)
     action.block_until_ready()
-    first = time.perf_counter() - t
+    first_call = time.perf_counter() - t
     t = time.perf_counter()
-    action, state = planner.act(params, obs0, tasks, state, ~t0, jax.random.fold_in(key, 1), args.mode)
+    action, state = planner.act(params, obs0, tasks, state, ~first, jax.random.fold_in(key, 1), args.mode)
     action.block_until_ready()
     pc = config.planner
     print(f"\nMPPI ({pc.iterations} iterations x {pc.num_samples} samples x horizon {pc.horizon}) for all "
-          f"{ts.num_tasks} tasks in one call: {time.perf_counter() - t:.2f}s (first call incl. compile {first:.1f}s)")
+          f"{ts.num_tasks} tasks in one call: {time.perf_counter() - t:.2f}s "
+          f"(first call incl. compile {first_call:.1f}s)")
     for i, name in enumerate(ts.tasks):
         a = np.asarray(action[i, : ts.action_dims[i]])
         print(f"  {name:26s} a = {np.array2string(a, precision=3, suppress_small=True)}")
@@ -118,10 +120,10 @@ def main(argv=None) -> int:
     if eval_tasks:
         from mtdistill_jax.evaluate import evaluate
 
-        length = 20 if args.quick else 500
+        length = 20 if args.quick else ts.episode_lengths[ts.task_id(eval_tasks[0])]  # the task set's (MT30: 500)
         print(f"\nevaluating on {', '.join(eval_tasks)}: {args.episodes} episode(s) x {length} steps, mode {args.mode}")
         result = evaluate(params, config, eval_tasks, episodes=args.episodes, seed=args.seed + 1, mode=args.mode,
-                          episode_length=length)
+                          episode_length=20 if args.quick else None)
         print(result.table())
         print(f"compile {result.compile_seconds:.1f}s, rollouts {result.seconds:.1f}s"
               + (" (20-step episodes: not comparable with published scores)" if args.quick else ""))

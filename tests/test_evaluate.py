@@ -82,6 +82,17 @@ def test_bad_input(setup):
         evaluate(params, config, TASKS, episodes=1, chunk=7, progress=False)
 
 
+def test_episode_length_comes_from_the_task_set():
+    from mtdistill_jax.configs.tasks import MT30
+    from mtdistill_jax.evaluate import check_eval_args, episode_length_of
+
+    assert episode_length_of("mt30", TASKS) == MT30.episode_lengths[0] == 500
+    assert episode_length_of("mt30", TASKS, 20) == 20
+    with pytest.raises(ValueError, match="chunk 7 must divide the episode length 500"):
+        check_eval_args("mt30", TASKS, chunk=7)
+    assert check_eval_args("mt30", TASKS, chunk=7, episode_length=21) == TASKS
+
+
 def test_table_format():
     r = EvalResult(tasks=["a", "b"], returns=np.array([[100.0, 300.0], [0.0, 0.0]]), mode="sample", seconds=1.0,
                    compile_seconds=1.0, plan_calls=10)
@@ -127,3 +138,8 @@ def test_cli_merge(tmp_path):
     both = subprocess.run(cmd + ["--merge=" + str(files[0]), "--agent=x.pt"], capture_output=True, text=True,
                           cwd=root)
     assert both.returncode != 0 and "exactly one of --agent" in both.stderr
+    # the same main as a module of the package (what the console entry point mtdistill-evaluate runs)
+    cmd = [sys.executable, "-m", "mtdistill_jax.launch.evaluate", f"--workdir={tmp_path}", "--name=pooled2"]
+    out = subprocess.run(cmd + ["--merge=" + ",".join(map(str, files))], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "pooled2.json").read_text())["seeds"] == [1, 2]

@@ -87,12 +87,12 @@ def _storage_dtype(params) -> str:
 
 def _leaves(tree):
     out = []
-    transforms._walk(tree, lambda path, x: out.append(x))
+    transforms.walk(tree, lambda path, x: out.append(x))
     return out
 
 
 def _to_numpy(tree):
-    return transforms._walk(tree, lambda path, x: np.asarray(x))
+    return transforms.walk(tree, lambda path, x: np.asarray(x))
 
 
 def save_agent(path: str | os.PathLike, export: AgentExport, *, overwrite: bool = False) -> str:

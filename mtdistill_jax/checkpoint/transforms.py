@@ -36,9 +36,10 @@ def _is_float(x) -> bool:
     return np.issubdtype(dt, np.floating) or dt == BFLOAT16
 
 
-def _walk(tree, fn, path=()):
+def walk(tree, fn, path=()):
+    """Map ``fn(path, leaf)`` over a nested dict of arrays (``path``: keys joined by '/'); same nesting out."""
     if isinstance(tree, dict):
-        return {k: _walk(v, fn, path + (k,)) for k, v in tree.items()}
+        return {k: walk(v, fn, path + (k,)) for k, v in tree.items()}
     return fn("/".join(path), tree)
 
 
@@ -59,7 +60,7 @@ def cast_params(params, dtype: str):
                                  "float32 or bfloat16")
         return x.astype(target)
 
-    return _walk(params, cast)
+    return walk(params, cast)
 
 
 def quantize_int8(params):
@@ -87,7 +88,7 @@ def quantize_int8(params):
 
 def is_quantized(params) -> bool:
     found = []
-    _walk(params, lambda path, x: found.append(path.endswith(INT8_SUFFIX)))
+    walk(params, lambda path, x: found.append(path.endswith(INT8_SUFFIX)))
     return any(found)
 
 
@@ -130,7 +131,7 @@ def to_compute(params, dtype: str = "float32"):
 def tree_nbytes(params) -> int:
     """Bytes of all leaves (the in-memory size; orbax stores the same bytes plus small metadata)."""
     total = []
-    _walk(params, lambda path, x: total.append(np.asarray(x).nbytes))
+    walk(params, lambda path, x: total.append(np.asarray(x).nbytes))
     return int(sum(total))
 
 
@@ -154,7 +155,7 @@ def describe(params) -> dict[str, Any]:
             dtypes.add(str(x.dtype))
             by_dtype[str(x.dtype)] = by_dtype.get(str(x.dtype), 0) + int(x.nbytes)
 
-        _walk(sub if isinstance(sub, dict) else {mod: sub}, visit)
+        walk(sub if isinstance(sub, dict) else {mod: sub}, visit)
         by_module[mod] = {"params": count[0], "bytes": nbytes[0], "dtypes": sorted(dtypes)}
     return {"modules": by_module, "dtypes": by_dtype, "params": sum(m["params"] for m in by_module.values()),
             "bytes": tree_nbytes(params)}

@@ -11,7 +11,7 @@ TD-MPC2 do it:
 - observations are computed from the state *after* the step (positions, velocities) and flattened to
   float32 in key order; acceleration-stage sensors (``touch``) are the ones MuJoCo computed during the
   last physics substep, exactly like dm_control's legacy stepping;
-- no early termination (episode length is handled by :mod:`mtdistill_jax.envs.wrappers`).
+- no early termination (episode length and resets are handled by :mod:`mtdistill_jax.envs.wrappers`).
 
 ``state.info`` carries per-episode task parameters (e.g. a randomised target) and the step counter.
 """
@@ -259,6 +259,16 @@ class DMCEnv(mjx_env.MjxEnv, abc.ABC):
         if self._obs_size is None:
             self._obs_size = int(jax.eval_shape(self.reset, jax.random.key(0)).obs.shape[-1])
         return self._obs_size
+
+    @property
+    def episode_length(self) -> int:
+        """Agent steps per episode (``config.episode_length``; TD-MPC2: 500)."""
+        return int(self._config.episode_length)
+
+    @property
+    def impl(self) -> str:
+        """The MJX implementation this env runs on: 'jax' or 'warp'."""
+        return str(self._config.impl)
 
     @property
     def mj_model(self) -> mujoco.MjModel:

@@ -8,7 +8,7 @@ system has none); ``rollout(env, key, policy, steps)`` runs an episode under ``j
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,29 +18,40 @@ import numpy as np
 from mtdistill_jax.envs.base import DMCEnv, State
 
 
-def _split_states(states) -> list[State]:
+def _physics(s) -> dict:
+    """``{'qpos', 'qvel', 'act', 'info'}`` of a :class:`State` or of a render state (already that dict)."""
+    if isinstance(s, Mapping):
+        return s
+    return {"qpos": s.data.qpos, "qvel": s.data.qvel, "act": s.data.act, "info": s.info}
+
+
+def _split_states(states) -> list[dict]:
     if isinstance(states, (list, tuple)):
-        return list(states)
-    leaves = jax.tree_util.tree_leaves(states.data.qpos)
-    T = leaves[0].shape[0] if leaves[0].ndim == 2 else None
+        return [_physics(s) for s in states]
+    states = _physics(states)
+    T = states["qpos"].shape[0] if np.ndim(states["qpos"]) == 2 else None
     if T is None:
         return [states]
     return [jax.tree_util.tree_map(lambda x, i=i: x[i], states) for i in range(T)]
 
 
 def render_frames(env: DMCEnv, states, height: int = 240, width: int = 320, camera: int | str = 0) -> list[np.ndarray]:
-    """RGB uint8 frames [height, width, 3] of the given states (one environment, not a batch)."""
+    """RGB uint8 frames [height, width, 3] of the given states (one environment, not a batch).
+
+    ``states``: a list of :class:`State`, a State with a leading time axis, or render states
+    (``{'qpos', 'qvel', 'act', 'info'}``, e.g. ``BatchedEnv.render_state``; a list, or one with a time axis).
+    """
     model = env.mj_model
     data = mujoco.MjData(model)
     frames = []
     renderer = mujoco.Renderer(model, height=height, width=width)
     try:
         for s in _split_states(states):
-            env.prepare_render(model, s.info)
-            data.qpos[:] = np.asarray(s.data.qpos)
-            data.qvel[:] = np.asarray(s.data.qvel)
+            env.prepare_render(model, s["info"])
+            data.qpos[:] = np.asarray(s["qpos"])
+            data.qvel[:] = np.asarray(s["qvel"])
             if model.na:
-                data.act[:] = np.asarray(s.data.act)
+                data.act[:] = np.asarray(s["act"])
             mujoco.mj_forward(model, data)
             renderer.update_scene(data, camera=camera)
             frames.append(renderer.render().copy())
@@ -77,7 +88,7 @@ def rollout(env: DMCEnv, key, policy: Callable[[jax.Array, jax.Array], jax.Array
     ``policy(obs, key) -> action in [-1, 1]``; default uniform random actions. Returns the states with a
     leading time axis (reset state first).
     """
-    steps = int(steps or env._config.episode_length)
+    steps = int(steps or env.episode_length)
     k_reset, k_act = jax.random.split(key)
 
     def policy_fn(obs, k):

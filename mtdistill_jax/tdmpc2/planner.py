@@ -15,9 +15,20 @@ where every env b plans independently with its own task id. Per env, as the offi
    ``avg`` Q of a policy action at the end, keeps ``num_elites``, and refits mean/std with weights
    ``exp(temperature * (v - max v))`` (std clipped to [min_std, max_std], masked);
 4. the first action of one elite, drawn with probability equal to its weight, is returned; ``mode='sample'``
-   (the official ``act``) adds N(0, std[0]) noise, ``mode='elite'`` (official ``eval_mode=True``) does not,
-   ``mode='mean'`` returns the refitted mean's first action. The result is clipped to [-1, 1]; actions
-   beyond a task's action dim are exactly 0.
+   (the official ``act`` during training *and* in the official ``evaluate.py``) adds N(0, std[0]) noise,
+   ``mode='elite'`` (the official ``eval_mode=True``) does not, ``mode='mean'`` returns the refitted mean's
+   first action (not an official mode). The result is clipped to [-1, 1]; actions beyond a task's action dim
+   are exactly 0.
+
+For evaluation, data collection and online training the planner is used as an *actor policy*
+(:mod:`mtdistill_jax.acting`)::
+
+    policy = make_plan_policy(model, config, mode)       # or Planner(config).policy(mode)
+    policy(params, obs [B, O], task [B], first [B] bool, state: PlannerState, key) -> (action [B, A], state)
+
+where ``first`` marks envs whose ``obs`` starts an episode (the official ``t0``: no warm start);
+``init_planner_state(config, B)`` is the initial state. :func:`make_prior_policy` is the same interface for
+the policy prior alone (the official ``act`` with ``mpc=False``).
 """
 
 from __future__ import annotations
@@ -31,11 +42,11 @@ import ml_collections
 import numpy as np
 
 from mtdistill_jax import math as tdmath
-from mtdistill_jax.configs.tasks import get_task_set
+from mtdistill_jax.configs.tasks import get_task_set, task_discounts
 from mtdistill_jax.nn.world_model import WorldModel, action_masks, make_world_model, q_value
-from mtdistill_jax.tdmpc2.losses import task_discounts
 
-MODES = ("sample", "elite", "mean")
+MODES = ("sample", "elite", "mean")  # planner action: official act (noise) / official eval_mode=True / MPPI mean
+PRIOR_MODES = ("sample", "mean")  # policy prior: official act / official eval_mode=True (the tanh of the mean)
 
 
 @flax.struct.dataclass
@@ -133,8 +144,7 @@ def make_planner(model: WorldModel, config: ml_collections.ConfigDict) -> Callab
         return jnp.clip(a, -1, 1) * mask, mean
 
     def plan(params, obs, task, prev_mean, t0, key, mode: str = "sample"):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        check_mode(mode)
         keys = jax.random.split(key, obs.shape[0])
         fn = jax.vmap(plan_one, in_axes=(None, 0, 0, 0, 0, 0, None))
         return fn(params, obs, task, prev_mean, t0, keys, mode)
@@ -142,25 +152,73 @@ def make_planner(model: WorldModel, config: ml_collections.ConfigDict) -> Callab
     return plan
 
 
+def init_planner_state(config: ml_collections.ConfigDict, batch_size: int) -> PlannerState:
+    """The planner state of ``batch_size`` envs before their first step (no warm start yet)."""
+    H, A = config.planner.horizon, get_task_set(config.model.task_set).action_pad
+    return PlannerState(prev_mean=jnp.zeros((batch_size, H, A), jnp.float32))
+
+
+def check_mode(mode: str, modes: tuple[str, ...] = MODES) -> str:
+    if mode not in modes:
+        raise ValueError(f"mode must be one of {modes}, got {mode!r}")
+    return mode
+
+
+def make_plan_policy(model: WorldModel, config: ml_collections.ConfigDict, mode: str = "sample",
+                     plan: Callable | None = None) -> Callable:
+    """The MPPI planner as an actor policy ``(params, obs, task, first, state, key) -> (action, state)``
+    (``state``: :class:`PlannerState`; ``first`` = the official ``t0``); ``plan`` defaults to
+    ``make_planner(model, config)``."""
+    check_mode(mode)
+    plan = plan or make_planner(model, config)
+
+    def policy(params, obs, task, first, state: PlannerState, key):
+        action, mean = plan(params, obs, task, state.prev_mean, first, key, mode)
+        return action, PlannerState(prev_mean=mean)
+
+    return policy
+
+
+def make_prior_policy(model: WorldModel, config: ml_collections.ConfigDict, mode: str = "sample") -> Callable:
+    """The policy prior alone as an actor policy ``(params, obs, task, first, state, key) -> (action, state)``:
+    ``mode='sample'`` draws from it (official ``act`` with ``mpc=False``), ``'mean'`` returns the tanh of its
+    mean (official ``eval_mode=True``). Stateless: ``state`` (e.g. ``()``) is passed through; ``first`` unused."""
+    check_mode(mode, PRIOR_MODES)
+    A = get_task_set(config.model.task_set).action_pad
+
+    def policy(params, obs, task, first, state, key):
+        del first
+        z = model.apply({"params": params}, obs, task, method=WorldModel.encode)
+        eps = jax.random.normal(key, z.shape[:-1] + (A,), z.dtype)
+        action, info = model.apply({"params": params}, z, task, eps, method=WorldModel.pi)
+        return (info["mean"] if mode == "mean" else action), state
+
+    return policy
+
+
 class Planner:
     """Public MPPI entry point: validates input outside jit, then runs the compiled planner.
 
     ``planner = Planner(config); state = planner.init(B)``;
-    ``action, state = planner.act(params, obs, task, state, t0, key, mode='sample')``.
+    ``action, state = planner.act(params, obs, task, state, first, key, mode='sample')``;
+    ``planner.plan`` is the pure batched ``plan`` function, ``planner.policy(mode)`` the actor policy.
     """
 
     def __init__(self, config: ml_collections.ConfigDict, model: WorldModel | None = None):
         self.config = config
         self.model = model or make_world_model(config.model)
         self.task_set = get_task_set(config.model.task_set)
-        self._plan = make_planner(self.model, config)
-        self.plan_jit = jax.jit(self._plan, static_argnames=("mode",))
+        self.plan = make_planner(self.model, config)
+        self.plan_jit = jax.jit(self.plan, static_argnames=("mode",))
 
     def init(self, batch_size: int) -> PlannerState:
-        H, A = self.config.planner.horizon, self.task_set.action_pad
-        return PlannerState(prev_mean=jnp.zeros((batch_size, H, A), jnp.float32))
+        return init_planner_state(self.config, batch_size)
 
-    def validate(self, obs, task, state: PlannerState, t0, check_values: bool = True) -> None:
+    def policy(self, mode: str = "sample") -> Callable:
+        """The actor policy ``(params, obs, task, first, state, key) -> (action, state)`` (see module doc)."""
+        return make_plan_policy(self.model, self.config, mode, plan=self.plan)
+
+    def validate(self, obs, task, state: PlannerState, first, check_values: bool = True) -> None:
         ts = self.task_set
         obs_shape, task_shape = np.shape(obs), np.shape(task)
         if len(obs_shape) != 2 or obs_shape[1] != ts.obs_pad:
@@ -173,8 +231,9 @@ class Planner:
         if np.shape(state.prev_mean) != expected:
             raise ValueError(f"planner state prev_mean has shape {np.shape(state.prev_mean)}, expected {expected} "
                              f"(action dim {ts.action_pad}); create it with Planner.init({B})")
-        if np.shape(t0) != (B,):
-            raise ValueError(f"t0 must be [B] = [{B}] booleans, got shape {np.shape(t0)}")
+        if np.shape(first) != (B,):
+            raise ValueError(f"first must be [B] = [{B}] booleans (True where obs starts an episode), got shape "
+                             f"{np.shape(first)}")
         if check_values:
             t = np.asarray(task)
             if not np.issubdtype(t.dtype, np.integer):
@@ -183,21 +242,16 @@ class Planner:
                 raise ValueError(f"task ids must be in [0, {ts.num_tasks}) for {ts.name}, got min {t.min()}, "
                                  f"max {t.max()}")
 
-    def act(self, params, obs, task, state: PlannerState, t0, key, mode: str | None = None,
-            check_values: bool = True, eval_mode: bool = False) -> tuple[jax.Array, PlannerState]:
+    def act(self, params, obs, task, state: PlannerState, first, key, mode: str = "sample",
+            check_values: bool = True) -> tuple[jax.Array, PlannerState]:
         """Plan for every env; returns ``(action [B, A], new state)``.
 
-        ``mode`` is ``'sample'`` (default, the official ``act``), ``'elite'`` or ``'mean'``;
-        ``eval_mode=True`` is shorthand for ``mode='mean'`` (the mean action).
+        ``first`` [B] bool: True where ``obs`` is the first of an episode (the official ``t0``). ``mode``:
+        ``'sample'`` (default: the official ``act``, as in the official ``evaluate.py``), ``'elite'`` (the
+        official ``eval_mode=True``: an elite, no noise) or ``'mean'`` (the MPPI mean's first action).
         """
-        if eval_mode:
-            if mode not in (None, "mean"):
-                raise ValueError(f"eval_mode=True selects the mean action; it conflicts with mode={mode!r}")
-            mode = "mean"
-        mode = mode or "sample"
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.validate(obs, task, state, t0, check_values)
+        check_mode(mode)
+        self.validate(obs, task, state, first, check_values)
         action, mean = self.plan_jit(params, jnp.asarray(obs, jnp.float32), jnp.asarray(task, jnp.int32),
-                                     state.prev_mean, jnp.asarray(t0, bool), key, mode=mode)
+                                     state.prev_mean, jnp.asarray(first, bool), key, mode=mode)
         return action, PlannerState(prev_mean=mean)

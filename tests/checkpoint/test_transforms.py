@@ -105,7 +105,7 @@ def test_casts_change_every_float_leaf():
 
 def _leaves(tree):
     out = []
-    transforms._walk(tree, lambda p, x: out.append(x))
+    transforms.walk(tree, lambda p, x: out.append(x))
     return out
 
 

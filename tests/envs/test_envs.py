@@ -28,13 +28,13 @@ def test_registry_names_and_errors():
     from mtdistill_jax.envs.registry import DEFAULT_IMPL, default_impl
 
     assert set(DEFAULT_IMPL["cpu"]) == set(MT30.tasks)
-    assert envs.make("pendulum-swingup")._config.impl == default_impl("pendulum-swingup", "cpu") == "jax"
+    assert envs.make("pendulum-swingup").impl == default_impl("pendulum-swingup", "cpu") == "jax"
 
 
 def test_warp_impl_stays_selectable_and_agrees_on_a_contact_free_task():
     a = envs.make("pendulum-swingup", impl="warp")
     b = envs.make("pendulum-swingup", impl="jax")
-    assert a._config.impl == "warp"
+    assert a.impl == "warp" and a.episode_length == 500
     s_a, s_b = jax.jit(a.reset)(jax.random.key(0)), jax.jit(b.reset)(jax.random.key(0))
     s_a, s_b = jax.jit(a.step)(s_a, jnp.ones(1)), jax.jit(b.step)(s_b, jnp.ones(1))
     np.testing.assert_allclose(np.asarray(s_a.obs), np.asarray(s_b.obs), atol=1e-5)
@@ -64,8 +64,10 @@ def test_vector_env_fixed_length_episodes_auto_reset():
         vs = step(vs, jnp.ones((3, 1)))
         dones.append(bool(vs.done[0]))
         assert vs.reward.shape == (3,) and np.all(np.isfinite(np.asarray(vs.obs)))
+        assert vs.first.shape == vs.step.shape == (3,)
+        np.testing.assert_array_equal(np.asarray(vs.step), [(t + 1) % 4] * 3)  # per-env episode step
+        np.testing.assert_array_equal(np.asarray(vs.first), [t % 4 == 3] * 3)  # obs starts a new episode
         if t == 3:
-            assert int(vs.t) == 0  # reset happened
             assert not np.allclose(np.asarray(vs.obs), np.asarray(vs.final_obs))
             assert not np.allclose(np.asarray(vs.obs), first)  # fresh random initial states
     assert dones == [False, False, False, True] * 2
@@ -104,11 +106,47 @@ def test_multitask_ignores_padded_actions_and_is_jittable(mt_env):
         mt_env.step(s0, jnp.zeros((4, 1)))
 
 
+def test_multitask_first_flags_episode_steps_and_render_states(mt_env):
+    s = jax.jit(mt_env.reset)(jax.random.key(2))
+    assert np.all(np.asarray(s.first)) and np.all(np.asarray(s.step) == 0)
+    step = jax.jit(mt_env.step)
+    a = jnp.zeros((4, 6))
+    firsts, steps = [], []
+    for _ in range(7):
+        s = step(s, a)
+        firsts.append(np.asarray(s.first).tolist())
+        steps.append(np.asarray(s.step).tolist())
+    assert firsts == [[False] * 4] * 4 + [[True] * 4] + [[False] * 4] * 2  # auto-reset after 5 steps, per env
+    assert steps == [[t] * 4 for t in (1, 2, 3, 4, 0, 1, 2)]
+    r = mt_env.render_state(s, 2)  # row 2: the first copy of the second task
+    assert set(r) == {"qpos", "qvel", "act", "info"} and r["qpos"].shape == (2,)  # cartpole: slider + hinge
+    per_task = mt_env.task_render_states(s)
+    assert [x["qpos"].shape for x in per_task] == [(1,), (2,)]
+    np.testing.assert_array_equal(np.asarray(per_task[1]["qpos"]), np.asarray(r["qpos"]))
+
+
+def test_multitask_episode_length_from_task_set():
+    env = MultiTaskEnv(["pendulum-swingup"], auto_reset=False)
+    assert env.episode_length == MT30.episode_lengths[MT30.task_id("pendulum-swingup")] == 500
+
+
 def test_multitask_rejects_bad_task_lists():
-    with pytest.raises(KeyError, match="valid"):
+    from mtdistill_jax.errors import UserError
+
+    with pytest.raises(KeyError, match="valid"):  # UnknownNameError: a ValueError and a KeyError
         MultiTaskEnv(["pendulum-swingup", "nope"])
-    with pytest.raises(ValueError, match="distinct"):
+    with pytest.raises(ValueError, match="valid"):
+        MultiTaskEnv(["pendulum-swingup", "nope"])
+    with pytest.raises(UserError, match="distinct"):
         MultiTaskEnv(["pendulum-swingup", "pendulum-swingup"])
+    with pytest.raises(UserError, match="empty"):
+        MultiTaskEnv([])
+    with pytest.raises(UserError, match="list of task names"):
+        MultiTaskEnv("pendulum-swingup")
+    with pytest.raises(UserError, match="num_envs_per_task"):
+        MultiTaskEnv(["pendulum-swingup"], num_envs_per_task=0)
+    with pytest.raises(ValueError, match="impls names tasks"):
+        MultiTaskEnv(["pendulum-swingup"], impls={"cartpole-balance": "jax"})
 
 
 def test_normalized_score():

@@ -48,12 +48,50 @@ def test_mean_mode_returns_mpc_mean(planner, params):
     action, state = planner.act(params, obs_for(tasks), tasks, planner.init(3), np.ones(3, bool),
                                 jax.random.key(2), "mean")
     np.testing.assert_allclose(np.asarray(action), np.clip(np.asarray(state.prev_mean[:, 0]), -1, 1), atol=1e-7)
-    same, _ = planner.act(params, obs_for(tasks), tasks, planner.init(3), np.ones(3, bool), jax.random.key(2),
-                          eval_mode=True)
-    np.testing.assert_array_equal(np.asarray(same), np.asarray(action))
-    with pytest.raises(ValueError, match="conflicts"):
+    with pytest.raises(TypeError):  # no eval_mode shorthand: the mode is explicit
         planner.act(params, obs_for(tasks), tasks, planner.init(3), np.ones(3, bool), jax.random.key(2),
-                    mode="sample", eval_mode=True)
+                    eval_mode=True)
+
+
+def test_elite_mode_is_sample_without_noise(planner, params):
+    """``'elite'`` (official eval_mode=True) picks the same elite as ``'sample'`` (official act), minus the noise."""
+    tasks = np.array([0, 4, 6])
+    args = (params, obs_for(tasks), tasks, planner.init(3), np.ones(3, bool), jax.random.key(2))
+    elite, _ = planner.act(*args, mode="elite")
+    sample, _ = planner.act(*args, mode="sample")
+    elite, sample = np.asarray(elite), np.asarray(sample)
+    assert not np.array_equal(elite, sample)
+    assert np.all(np.abs(elite - sample) < 4 * get_smoke_config().planner.max_std + 1e-6)
+
+
+def test_policy_interface_matches_act(planner, params):
+    """The actor policy ``(params, obs, task, first, state, key) -> (action, state)`` is ``Planner.act``."""
+    from mtdistill_jax.acting import actor_step
+    from mtdistill_jax.tdmpc2.planner import init_planner_state, make_prior_policy
+
+    tasks = np.array([0, 13, 28])
+    obs, first = obs_for(tasks), np.array([True, False, True])
+    prev = planner.init(3).replace(prev_mean=jnp.full((3, 3, 6), 0.3))
+    want, want_state = planner.act(params, obs, tasks, prev, first, jax.random.key(3), "elite")
+    env_state = type("S", (), dict(obs=jnp.asarray(obs), task=jnp.asarray(tasks), first=jnp.asarray(first)))
+    got, got_state = jax.jit(lambda p, s, k: actor_step(planner.policy("elite"), p, env_state, s, k))(
+        params, prev, jax.random.key(3))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got_state.prev_mean), np.asarray(want_state.prev_mean), atol=1e-6)
+    assert init_planner_state(get_smoke_config(), 3).prev_mean.shape == (3, 3, 6)
+    # the policy prior: same interface, stateless; 'mean' is deterministic, 'sample' is not
+    prior = make_prior_policy(planner.model, get_smoke_config(), "mean")
+    a1, st = prior(params, jnp.asarray(obs), jnp.asarray(tasks), jnp.asarray(first), (), jax.random.key(0))
+    a2, _ = prior(params, jnp.asarray(obs), jnp.asarray(tasks), jnp.asarray(first), (), jax.random.key(1))
+    assert st == () and a1.shape == (3, 6) and np.all(np.abs(np.asarray(a1)) <= 1)
+    np.testing.assert_array_equal(np.asarray(a1), np.asarray(a2))
+    sampled = make_prior_policy(planner.model, get_smoke_config(), "sample")
+    s1, _ = sampled(params, jnp.asarray(obs), jnp.asarray(tasks), jnp.asarray(first), (), jax.random.key(0))
+    assert not np.allclose(np.asarray(s1), np.asarray(a1))
+    for i, t in enumerate(tasks):
+        assert np.all(np.asarray(s1)[i, MT30.action_dims[t]:] == 0)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        make_prior_policy(planner.model, get_smoke_config(), "elite")
 
 
 def test_per_env_independence_and_determinism(planner, params):

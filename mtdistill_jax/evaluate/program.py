@@ -1,0 +1,153 @@
+"""The batched evaluation program: every task and episode in one compiled ``lax.scan``.
+
+Protocol (the official ``evaluate.py``): per task, ``episodes`` episodes of the task set's episode length
+(MT30: 500 agent steps, action repeat 2), acting with the planner as ``agent.act(obs, t0=t==0, task=i)`` does
+(``mode='sample'``: an elite drawn by score plus planner noise; ``'elite'`` = official ``eval_mode=True``
+and ``'mean'`` are available), score = mean over tasks of return / 10. Here the K tasks x E episodes run as
+K*E environments side by side: each step is one :func:`~mtdistill_jax.acting.env_step` (the planner policy,
+vmapped over all envs, then the per-task physics, vmapped over episodes), with ``t0`` read from each env's
+``first`` flag; ``chunk`` steps run inside one ``lax.scan`` that the host calls length/chunk times (so a
+progress bar with ETA can be shown).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from mtdistill_jax.acting import env_step
+from mtdistill_jax.configs.tasks import get_task_set
+from mtdistill_jax.envs.registry import task_names
+from mtdistill_jax.errors import UserError
+from mtdistill_jax.evaluate.result import EvalResult
+from mtdistill_jax.nn.world_model import make_world_model
+from mtdistill_jax.tdmpc2.planner import MODES, init_planner_state, make_plan_policy
+from mtdistill_jax.xla_cpu import check_mapping_budget
+
+
+@flax.struct.dataclass
+class EvalCarry:
+    """What the evaluation scan carries: the env state, the policy state, per-env returns [K*E] and the key."""
+
+    env_state: Any
+    policy_state: Any
+    returns: jax.Array
+    key: jax.Array
+
+
+def episode_length_of(task_set: str, tasks: Sequence[str], episode_length: int | None = None) -> int:
+    """``episode_length`` if given, else the task set's episode length shared by ``tasks`` (MT30: 500)."""
+    if episode_length is not None:
+        return int(episode_length)
+    ts = get_task_set(task_set)
+    lengths = {ts.episode_lengths[ts.task_id(t)] for t in tasks}
+    if len(lengths) != 1:
+        raise UserError(f"tasks {list(tasks)} have different episode lengths {sorted(lengths)}; evaluate them "
+                        f"separately")
+    return lengths.pop()
+
+
+def make_eval_program(config: ml_collections.ConfigDict, tasks: Sequence[str], episodes: int, mode: str = "sample",
+                      chunk: int = 10, impls: dict[str, str] | None = None, episode_length: int | None = None,
+                      record: bool = False):
+    """``(env, init(key) -> EvalCarry, run_chunk(params, carry) -> (carry, recorded))`` for K tasks x ``episodes``.
+
+    ``run_chunk`` advances every env by ``chunk`` agent steps inside one compiled ``lax.scan``. With
+    ``record``, ``recorded`` holds per task the render state (qpos, qvel, act, info) of its first episode
+    after each step (``env.task_render_states``), else None.
+    """
+    from mtdistill_jax.envs.multitask import MultiTaskEnv  # imports MuJoCo/MJX: only once arguments are checked
+
+    tasks = check_eval_args(config.model.task_set, tasks, episodes, mode, chunk, episode_length)
+    ts = get_task_set(config.model.task_set)
+    env = MultiTaskEnv(tasks, episodes, ts, episode_length=episode_length_of(ts.name, tasks, episode_length),
+                       auto_reset=False, impls=impls)
+    policy = make_plan_policy(make_world_model(config.model), config, mode)
+
+    def init(key):
+        k_env, k_plan = jax.random.split(key)
+        return EvalCarry(env_state=env.reset(k_env), policy_state=init_planner_state(config, env.num_envs),
+                         returns=jnp.zeros((env.num_envs,), jnp.float32), key=k_plan)
+
+    def run_chunk(params, carry: EvalCarry):
+        def step(c: EvalCarry, _):
+            key, k = jax.random.split(c.key)
+            es, ps, tr = env_step(env, policy, params, c.env_state, c.policy_state, k)
+            rec = env.task_render_states(es) if record else None
+            return EvalCarry(env_state=es, policy_state=ps, returns=c.returns + tr.reward, key=key), rec
+
+        return jax.lax.scan(step, carry, None, length=chunk)
+
+    return env, init, run_chunk
+
+
+def check_eval_args(task_set: str, tasks: Sequence[str] | None = None, episodes: int = 10, mode: str = "sample",
+                    chunk: int = 10, episode_length: int | None = None) -> list[str]:
+    """The tasks to evaluate (default: the whole task set), after checking every argument of :func:`evaluate`
+    (cheaply: nothing is built or compiled); a bad one raises a :class:`~mtdistill_jax.errors.UserError`
+    saying what is valid. ``episode_length`` None: the task set's."""
+    ts = get_task_set(task_set)
+    tasks = ts.select(tasks)
+    no_env = [t for t in tasks if t not in task_names()]
+    if no_env:
+        raise UserError(f"no MJX environment for {no_env} (Meta-World tasks of {ts.name} are supported offline "
+                        f"only); tasks that can be evaluated: {', '.join(task_names())}")
+    if episodes < 1:
+        raise UserError(f"episodes must be >= 1, got {episodes}")
+    if mode not in MODES:
+        raise UserError(f"mode must be one of {MODES}, got {mode!r}")
+    if episode_length is not None and episode_length < 1:
+        raise UserError(f"episode_length must be >= 1, got {episode_length}")
+    length = episode_length_of(ts.name, tasks, episode_length)
+    if chunk < 1 or length % chunk:
+        raise UserError(f"chunk {chunk} must divide the episode length {length}")
+    return tasks
+
+
+def evaluate(params, config: ml_collections.ConfigDict, tasks: Sequence[str] | None = None, episodes: int = 10,
+             seed: int = 1, mode: str = "sample", chunk: int = 10, progress: bool = True,
+             impls: dict[str, str] | None = None, on_chunk: Callable[[int], None] | None = None,
+             episode_length: int | None = None, record: bool = False) -> EvalResult:
+    """Evaluate ``params`` (a WorldModel tree) on ``tasks`` (default: the whole task set) with the official
+    protocol; returns per-task episode returns and the normalized score. ``episode_length`` defaults to the
+    task set's (MT30: 500); shorter is for smoke tests and quick looks only (scores are then not comparable)."""
+    tasks = check_eval_args(config.model.task_set, tasks, episodes, mode, chunk, episode_length)
+    episode_length = episode_length_of(config.model.task_set, tasks, episode_length)
+    check_mapping_budget(len(tasks), jax.default_backend())
+    env, init, run_chunk = make_eval_program(config, tasks, episodes, mode, chunk, impls, episode_length, record)
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
+    carry = jax.jit(init)(jax.random.key(seed))
+    first = None
+    if record:  # the reset state, so videos start at t = 0
+        first = [jax.tree_util.tree_map(lambda x: np.asarray(x)[None], env.task_render_states(carry.env_state))]
+    t = time.perf_counter()
+    run = jax.jit(run_chunk, donate_argnums=(1,)).lower(params, carry).compile()
+    compile_s = time.perf_counter() - t
+    t = time.perf_counter()
+    with tqdm(total=episode_length, desc=f"eval {len(tasks)} tasks x {episodes} episodes", unit="step",
+              disable=not progress, leave=True) as bar:
+        for i in range(episode_length // chunk):
+            carry, rec = run(params, carry)
+            jax.block_until_ready(carry.returns)
+            if record:
+                first.append(jax.tree_util.tree_map(np.asarray, rec))
+            bar.update(chunk)
+            if on_chunk is not None:
+                on_chunk((i + 1) * chunk)
+    seconds = time.perf_counter() - t
+    returns = np.asarray(carry.returns, np.float64).reshape(len(tasks), episodes)
+    trajectories = None
+    if record:
+        stacked = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *first)
+        trajectories = dict(zip(tasks, stacked, strict=True))
+    return EvalResult(tasks=tasks, returns=returns, mode=mode, seconds=seconds, compile_seconds=compile_s,
+                      plan_calls=episode_length * env.num_envs, trajectories=trajectories, seeds=(seed,),
+                      episode_length=episode_length)

@@ -1,0 +1,4 @@
+"""The bodies of the ``launch/`` mains, importable and installed as console entry points (setup.py):
+``mtdistill-evaluate`` (:mod:`.evaluate`), ``mtdistill-convert`` (:mod:`.convert`). ``launch/*.py`` are thin
+wrappers, so ``python launch/x.py`` keeps working. Each module defines its absl flags on import: import one
+per process."""

@@ -1,0 +1,115 @@
+"""Evaluate an agent export or an official TD-MPC2 .pt on MT30 tasks (all tasks and episodes batched).
+
+``mtdistill-evaluate`` (console entry point) and ``python launch/evaluate.py`` run this module.
+
+  mtdistill-evaluate --agent=../shared/reference/paper_student_fp16.pt --workdir=runs/eval_student \
+      [--tasks=walker-walk,cheetah-run] [--episodes=10] [--mode=sample] [--name=eval] [--video]
+
+Writes <workdir>/<name>.{json,csv,md,png} (per-task returns, normalized scores, bar chart); --video adds
+<workdir>/videos/<task>.mp4 of each task's first episode.
+
+Episodes can be spread over processes or machines with different --seed values and pooled afterwards:
+
+  python launch/evaluate.py --merge=runs/a/seed1.json,runs/b/seed2.json --workdir=runs/eval --name=pooled
+
+A bad flag, a missing or corrupt file or an unknown task stops it before any compile with one `error: ...` line
+on stderr (exit 2: command line, 1: inputs); MTDISTILL_TRACEBACK=1 or --verbosity=1 adds the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import sys
+
+import jax
+from absl import flags
+
+from mtdistill_jax import cli
+from mtdistill_jax.checkpoint.export import load_agent
+from mtdistill_jax.configs.train import get_config
+from mtdistill_jax.evaluate import (
+    EvalResult,
+    check_eval_args,
+    episode_length_of,
+    evaluate,
+    merge_results,
+    save_videos,
+    write_outputs,
+)
+from mtdistill_jax.tdmpc2.planner import MODES
+from mtdistill_jax.xla_cpu import use_fewer_kernels
+
+flags.DEFINE_string("agent", None, "agent export directory or official .pt")
+flags.DEFINE_string("workdir", None, "output directory", required=True)
+flags.DEFINE_list("merge", None, "instead of evaluating: pool the episodes of these result .json files (runs of "
+                  "the same tasks with different seeds) into one result")
+flags.DEFINE_list("tasks", None, "task subset (default: all tasks of the agent's task set)")
+flags.DEFINE_integer("episodes", 10, "episodes per task", lower_bound=1)
+flags.DEFINE_integer("seed", 1, "PRNG seed")
+flags.DEFINE_enum("mode", "sample", list(MODES), "planner action: sample (official evaluate.py), elite, mean")
+flags.DEFINE_integer("chunk", 10, "agent steps per compiled call (progress granularity); divides --episode_length",
+                     lower_bound=1)
+flags.DEFINE_string("name", "eval", "output file stem")
+flags.DEFINE_bool("progress", True, "progress bar with ETA on stderr")
+flags.DEFINE_bool("video", False, "record each task's first episode and write an mp4 per task")
+flags.DEFINE_bool("fewer_kernels", True, "XLA:CPU: add --xla_cpu_use_fusion_emitters=false to XLA_FLAGS (unless "
+                  "XLA_FLAGS sets it), so an all-MT30 program stays under vm.max_map_count")
+flags.DEFINE_integer("episode_length", None, "agent steps per episode (default: the task set's, MT30 500 = "
+                     "official; less only for quick looks)", lower_bound=1)
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise cli.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    command = ("python " * sys.argv[0].endswith(".py")) + " ".join(shlex.quote(a) for a in sys.argv)
+    if (FLAGS.agent is None) == (FLAGS.merge is None):
+        raise cli.UsageError("give exactly one of --agent (evaluate) and --merge (pool earlier results)")
+    cli.check_output_dir(FLAGS.workdir, "workdir")
+    if FLAGS.merge:
+        result = merge_results([EvalResult.load(path) for path in FLAGS.merge])
+        paths = write_outputs(result, FLAGS.workdir, FLAGS.name, command)
+        print(result.table())
+        print(f"pooled {len(FLAGS.merge)} runs (seeds {', '.join(map(str, result.seeds))}); wrote "
+              + ", ".join(paths.values()))
+        return
+    if FLAGS.episode_length is not None and FLAGS.episode_length % FLAGS.chunk:
+        raise cli.UsageError(f"--chunk={FLAGS.chunk} must divide --episode_length={FLAGS.episode_length}")
+    if FLAGS.fewer_kernels:
+        use_fewer_kernels()  # before the first jax.devices(): XLA reads its flags when the backend starts
+    agent = load_agent(FLAGS.agent)
+    try:  # the task names against the agent's task set, before anything is built or compiled
+        tasks = agent_tasks = check_eval_args(agent.config.task_set, FLAGS.tasks, FLAGS.episodes, FLAGS.mode, 1,
+                                              FLAGS.episode_length)
+        episode_length = episode_length_of(agent.config.task_set, agent_tasks, FLAGS.episode_length)
+    except cli.UserError as e:
+        raise cli.UsageError(f"--tasks: {e}") from e
+    if episode_length % FLAGS.chunk:  # (a given --episode_length was checked above)
+        raise cli.UsageError(f"--chunk={FLAGS.chunk} must divide the task set's episode length {episode_length} "
+                             f"(or give --episode_length)")
+    config = get_config(agent.config.model_size, agent.config.task_set)
+    with config.unlocked():
+        config.model = agent.config
+    print(f"devices: {jax.devices()}")
+    print(f"agent: {FLAGS.agent} ({agent.config.task_set} {agent.config.model_size}M, stored {agent.dtype})")
+    result = evaluate(agent.params, config, tasks, FLAGS.episodes, FLAGS.seed, FLAGS.mode, FLAGS.chunk,
+                      FLAGS.progress, episode_length=episode_length, record=FLAGS.video)
+    paths = write_outputs(result, FLAGS.workdir, FLAGS.name, command)
+    print(result.table())
+    print(f"compile {result.compile_seconds:.1f} s, rollouts {result.seconds:.1f} s "
+          f"({result.plan_calls / result.seconds:.1f} planner calls/s)")
+    if FLAGS.video:
+        paths.update(save_videos(result, os.path.join(FLAGS.workdir, "videos")))
+    print("wrote " + ", ".join(paths.values()))
+
+
+def entry_point() -> None:
+    """Console entry point ``mtdistill-evaluate`` (and ``python launch/evaluate.py``)."""
+    cli.run(main)
+
+
+if __name__ == "__main__":
+    entry_point()
