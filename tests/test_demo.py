@@ -11,6 +11,7 @@ from refdata import REPO, reference_dir
 from mtdistill_jax import demo
 
 
+@pytest.mark.slow
 def test_demo_runs_on_paper_student():
     if not (reference_dir() / "paper_student_fp16.pt").is_file():
         pytest.skip("paper student not available")

@@ -21,6 +21,7 @@ def setup():
     return config, params
 
 
+@pytest.mark.slow
 def test_evaluate_returns_and_outputs(setup, tmp_path):
     config, params = setup
     r = evaluate(params, config, TASKS, episodes=2, seed=3, chunk=5, episode_length=20, progress=False, record=True)

@@ -9,6 +9,7 @@ from refdata import REPO, reference_dir
 NOTEBOOKS = sorted((REPO / "experiments").glob("*.ipynb"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs(path, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")

@@ -394,7 +394,8 @@ def test_forward_within_tolerance_of_fp32(name, dtype):
 
 
 # every size, one model at a time (the 317M one is 1.3 GB in float32); 48 and 317 take ~5-15 s and ~50-70 s on 2 cores
-RANDOM_MODELS = [("mt30", 1), ("mt80", 1), ("mt30", 5), ("mt30", 19), ("mt30", 48), ("mt30", 317)]
+RANDOM_MODELS = [("mt30", 1), ("mt80", 1), ("mt30", 5), ("mt30", 19), ("mt30", 48),
+                 pytest.param("mt30", 317, marks=pytest.mark.slow)]  # 317M: ~1.3 GB of weights, ~50-70 s
 
 
 @pytest.mark.parametrize("task_set,size", RANDOM_MODELS)

@@ -29,6 +29,9 @@ from refdata import env_episode_files, env_index
 
 from mtdistill_jax.configs import MT30
 
+# Every recorded episode, every task compiled: minutes on a 2-core CPU (`-m "not slow"` skips the module).
+pytestmark = pytest.mark.slow
+
 FILES = env_episode_files()
 if not FILES:
     pytest.skip("no reference episodes", allow_module_level=True)
