@@ -1,7 +1,8 @@
 """A multi-task vector environment over any subset of MT30 with N envs per task.
 
 Observations are zero-padded to the task set's width (MT30: 24), actions arrive padded to 6 and each task
-reads only its first ``action_dim`` entries; every row carries its task id. The whole thing is one pure,
+reads only its first ``action_dim`` entries; every row carries its task id, and rows are task-major (task k
+occupies rows [k*N, (k+1)*N)). The whole thing is one pure,
 jittable pytree function (:class:`~mtdistill_jax.envs.wrappers.BatchedEnv` with one group per task): each
 task's physics model is traced once (a Python loop over *tasks* at trace time, ``vmap`` over the N copies),
 episodes last the task set's episode length (MT30: 500 agent steps) and auto-reset; every env carries a
@@ -16,8 +17,6 @@ from mtdistill_jax.configs.tasks import MT30, TaskSet
 from mtdistill_jax.envs.registry import make
 from mtdistill_jax.envs.wrappers import BatchedEnv, EnvState
 from mtdistill_jax.errors import UnknownNameError, UserError
-
-MultiTaskState = EnvState  # rows task-major: task k occupies rows [k*N, (k+1)*N)
 
 
 class MultiTaskEnv(BatchedEnv):

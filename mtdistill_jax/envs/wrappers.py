@@ -172,5 +172,3 @@ class VectorEnv(BatchedEnv):
                          obs_pad=env.observation_size, action_pad=env.action_size, auto_reset=auto_reset)
         self.env = env
 
-
-VecState = EnvState  # the state of every batched env (one type since the multi-task collapse)
