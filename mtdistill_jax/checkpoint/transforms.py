@@ -32,7 +32,7 @@ def _np_dtype(name: str) -> np.dtype:
 
 
 def _is_float(x) -> bool:
-    dt = np.asarray(x).dtype
+    dt = np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
     return np.issubdtype(dt, np.floating) or dt == BFLOAT16
 
 
@@ -92,8 +92,11 @@ def is_quantized(params) -> bool:
     return any(found)
 
 
-def dequantize(params, dtype: str = "float32"):
-    """Inverse of :func:`quantize_int8` (``kernel = q * scale``); float leaves are cast to ``dtype``."""
+def dequantize(params, dtype: str = "float32", xp=np):
+    """Inverse of :func:`quantize_int8` (``kernel = q * scale``); float leaves are cast to ``dtype``.
+
+    ``xp=jax.numpy`` does the same on device arrays or tracers, inside a jitted step (e.g. a teacher kept in
+    int8 on the device and dequantised where it is used)."""
     target = _np_dtype(dtype)
 
     def go(tree):
@@ -103,12 +106,12 @@ def dequantize(params, dtype: str = "float32"):
                 out[k] = go(v)
             elif k.endswith(INT8_SUFFIX):
                 base = k[: -len(INT8_SUFFIX)]
-                scale = np.asarray(tree[base + SCALE_SUFFIX], np.float32)
-                out[base] = (np.asarray(v, np.float32) * np.expand_dims(scale, -2)).astype(target)
+                scale = xp.asarray(tree[base + SCALE_SUFFIX], np.float32)
+                out[base] = (xp.asarray(v, np.float32) * xp.expand_dims(scale, -2)).astype(target)
             elif k.endswith(SCALE_SUFFIX) and (k[: -len(SCALE_SUFFIX)] + INT8_SUFFIX) in tree:
                 continue
             else:
-                out[k] = np.asarray(v).astype(target) if _is_float(v) else np.asarray(v)
+                out[k] = xp.asarray(v).astype(target) if _is_float(v) else xp.asarray(v)
         return out
 
     return go(params)
@@ -123,9 +126,14 @@ def transform(params, dtype: str):
     return quantize_int8(params) if dtype == "int8" else cast_params(params, dtype)
 
 
-def to_compute(params, dtype: str = "float32"):
-    """Params ready for the model: int8 kernels dequantised, floats cast to ``dtype``."""
-    return dequantize(params, dtype) if is_quantized(params) else cast_params(params, dtype)
+def to_compute(params, dtype: str = "float32", xp=np):
+    """Params ready for the model: int8 kernels dequantised, floats cast to ``dtype``.
+
+    With ``xp=jax.numpy`` it runs on device arrays or inside jit (no float16 range check: a cast *to* the
+    compute dtype of stored float16/bfloat16/int8 values cannot overflow float32 or bfloat16)."""
+    if xp is np and not is_quantized(params):
+        return cast_params(params, dtype)
+    return dequantize(params, dtype, xp)
 
 
 def tree_nbytes(params) -> int:

@@ -118,8 +118,9 @@ class WorldModel(nn.Module):
     def pi(self, z, task, eps):
         """Official policy prior with given standard-normal noise ``eps`` (same shape as the action).
 
-        Returns ``(action, info)``; ``info`` holds ``mean`` (tanh of the masked mean), ``log_std`` (masked),
-        ``log_prob`` (squashed, unscaled), ``log_prob_presquash``, ``entropy`` (= -log_prob),
+        Returns ``(action, info)``; ``info`` holds ``mean`` (tanh of the masked mean), ``mean_presquash`` (the
+        masked mean before tanh), ``log_std`` (masked), ``log_prob`` (squashed, unscaled), ``log_prob_presquash``,
+        ``entropy`` (= -log_prob),
         ``scaled_entropy`` (official: -log_prob * (action_dims * log_prob_presquash / (log_prob + 1e-8)), whose
         value is ~ -action_dims * log_prob_presquash; the gradient flows through this exact expression) and
         ``action_dims``.
@@ -138,6 +139,7 @@ class WorldModel(nn.Module):
         mean_sq, action, log_prob_sq = tdmath.squash(mean, action, log_prob)
         info = {
             "mean": mean_sq,
+            "mean_presquash": mean,
             "log_std": log_std,
             "log_prob_presquash": log_prob,
             "log_prob": log_prob_sq,

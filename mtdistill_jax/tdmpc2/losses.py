@@ -78,6 +78,7 @@ class PolicyOutputs:
 
     action:         [T, B, A]  squashed sample pi(z_t, eps_t)
     mean:           [T, B, A]  tanh of the masked mean
+    mean_presquash: [T, B, A]  the masked mean of the Gaussian before tanh
     log_std:        [T, B, A]  masked log-std
     entropy:        [T, B, 1]  -log pi(action)
     scaled_entropy: [T, B, 1]  the official action-dims-scaled entropy (the policy loss's bonus)
@@ -86,6 +87,7 @@ class PolicyOutputs:
 
     action: jax.Array
     mean: jax.Array
+    mean_presquash: jax.Array
     log_std: jax.Array
     entropy: jax.Array
     scaled_entropy: jax.Array
@@ -217,7 +219,8 @@ def make_losses(model: WorldModel, config: ml_collections.ConfigDict) -> Losses:
         action, info = apply(full, zs, task, eps, method=WorldModel.pi)
         logits = apply(full, zs, action, task, False, method=WorldModel.Q, rngs={"dropout": key})
         q = q_value(logits, None, mc, "avg", heads=heads)  # [T, B, 1]
-        return PolicyOutputs(action=action, mean=info["mean"], log_std=info["log_std"], entropy=info["entropy"],
+        return PolicyOutputs(action=action, mean=info["mean"], mean_presquash=info["mean_presquash"],
+                             log_std=info["log_std"], entropy=info["entropy"],
                              scaled_entropy=info["scaled_entropy"], q=q)
 
     def policy_loss(pi: PolicyOutputs, scale):

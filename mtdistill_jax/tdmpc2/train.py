@@ -34,7 +34,7 @@ from mtdistill_jax.configs.tasks import get_task_set
 from mtdistill_jax.nn.world_model import WorldModel, init_params, make_world_model, renorm_rows
 from mtdistill_jax.tdmpc2.losses import (
     PI_KEY,
-    WM_KEYS,
+    WM_KEYS,  # noqa: F401  (re-exported: the world-model networks)
     Draws,
     Losses,
     make_losses,
@@ -59,8 +59,10 @@ class TrainingState:
 
 
 def split_params(params: Params) -> tuple[dict, dict]:
-    """(world-model params, policy params)."""
-    return {k: params[k] for k in WM_KEYS}, params[PI_KEY]
+    """(world-model optimiser's params, policy params): every top-level key but ``'pi_head'`` goes to the
+    world-model optimiser: the :data:`WM_KEYS` networks plus any extra trainable sub-tree an extension keeps
+    beside them (e.g. the distillation projection under ``params['distill']``)."""
+    return {k: v for k, v in params.items() if k != PI_KEY}, params[PI_KEY]
 
 
 def make_optimizers(
@@ -147,13 +149,14 @@ def gradient_update_fn(loss_fn: Callable, optimizer: optax.GradientTransformatio
     return step
 
 
-ExtraWMLoss = Callable[..., tuple]  # (rollout, batch, aux, step, key) -> (loss, metrics)
+AuxForward = Callable[..., Any]  # (aux, batch) -> aux seen by the extra terms (e.g. a frozen teacher's outputs)
+ExtraWMLoss = Callable[..., tuple]  # (rollout, batch, aux, step, key, params) -> (loss, metrics)
 ExtraPiLoss = Callable[..., tuple]  # (rollout, pi_out, batch, aux, step, key) -> (loss, metrics)
 
 
 def make_update_fn(model: WorldModel, config: ml_collections.ConfigDict, losses: Losses | None = None, *,
                    extra_wm_loss: ExtraWMLoss | None = None, extra_pi_loss: ExtraPiLoss | None = None,
-                   return_intermediates: bool = False) -> Callable[..., tuple]:
+                   aux_forward: AuxForward | None = None, return_intermediates: bool = False) -> Callable[..., tuple]:
     """The pure, un-jitted update ``(state, batch, key, draws=None, aux=None) -> (state, metrics)`` (jit or scan it).
 
     ``draws`` (:class:`Draws`) fixes the policy noise and Q-head choices; by default they are drawn from
@@ -163,15 +166,22 @@ def make_update_fn(model: WorldModel, config: ml_collections.ConfigDict, losses:
     Extension points (each optional, each inside the gradient of its objective, so it is clipped and stepped
     by the same optimiser):
 
-    - ``extra_wm_loss(rollout, batch, aux, step, key) -> (loss, metrics)`` is added to the world-model
+    - ``extra_wm_loss(rollout, batch, aux, step, key, params) -> (loss, metrics)`` is added to the world-model
       objective; ``rollout`` is the student's :class:`Rollout` of this step (differentiable),
-      ``step = state.step`` (int32, for schedules) and ``key`` its own PRNG key.
+      ``step = state.step`` (int32, for schedules), ``key`` its own PRNG key and ``params`` the params the
+      world-model optimiser differentiates (e.g. an extension's own sub-tree, ``params['distill']``).
     - ``extra_pi_loss(rollout, pi_out, batch, aux, step, key) -> (loss, metrics)`` is added to the policy
       objective; ``pi_out`` (:class:`PolicyOutputs`) is differentiable, ``rollout`` the world-model rollout
       of this step (before the world-model step, frozen).
 
-    Their metrics are merged into the update's (name them, e.g. ``distill/...``). Without extra terms the
-    keys are split as before (``draws``, world model, policy) and the update is the official one.
+    - ``aux_forward(aux, batch) -> aux`` runs once per update, before both objectives and outside their
+      gradients (e.g. a frozen teacher's forward pass on the batch); the extra terms see its result.
+
+    Their metrics are merged into the update's (name them, e.g. ``distill/...``), plus ``train/wm_objective``
+    (and ``train/pi_objective`` with a policy term): the objective each optimiser saw, extra terms included.
+    Without extra terms the keys are split as before (``draws``, world model, policy) and the update is the
+    official one. Extra trainable params (beside the world model in ``state.params``, e.g. ``'distill'``) are
+    stepped by the world-model optimiser.
 
     With ``return_intermediates`` the update returns a third value, a dict of the step's intermediates (TD
     targets, latents, policy outputs, pre-clip gradients, ...).
@@ -188,9 +198,9 @@ def make_update_fn(model: WorldModel, config: ml_collections.ConfigDict, losses:
                                       draws.td_heads)
         loss, metrics = losses.world_model_loss(ro, batch, td)
         if extra_wm_loss is not None:
-            extra, extra_metrics = extra_wm_loss(ro, batch, aux, step, k_extra)
+            extra, extra_metrics = extra_wm_loss(ro, batch, aux, step, k_extra, full)
             loss = loss + extra
-            metrics = {**metrics, **extra_metrics}
+            metrics = {**metrics, **extra_metrics, "train/wm_objective": loss}
         return loss, (metrics, ro, {"td_targets": td, **td_aux})
 
     def pi_objective(pi_params, side, params, ro, batch, draws, scale, key, aux, step, k_extra):
@@ -201,7 +211,7 @@ def make_update_fn(model: WorldModel, config: ml_collections.ConfigDict, losses:
         if extra_pi_loss is not None:
             extra, extra_metrics = extra_pi_loss(ro, pi, batch, aux, step, k_extra)
             loss = loss + extra
-            metrics = {**metrics, **extra_metrics}
+            metrics = {**metrics, **extra_metrics, "train/pi_objective": loss}
         return loss, (metrics, new_scale, pi)
 
     wm_step = gradient_update_fn(wm_objective, wm_opt)
@@ -219,6 +229,8 @@ def make_update_fn(model: WorldModel, config: ml_collections.ConfigDict, losses:
             k_wm_extra, k_pi_extra = jax.random.split(jax.random.fold_in(key, 3))
         if draws is None:
             draws = sample_draws(k_draws, config, batch.task.shape[0], batch.obs.dtype)
+        if aux_forward is not None:
+            aux = jax.lax.stop_gradient(aux_forward(aux, batch))
         params = renorm_used_embeddings(state.params, batch.task)
         wm_params, _ = split_params(params)
         adjust = (lambda g: add_leaked_task_emb_grad(g, state.task_emb_grad)) if head else None
@@ -246,7 +258,7 @@ def make_update_fn(model: WorldModel, config: ml_collections.ConfigDict, losses:
                  "pi_log_std": pi_out.log_std, "pi_scaled_entropy_all": pi_out.scaled_entropy, "pi_q": pi_out.q,
                  "task_emb_at_td": renorm_used_embeddings(state.params, batch.task)["task_emb"]["embedding"],
                  "wm_grads": wm.grads, "pi_grads": pi.grads, "task_emb_grad": task_emb_grad,
-                 "rollout": ro, "pi_out": pi_out}
+                 "rollout": ro, "pi_out": pi_out, "aux": aux}
         return new_state, metrics, inter
 
     return update
