@@ -8,10 +8,11 @@ import jax
 import numpy as np
 
 
-def time_jitted(fn, args_fn, repeats: int = 20):
+def time_jitted(fn, args_fn, repeats: int = 20, *, return_compiled: bool = False):
     """Compile ``fn`` (timed), warm up once, then time ``repeats`` calls (block_until_ready after each).
 
-    ``args_fn(i)`` gives the arguments of call ``i``. Returns (compile_s, median_s, p10_s, p90_s).
+    ``args_fn(i)`` gives the arguments of call ``i``. Returns (compile_s, median_s, p10_s, p90_s), plus the
+    compiled executable as a fifth item with ``return_compiled`` (for its memory/cost analysis).
     """
     args = args_fn(0)
     t = time.perf_counter()
@@ -25,7 +26,8 @@ def time_jitted(fn, args_fn, repeats: int = 20):
         jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - t)
     times = np.asarray(times)
-    return compile_s, float(np.median(times)), float(np.percentile(times, 10)), float(np.percentile(times, 90))
+    stats = (compile_s, float(np.median(times)), float(np.percentile(times, 10)), float(np.percentile(times, 90)))
+    return (*stats, compiled) if return_compiled else stats
 
 
 def header():

@@ -95,7 +95,7 @@ def init_training_state(config: ml_collections.ConfigDict, key=None, params: Par
         if key is None:
             raise ValueError("init_training_state needs a PRNG key when no params are given")
         params = init_params(model, key)
-    params = jax.tree_util.tree_map(jnp.asarray, dict(params))
+    params = jax.tree_util.tree_map(jnp.array, dict(params))  # a copy: the update donates the state
     target_q_params = jax.tree_util.tree_map(jnp.array, params["Qs"] if target_q_params is None else target_q_params)
     wm_opt, pi_opt = make_optimizers(config)
     wm_params, pi_params = split_params(params)

@@ -1,0 +1,181 @@
+"""Benchmark: ms per distillation step (MT30, batch 256, horizon 3), a student and teachers of several sizes.
+
+For each teacher size one row compares the fused step (``make_distill_step``: the teacher's forward and the
+student's TD-MPC2 update in one program) with the unfused alternative (two dispatches: the plain student update
+plus a separately jitted teacher forward on the same batch). Default distillation config
+(``configs/distill.py``): reward MSE at the first step of each sub-trajectory, ``d_coef`` 0.45. Teachers and
+students have random weights (``init_params`` of the model, random batches as in ``update_step.py``): the
+figures are timings, the weights do not change them. Each program is compiled once (compile time printed
+apart), warmed up once, then timed ``--repeats`` times (``block_until_ready`` after each call).
+
+Usage::
+
+    python benchmarks/distill_step.py [--student_size 1] [--teacher_sizes 1,5,19] [--batch 256] [--repeats 20]
+        [--teacher_dtype float32|bfloat16|float16|int8] [--compute_dtype float32|bfloat16] [--mfu_peak_tflops F]
+
+    # GPU (H200, dense bf16 peak 989 TFLOP/s):
+    python benchmarks/distill_step.py --teacher_sizes 317 --compute_dtype bfloat16 --teacher_dtype bfloat16 \\
+        --mfu_peak_tflops 989
+
+Columns:
+
+- ``teacher``: teacher model size; ``params``: its learnable parameters; ``MiB``: its params as stored on the
+  device in ``--teacher_dtype`` (int8: int8 kernels + float32 per-channel scales, other leaves float32).
+- ``compile s``: compile time of the fused step.
+- ``fused ms``: median (p10-p90) ms of ``step(state, teacher_params, batch, key)``, donate off.
+- ``student ms``: median ms of the plain student update (``Learner(config, donate=False).update_jit``).
+- ``teacher ms``: median ms of the jitted ``make_teacher_forward(teacher, config)(teacher_params, batch)``.
+- ``sum ms``: student + teacher, the unfused alternative (two dispatches); ``fused/sum``: the ratio
+  (below 1: fusing is faster).
+- ``fused MiB`` / ``student MiB``: peak device memory of the compiled fused step / student update from XLA's
+  ``memory_analysis()`` (argument + output + temp bytes, minus aliased ones); their difference is what the
+  teacher adds. jit drops the arguments a program never reads, so only the teacher params the configured terms
+  use count (with the default reward-at-the-first-step term: task embedding, encoder and reward head; all of
+  them still sit on the device, see the ``MiB`` column). ``n/a`` where the backend gives no memory analysis.
+- with ``--mfu_peak_tflops``: ``GFLOP`` per fused step from the compiled executable's
+  ``cost_analysis()['flops']``, achieved ``TFLOP/s`` (GFLOP / median time) and ``MFU`` = achieved / peak.
+  XLA counts a loop body once (the student's H-step latent rollout is a scan), so the FLOPs are a slight
+  undercount, negligible when a large teacher dominates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks.common import header, time_jitted  # noqa: E402
+from benchmarks.update_step import random_batch  # noqa: E402
+from mtdistill_jax.checkpoint import transforms  # noqa: E402
+from mtdistill_jax.configs import get_model_config  # noqa: E402
+from mtdistill_jax.configs.distill import COMPUTE_DTYPES  # noqa: E402
+from mtdistill_jax.configs.distill import get_config as get_distill_config  # noqa: E402
+from mtdistill_jax.distill.losses import make_teacher_forward  # noqa: E402
+from mtdistill_jax.distill.step import init_distill_state, make_distill_step  # noqa: E402
+from mtdistill_jax.nn.world_model import count_params, init_params, make_world_model  # noqa: E402
+from mtdistill_jax.tdmpc2.train import Learner  # noqa: E402
+
+MIB = 2.0**20
+
+
+def peak_bytes(compiled) -> int | None:
+    """Argument + output + temp bytes minus aliased ones of a compiled executable; None when unavailable."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - backends without memory analysis raise various errors
+        return None
+    if m is None:
+        return None
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
+def flops(compiled) -> float | None:
+    """``cost_analysis()['flops']`` of a compiled executable (a dict, or a list of one per device in older
+    jax); None when unavailable."""
+    try:
+        ca = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001
+        return None
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else None
+    if not ca or "flops" not in ca:
+        return None
+    return float(ca["flops"])
+
+
+def fmt_mib(b: int | None) -> str:
+    return "n/a" if b is None else f"{b / MIB:.1f}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--student_size", type=int, default=1)
+    ap.add_argument("--teacher_sizes", default="1,5,19")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--teacher_dtype", default="float32", choices=transforms.DTYPES,
+                    help="storage dtype of the teacher params on the device")
+    ap.add_argument("--compute_dtype", default="float32", choices=COMPUTE_DTYPES,
+                    help="dtype of the teacher's forward (config.distill.teacher_compute_dtype)")
+    ap.add_argument("--mfu_peak_tflops", type=float, default=None,
+                    help="device peak TFLOP/s: also print achieved TFLOP/s and MFU of the fused step")
+    args = ap.parse_args()
+
+    config = get_distill_config(args.student_size, "mt30")
+    config.train.batch_size = args.batch
+    config.distill.teacher_compute_dtype = args.compute_dtype
+    H = config.train.horizon
+    d = config.distill
+
+    rng = np.random.default_rng(0)
+    batches = [jax.device_put(random_batch(rng, args.batch, H)) for _ in range(4)]
+    learner = Learner(config, donate=False)
+    student_state = learner.init(jax.random.key(0))
+
+    print(header())
+    print(f"student {args.student_size}M ({count_params(student_state.params):,} params), MT30, batch {args.batch}, "
+          f"H {H}; distill: reward {d.reward_loss} ({d.steps} step), d_coef {d.d_coef}; teacher stored "
+          f"{args.teacher_dtype}, computed {args.compute_dtype}; {args.repeats} timed calls, random weights")
+
+    # the student-only update does not depend on the teacher: timed once
+    def student_args(i):
+        return student_state, batches[i % len(batches)], jax.random.key(i)
+
+    _, s_med, _, _, s_comp = time_jitted(learner.update_jit, student_args, args.repeats, return_compiled=True)
+    s_peak = peak_bytes(s_comp)
+
+    cols = (f"{'teacher':>7} {'params':>11} {'MiB':>7} {'compile s':>9} {'fused ms':>8} {'p10-p90 ms':>15} "
+            f"{'student ms':>10} {'teacher ms':>10} {'sum ms':>8} {'fused/sum':>9} {'fused MiB':>9} "
+            f"{'student MiB':>11}")
+    if args.mfu_peak_tflops:
+        cols += f" {'GFLOP':>8} {'TFLOP/s':>8} {'MFU':>6}"
+    print(cols)
+    for size in [int(s) for s in args.teacher_sizes.split(",")]:
+        teacher_config = get_model_config(size, "mt30")
+        teacher = make_world_model(teacher_config)
+        t_params = init_params(teacher, jax.random.key(1000 + size))
+        n_teacher = count_params(t_params)
+        stored = transforms.transform(jax.device_get(t_params), args.teacher_dtype)
+        del t_params
+        teacher_params = jax.device_put(stored)
+        t_mib = transforms.tree_nbytes(stored) / MIB
+        del stored
+
+        state = init_distill_state(config, teacher_config, jax.random.key(0))
+        step = make_distill_step(config, teacher_config, donate=False)
+
+        def fused_args(i, state=state, teacher_params=teacher_params):
+            return state, teacher_params, batches[i % len(batches)], jax.random.key(i)
+
+        c, f_med, f_p10, f_p90, f_comp = time_jitted(step, fused_args, args.repeats, return_compiled=True)
+        f_peak, f_flops = peak_bytes(f_comp), flops(f_comp)
+        del f_comp
+
+        forward = jax.jit(make_teacher_forward(teacher, config))
+
+        def teacher_args(i, teacher_params=teacher_params):
+            return teacher_params, batches[i % len(batches)]
+
+        _, t_med, _, _ = time_jitted(forward, teacher_args, args.repeats)
+        unfused = s_med + t_med
+
+        row = (f"{size:>6}M {n_teacher:>11,} {t_mib:>7.1f} {c:>9.1f} {f_med * 1e3:>8.2f} "
+               f"{f_p10 * 1e3:>7.2f}-{f_p90 * 1e3:<7.2f} {s_med * 1e3:>10.2f} {t_med * 1e3:>10.2f} "
+               f"{unfused * 1e3:>8.2f} {f_med / unfused:>9.2f} {fmt_mib(f_peak):>9} {fmt_mib(s_peak):>11}")
+        if args.mfu_peak_tflops:
+            if f_flops is None:
+                row += f" {'n/a':>8} {'n/a':>8} {'n/a':>6}"
+            else:
+                achieved = f_flops / f_med / 1e12
+                row += f" {f_flops / 1e9:>8.2f} {achieved:>8.3f} {achieved / args.mfu_peak_tflops:>6.1%}"
+        print(row, flush=True)
+        del teacher_params, state, step, forward
+
+
+if __name__ == "__main__":
+    main()
