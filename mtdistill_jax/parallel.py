@@ -51,6 +51,22 @@ def to_shardings(specs, mesh: Mesh):
     return jax.tree_util.tree_map(one, specs, is_leaf=lambda x: x is None or isinstance(x, (P, Sharding)))
 
 
+def sharded_param_specs(tree, mesh: Mesh, min_size: int = 1 << 16):
+    """PartitionSpecs that split every leaf of ``tree`` with at least ``min_size`` elements and a last axis
+    divisible by the mesh size along that last axis over ``data`` (a Linear's output features); other leaves
+    replicated. For read-only params (a frozen teacher): each device holds 1/n of the large kernels and XLA
+    gathers them where they are used, so per-device memory falls while every step moves the kernels once."""
+    n = mesh.devices.size
+
+    def spec(x):
+        shape = np.shape(x)
+        if len(shape) >= 2 and int(np.prod(shape)) >= min_size and shape[-1] % n == 0:
+            return P(*([None] * (len(shape) - 1) + [DATA_AXIS]))
+        return P()
+
+    return jax.tree_util.tree_map(spec, tree)
+
+
 def batch_sharding(mesh: Mesh) -> Batch:
     """Shardings of a time-major :class:`Batch` on ``mesh`` (:func:`batch_specs`)."""
     return to_shardings(batch_specs(), mesh)

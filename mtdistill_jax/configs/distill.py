@@ -19,6 +19,7 @@ SCHEDULES = ("constant", "linear", "cosine", "increase", "decrease", "phases")
 STEPS = ("first", "horizon")
 REWARD_LOSSES = ("mse", "kl")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+TEACHER_SHARDINGS = ("replicated", "sharded")
 
 
 def get_distill_config() -> ml_collections.ConfigDict:
@@ -39,6 +40,7 @@ def get_distill_config() -> ml_collections.ConfigDict:
     c.policy_weight = 0.0  # weight of policy distillation: KL(teacher pi || student pi), Gaussians before tanh
     c.latent_weight = 0.0  # weight of latent distillation: MSE of a learned linear map of the student latent
     c.teacher_compute_dtype = "float32"  # the teacher's forward in float32 or bfloat16 (any storage dtype)
+    c.teacher_sharding = "replicated"  # on a mesh: 'replicated' teacher, or 'sharded' (large kernels split)
     c.lock()
     return c
 
@@ -102,7 +104,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         if not d[name] >= 0:
             raise _field(f"distill.{name}", ">= 0", d[name])
     for name, valid in (("schedule", SCHEDULES), ("steps", STEPS), ("reward_loss", REWARD_LOSSES),
-                        ("teacher_compute_dtype", COMPUTE_DTYPES)):
+                        ("teacher_compute_dtype", COMPUTE_DTYPES), ("teacher_sharding", TEACHER_SHARDINGS)):
         if d[name] not in valid:
             raise _field(f"distill.{name}", "one of " + ", ".join(valid), d[name])
     if not d.temperature > 0:

@@ -32,7 +32,7 @@ from mtdistill_jax.tdmpc2.train import TrainingState, init_training_state, make_
 from mtdistill_jax.types import Params
 
 __all__ = ["IncompatibleTeacherError", "check_compatible", "load_teacher", "make_distill_update",
-           "make_distill_step", "init_distill_state", "student_params"]
+           "make_distill_step", "init_distill_state", "student_params", "teacher_specs", "place_teacher"]
 
 
 class IncompatibleTeacherError(UserError):
@@ -88,21 +88,49 @@ def make_distill_update(config: ml_collections.ConfigDict, teacher_config: ml_co
                           aux_forward=dl.teacher_forward, return_intermediates=return_intermediates)
 
 
+def teacher_specs(config: ml_collections.ConfigDict, teacher_params, mesh):
+    """How the teacher params (as stored) sit on ``mesh``: ``None`` (replicated) or, with
+    ``config.distill.teacher_sharding = 'sharded'``, :func:`~mtdistill_jax.parallel.sharded_param_specs`
+    (large kernels split along their output axis over the data axis, gathered by XLA where used)."""
+    if mesh is None or config.distill.teacher_sharding == "replicated":
+        return None
+    from mtdistill_jax.parallel import sharded_param_specs
+
+    return sharded_param_specs(teacher_params, mesh)
+
+
+def place_teacher(config: ml_collections.ConfigDict, teacher_params, mesh=None):
+    """The teacher params on the device(s), in their storage dtype: replicated over ``mesh`` or sharded as
+    :func:`teacher_specs` says (one copy on the default device without a mesh)."""
+    if mesh is None:
+        return jax.device_put(teacher_params)
+    from mtdistill_jax.parallel import to_shardings
+
+    return jax.device_put(teacher_params, to_shardings(teacher_specs(config, teacher_params, mesh), mesh))
+
+
 def make_distill_step(config: ml_collections.ConfigDict, teacher_config: ml_collections.ConfigDict, mesh=None, *,
-                      donate: bool = True) -> Callable:
+                      donate: bool = True, teacher_params=None) -> Callable:
     """One jitted ``step(student_state, teacher_params, batch, key) -> (student_state, metrics)``.
 
     The student state is donated (``donate``), the teacher params never are; with ``mesh`` the batch is
-    sharded over its ``data`` axis and everything else is replicated (XLA all-reduces the gradients).
+    sharded over its ``data`` axis, the student replicated (XLA all-reduces the gradients) and the teacher
+    replicated or, with ``config.distill.teacher_sharding = 'sharded'``, split as :func:`teacher_specs` says
+    (pass ``teacher_params``, or any tree of the same structure and shapes, to lay that out).
     """
     from mtdistill_jax.parallel import batch_specs, compile_step
 
     update = make_distill_update(config, teacher_config)
+    t_specs = None
+    if mesh is not None and config.distill.teacher_sharding == "sharded":
+        if teacher_params is None:
+            raise ValueError("teacher_sharding='sharded' needs teacher_params (or their shapes) to lay them out")
+        t_specs = teacher_specs(config, teacher_params, mesh)
 
     def step(state, teacher_params, batch, key):
         return update(state, batch, key, None, teacher_params)
 
-    return compile_step(step, mesh, in_specs=(None, None, batch_specs()), donate_argnums=(0,) if donate else ())
+    return compile_step(step, mesh, in_specs=(None, t_specs, batch_specs()), donate_argnums=(0,) if donate else ())
 
 
 def init_distill_state(config: ml_collections.ConfigDict, teacher_config: ml_collections.ConfigDict, key=None,

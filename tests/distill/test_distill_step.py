@@ -105,6 +105,15 @@ def test_teacher_params_are_unchanged_not_donated_and_traced_once():
     assert all(x.dtype == np.float16 for x in jax.tree_util.tree_leaves(on_device))
 
 
+def assert_params_after_adam_close(got, want, lr: float):
+    """Params after one Adam step from the same start, gradients equal up to float32 round-off: 3e-5 absolute,
+    except entries whose gradient is within round-off of zero, where Adam's normalised step (up to lr in
+    either direction) follows the round-off: at most 0.1% of the entries, each within 2 lr."""
+    a, b = (np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(p)]) for p in (got, want))
+    off = np.abs(a - b) > 3e-5
+    assert off.mean() <= 1e-3 and np.all(np.abs(a - b) <= 2 * lr + 1e-7), (off.sum(), np.abs(a - b).max())
+
+
 def test_eight_devices_give_the_single_device_step():
     """Batch split over 8 virtual CPU devices, teacher and student replicated. The only difference is the order
     of the batch sums (gradient all-reduce): losses and grad norms agree to 1e-5 relative; parameters after
@@ -120,9 +129,33 @@ def test_eight_devices_give_the_single_device_step():
     s8, m8 = jax.device_get(eight(student_state(config, config.model), teacher, batch, key))
     for k in m1:
         np.testing.assert_allclose(m8[k], m1[k], rtol=1e-5, atol=1e-7, err_msg=k)
-    a, b = (np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(s.params)]) for s in (s1, s8))
-    off = np.abs(a - b) > 3e-5
-    assert off.mean() <= 1e-3 and np.all(np.abs(a - b) <= 2 * config.train.lr + 1e-7)
+    assert_params_after_adam_close(s8.params, s1.params, config.train.lr)
+
+
+def test_sharded_teacher_gives_the_replicated_result():
+    """``teacher_sharding='sharded'``: each of the 8 devices holds 1/8 of the teacher's large kernels (split along
+    the output axis) and XLA gathers them where used; the step's outputs equal the replicated teacher's up to
+    float32 round-off (the same arithmetic, possibly fused differently: rtol 1e-5 on losses and gradient norms,
+    params as :func:`assert_params_after_adam_close`)."""
+    config = smoke(q_weight=1.0, policy_weight=1.0)
+    _, teacher = models()
+    mesh = make_mesh(8)
+    batch, key = random_batch(9), jax.random.key(10)
+    out = {}
+    for mode in ("replicated", "sharded"):
+        config.distill.teacher_sharding = mode
+        placed = distill.place_teacher(config, teacher, mesh)
+        step = distill.make_distill_step(config, config.model, mesh, donate=False, teacher_params=teacher)
+        out[mode] = jax.device_get(step(student_state(config, config.model), placed, batch, key))
+        kernel = placed["reward_head"]["layer0"]["kernel"]  # [latent + task_dim + action, mlp] = [230, 384]
+        shard = kernel.addressable_shards[0].data.shape
+        assert shard == ((230, 384 // 8) if mode == "sharded" else (230, 384)), (mode, shard)
+        small = placed["encoder"]["layer0"]["kernel"]  # 120 x 256 < 2^16 entries: replicated either way
+        assert small.addressable_shards[0].data.shape == (120, 256)
+    (s_r, m_r), (s_s, m_s) = out["replicated"], out["sharded"]
+    for k in m_r:
+        np.testing.assert_allclose(m_s[k], m_r[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    assert_params_after_adam_close(s_s.params, s_r.params, config.train.lr)
 
 
 def test_all_terms_together_and_the_projection_trains():
