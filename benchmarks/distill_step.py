@@ -13,6 +13,10 @@ Usage::
     python benchmarks/distill_step.py [--student_size 1] [--teacher_sizes 1,5,19] [--batch 256] [--repeats 20]
         [--teacher_dtype float32|bfloat16|float16|int8] [--compute_dtype float32|bfloat16] [--mfu_peak_tflops F]
 
+    # per-device memory on an N-device mesh, teacher replicated vs sharded (shapes only; CPU gets N virtual devices):
+    python benchmarks/distill_step.py --layout_devices 8 --teacher_sizes 19,317 --teacher_dtype bfloat16 \
+        --compute_dtype bfloat16
+
     # GPU (H200, dense bf16 peak 989 TFLOP/s):
     python benchmarks/distill_step.py --teacher_sizes 317 --compute_dtype bfloat16 --teacher_dtype bfloat16 \\
         --mfu_peak_tflops 989
@@ -45,6 +49,12 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+if "--layout_devices" in " ".join(sys.argv) and "xla_force_host_platform_device_count" not in os.environ.get(
+        "XLA_FLAGS", ""):  # on CPU, the virtual devices must exist before jax starts (no effect on a GPU/TPU)
+    n = next(a.split("=")[1] if "=" in a else sys.argv[i + 1] for i, a in enumerate(sys.argv)
+             if a.startswith("--layout_devices"))
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -104,7 +114,12 @@ def main():
                     help="dtype of the teacher's forward (config.distill.teacher_compute_dtype)")
     ap.add_argument("--mfu_peak_tflops", type=float, default=None,
                     help="device peak TFLOP/s: also print achieved TFLOP/s and MFU of the fused step")
+    ap.add_argument("--layout_devices", type=int, default=0,
+                    help="instead of timing: per-device memory of the fused step on a mesh of N devices with the "
+                         "teacher replicated vs sharded (compiled from shapes only, nothing allocated)")
     args = ap.parse_args()
+    if args.layout_devices:
+        return layout(args)
 
     config = get_distill_config(args.student_size, "mt30")
     config.train.batch_size = args.batch
@@ -175,6 +190,57 @@ def main():
                 row += f" {f_flops / 1e9:>8.2f} {achieved:>8.3f} {achieved / args.mfu_peak_tflops:>6.1%}"
         print(row, flush=True)
         del teacher_params, state, step, forward
+
+
+def layout(args) -> None:
+    """Per-device memory (XLA memory analysis) of the fused step on a ``--layout_devices`` mesh, teacher
+    replicated vs sharded (``config.distill.teacher_sharding``), compiled from abstract shapes: no parameter is
+    allocated, so a 317M teacher is measured on a laptop."""
+    from mtdistill_jax.distill.step import teacher_specs
+    from mtdistill_jax.parallel import batch_sharding, make_mesh, replicated, to_shardings
+    from mtdistill_jax.types import Batch
+
+    mesh = make_mesh(args.layout_devices)
+    config = get_distill_config(args.student_size, "mt30")
+    config.train.batch_size = args.batch
+    config.distill.teacher_compute_dtype = args.compute_dtype
+    H, B, rep = config.train.horizon, args.batch, replicated(mesh)
+
+    def abstract(tree, shardings):
+        return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
+                                      shardings)
+
+    ts = get_model_config(args.student_size, "mt30")
+    batch = Batch(obs=jax.ShapeDtypeStruct((H + 1, B, 24), np.float32),
+                  action=jax.ShapeDtypeStruct((H, B, 6), np.float32),
+                  reward=jax.ShapeDtypeStruct((H, B, 1), np.float32), task=jax.ShapeDtypeStruct((B,), np.int32))
+    batch = abstract(batch, batch_sharding(mesh))
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
+    print(header())
+    print(f"student {args.student_size}M ({ts.latent_dim}-d latent), MT30, batch {B} over {args.layout_devices} "
+          f"devices; teacher stored {args.teacher_dtype}, computed {args.compute_dtype}; per-device MiB from XLA's "
+          "memory analysis (arguments the step reads / temporaries)")
+    print(f"{'teacher':>7} {'params':>11} {'replicated arg':>14} {'temp':>8} {'sharded arg':>11} {'temp':>8}")
+    for size in [int(s) for s in args.teacher_sizes.split(",")]:
+        tcfg = get_model_config(size, "mt30")
+        shapes = jax.eval_shape(lambda k, tcfg=tcfg: init_params(make_world_model(tcfg), k), jax.random.key(0))
+        if args.teacher_dtype == "int8":  # the transform changes the tree (kernel_int8 + scales): run it on zeros
+            shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), transforms.transform(
+                jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), shapes), "int8"))
+        else:
+            shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, args.teacher_dtype), shapes)
+        state = jax.eval_shape(lambda k, tcfg=tcfg: init_distill_state(config, tcfg, k), jax.random.key(0))
+        state = abstract(state, jax.tree_util.tree_map(lambda _: rep, state))
+        row = f"{size:>6}M {count_params(shapes):>11,}"
+        for mode in ("replicated", "sharded"):
+            config.distill.teacher_sharding = mode
+            specs = teacher_specs(config, shapes, mesh)
+            t = abstract(shapes, to_shardings(specs if specs is not None else
+                                              jax.tree_util.tree_map(lambda _: None, shapes), mesh))
+            step = make_distill_step(config, tcfg, mesh, donate=False, teacher_params=shapes)
+            m = step.lower(state, t, batch, key).compile().memory_analysis()
+            row += f" {m.argument_size_in_bytes / MIB:>14.1f} {m.temp_size_in_bytes / MIB:>8.1f}"
+        print(row, flush=True)
 
 
 if __name__ == "__main__":
