@@ -30,7 +30,8 @@ INSTALL_REQUIRES = [
     "mediapy>=1.2,<2",  # mp4 writing of rendered episodes
     "imageio-ffmpeg>=0.5,<1",  # an ffmpeg binary for mediapy when the system has none
     "matplotlib>=3.7,<4",  # per-task bar charts of evaluations
-    "tqdm>=4.66,<5",  # evaluation progress bar with rate and ETA (tested with 4.70.1)
+    "tqdm>=4.66,<5",  # evaluation and training progress bars with rate and ETA (tested with 4.70.1)
+    "tensorboardX>=2.6,<3",  # TensorBoard event files of training metrics, no TensorFlow needed (tested with 2.6.5)
 ]
 
 # `python launch/x.py` and these commands run the same mains (mtdistill_jax/launch/).

@@ -15,6 +15,10 @@ Sampling follows the official ``Buffer`` (a ``SliceSampler`` over episodes): eac
 H+1 consecutive frames of one uniformly chosen episode at a uniformly chosen start, and yields
 ``obs[s..s+H]``, ``action[s+1..s+H]``, ``reward[s+1..s+H]`` and the episode's task id. Index 0 of action and
 reward (filler in the official files) is never read.
+
+Non-finite data: :func:`check_finite` (run by :meth:`OfflineSampler.load` before the copy to the device, and
+by ``train_offline`` on data given as :class:`OfflineData`) rejects NaN/inf in any frame the sampler can read
+with a :class:`NonFiniteDataError` naming the field, the first episode and frame, and the count.
 """
 
 from __future__ import annotations
@@ -27,6 +31,68 @@ import numpy as np
 from mtdistill_jax.data.tdmpc2_format import Episodes
 from mtdistill_jax.errors import UserError
 from mtdistill_jax.types import Batch
+
+# Frames the sampler reads, per field: obs from frame 0, action and reward from frame 1 (0 is filler).
+FIRST_READ_FRAME = {"obs": 0, "action": 1, "reward": 1}
+_BLOCK_ELEMENTS = 1 << 24  # elements scanned at once by check_finite (64 MB of float32, a 16 MB mask)
+
+
+class NonFiniteDataError(UserError):
+    """Episodes hold NaN/inf in frames the sampler reads (the message names the field, the first episode and
+    frame, and how many values)."""
+
+
+def _first_nonfinite(arr: np.ndarray, first: int) -> tuple[int, int, int] | None:
+    """``(count, episode, frame)`` of the non-finite values of ``arr[:, first:]`` ([E, T+1, ...]; frame counted
+    from 0 of the full episode), or None when all are finite. Scans blocks of episodes, so the temporary mask
+    stays small whatever the size of the dataset."""
+    num_episodes = arr.shape[0]
+    per_episode = max(1, int(np.prod(arr.shape[1:], dtype=np.int64)))
+    block = max(1, _BLOCK_ELEMENTS // per_episode)
+    count, where = 0, None
+    for e0 in range(0, num_episodes, block):
+        finite = np.isfinite(arr[e0:e0 + block, first:])
+        if finite.all():
+            continue
+        count += finite.size - int(np.count_nonzero(finite))
+        if where is None:
+            bad_frames = ~finite.reshape(finite.shape[0], finite.shape[1], -1).all(axis=2)  # [b, T+1-first]
+            e, t = np.argwhere(bad_frames)[0]
+            where = (e0 + int(e), first + int(t))
+    return None if where is None else (count, *where)
+
+
+@jax.jit
+def _finite_flags(obs, action, reward):
+    return tuple(jnp.isfinite(x[:, FIRST_READ_FRAME[name]:]).all()
+                 for name, x in (("obs", obs), ("action", action), ("reward", reward)))
+
+
+def check_finite(episodes: Episodes | OfflineData, where: str = "episodes") -> None:
+    """Raise :class:`NonFiniteDataError` when a frame the sampler can read holds NaN or inf: any obs frame,
+    action and reward from frame 1 on (frame 0 of action/reward is filler, NaN in the official files, and is
+    never read). Fields are checked in the order obs, action, reward; the error names the first offending one.
+
+    Host (NumPy) arrays are scanned in blocks of episodes (a boolean mask of at most ~16 MB at a time); device
+    arrays (:class:`OfflineData`) are reduced on the device, and only a field that holds a non-finite value is
+    copied to the host to locate it.
+    """
+    arrays = {name: getattr(episodes, name) for name in FIRST_READ_FRAME}
+    flags = None
+    if any(isinstance(a, jax.Array) for a in arrays.values()):
+        flags = dict(zip(FIRST_READ_FRAME, (bool(f) for f in _finite_flags(*arrays.values())), strict=True))
+    for name, first in FIRST_READ_FRAME.items():
+        if flags is not None and flags[name]:
+            continue
+        found = _first_nonfinite(np.asarray(arrays[name]), first)
+        if found is None:
+            continue
+        count, ep, frame = found
+        skipped = " (frame 0 of action/reward is filler and not checked)" if first else ""
+        raise NonFiniteDataError(
+            f"{where}: {name} has {count} non-finite value{'s' * (count != 1)} (NaN/inf) in frames the sampler "
+            f"reads{skipped}; the first in episode {ep}, frame {frame} (of {arrays[name].shape[0]} episodes x "
+            f"{arrays[name].shape[1]} frames); repair or drop those episodes before training")
 
 
 @flax.struct.dataclass
@@ -83,10 +149,12 @@ class OfflineSampler:
                 raise UserError(f"{where}' {name} width is {shape[-1]}, the task set pads to {pad}")
 
     def load(self, episodes: Episodes, device=None) -> OfflineData:
-        """Check ``episodes`` against the sampler and copy them to ``device`` (a device or sharding; default
-        device if None) as an :class:`OfflineData` pytree."""
+        """Check ``episodes`` against the sampler (shapes; no NaN/inf where the sampler reads, see
+        :func:`check_finite`) and copy them to ``device`` (a device or sharding; default device if None) as an
+        :class:`OfflineData` pytree."""
         episodes.validate()
         self._check_shapes(episodes.obs.shape, episodes.action.shape, "episodes")
+        check_finite(episodes)
         # Filler at index 0 may be NaN; it is never gathered, but keep it finite so a bug cannot hide as NaN.
         host = OfflineData(obs=np.asarray(episodes.obs, np.float32),
                            action=np.nan_to_num(np.asarray(episodes.action, np.float32)),

@@ -9,21 +9,37 @@ TPU preemption notice makes it save at the end of the current chunk and return w
 The loop (convention 3): one compiled program, :func:`make_train_chunk`, runs up to
 ``K = config.train.steps_per_dispatch`` updates per host dispatch (sample -> update inside ``lax.fori_loop``);
 the episodes are an argument of that program (:class:`~mtdistill_jax.data.offline.OfflineData`), never a
-constant. Python runs only between chunks, for logging, checkpoints and preemption checks. Chunk schedule:
-a chunk ends at the next multiple of K, of ``log_every``, of ``save_every`` or at ``config.steps``, whichever
-comes first, so logs and checkpoints land exactly where they did with one update per dispatch. The chunk
-length is a traced argument (a ``fori_loop`` with a dynamic trip count), so every chunk length runs the *same*
-compiled body: one compilation per run, and a resumed run (whose chunks may be cut differently, e.g. by another
-``save_every``) performs bit-identical arithmetic.
+constant, and so is ``aux`` (any pytree the update reads, e.g. a frozen teacher). Python runs only between
+chunks, for logging, evaluation, checkpoints and preemption checks. Chunk schedule: a chunk ends at the next
+multiple of K, of ``log_every``, of ``save_every``, of ``eval_every`` or at ``config.steps``, whichever comes
+first, so logs, evaluations and checkpoints land exactly where they did with one update per dispatch. The
+chunk length is a traced argument (a ``fori_loop`` with a dynamic trip count), so every chunk length runs the
+*same* compiled body: one compilation per run, and a resumed run (whose chunks may be cut differently, e.g. by
+another ``save_every``) performs bit-identical arithmetic.
+
+Shared by every offline learner: ``update_fn`` (the step), ``init_state`` (its fresh state, also the restore
+target) and ``aux`` (its frozen inputs) make the distillation run the same loop as plain TD-MPC2 training.
+
+Between chunks the host also
+
+- checks that the chunk's summed metrics are finite; otherwise it stops *before* saving that chunk's state
+  and raises :class:`NonFiniteLossError` (the last good checkpoint stays the latest one on disk);
+- every ``log_every`` steps, logs the mean of every metric over the updates since the last log plus
+  ``perf/steps_per_second`` (to the Python log, the progress bar's postfix and the metrics writer);
+- every ``eval_every`` steps and at the end, calls ``eval_fn(state, step) -> {name: value}`` (its metrics,
+  plus ``perf/eval_seconds``, go to the same places).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
+import sys
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import flax.struct
 import jax
@@ -31,15 +47,30 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mtdistill_jax.checkpoint.manager import CheckpointManager
+from mtdistill_jax.checkpoint.manager import CheckpointManager, config_to_dict
 from mtdistill_jax.configs.train import check_config
-from mtdistill_jax.data.offline import OfflineData, OfflineSampler, SamplerState
+from mtdistill_jax.data.offline import OfflineData, OfflineSampler, SamplerState, check_finite
 from mtdistill_jax.data.tdmpc2_format import Episodes
 from mtdistill_jax.errors import UserError
 from mtdistill_jax.nn.world_model import make_world_model
 from mtdistill_jax.tdmpc2.train import TrainingState, init_training_state, make_update_fn, validate_batch
 
 log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"  # the run's config, written in the workdir when training starts
+# Metrics shown in the progress bar's postfix when the update (or the evaluation) returns them.
+PROGRESS_METRICS = ("train/total_loss", "train/pi_loss", "distill/loss", "eval/score")
+
+
+class NonFiniteLossError(UserError):
+    """A chunk of updates produced a NaN/inf metric; the run stopped without saving that chunk's state. The
+    message names the metrics, the chunk's updates and the last good checkpoint."""
+
+
+class MetricsSink(Protocol):
+    """What ``train_offline(writer=...)`` writes to (e.g. :class:`~mtdistill_jax.metrics.MetricsWriter`)."""
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None: ...
 
 
 @flax.struct.dataclass
@@ -49,22 +80,26 @@ class ChunkMetrics:
 
 
 def make_train_chunk(update: Callable, sampler: OfflineSampler, batch_constraint=None) -> Callable:
-    """Pure ``train_chunk(state, data, data_state, rng, num_steps) -> (state, data_state, rng, ChunkMetrics)``.
+    """Pure ``train_chunk(state, data, data_state, rng, num_steps, aux=None) -> (state, data_state, rng,
+    ChunkMetrics)``.
 
     Runs ``num_steps`` (a traced int32 scalar) iterations of: split ``rng`` -> sample batch ``data_state.count``
-    from ``data`` -> ``update(state, batch, key)``; the same per-step key sequence as a host loop doing one
-    update per dispatch. ``batch_constraint`` (e.g. a mesh's batch shardings) is applied to each batch with
+    from ``data`` -> ``update(state, batch, key)`` (or ``update(state, batch, key, None, aux)`` when ``aux`` is
+    given: ``update(state, batch, key, draws=None, aux=None) -> (state, metrics)``); the same per-step key
+    sequence as a host loop doing one update per dispatch. ``aux`` is any pytree (e.g. frozen teacher params,
+    int8/float16 leaves allowed), an argument of the program like ``data``, never a constant.
+    ``batch_constraint`` (e.g. a mesh's batch shardings) is applied to each batch with
     ``jax.lax.with_sharding_constraint``. Not jitted: see :func:`compile_train_chunk`.
     """
 
-    def train_chunk(state: TrainingState, data: OfflineData, data_state: SamplerState, rng, num_steps):
+    def train_chunk(state: TrainingState, data: OfflineData, data_state: SamplerState, rng, num_steps, aux=None):
         def one(carry):
             state, data_state, rng = carry
             rng, key = jax.random.split(rng)
             batch, data_state = sampler.sample(data, data_state)
             if batch_constraint is not None:
                 batch = jax.lax.with_sharding_constraint(batch, batch_constraint)
-            state, metrics = update(state, batch, key)
+            state, metrics = update(state, batch, key) if aux is None else update(state, batch, key, None, aux)
             metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
             return (state, data_state, rng), metrics
 
@@ -84,17 +119,18 @@ def make_train_chunk(update: Callable, sampler: OfflineSampler, batch_constraint
 
 
 def compile_train_chunk(train_chunk: Callable, mesh=None) -> Callable:
-    """The one jit of the offline loop (state donated), through :func:`mtdistill_jax.parallel.compile_step`:
-    with a mesh every argument and output is replicated and the batch sharding comes from
-    :func:`make_train_chunk`'s ``batch_constraint``."""
+    """The one jit of the offline loop (only the state, argument 0, is donated: never ``data`` or ``aux``),
+    through :func:`mtdistill_jax.parallel.compile_step`: with a mesh every argument (``aux`` included) and
+    output is replicated and the batch sharding comes from :func:`make_train_chunk`'s ``batch_constraint``."""
     from mtdistill_jax.parallel import compile_step
 
     return compile_step(train_chunk, mesh, donate_argnums=0)
 
 
-def chunk_end(step: int, total: int, *every: int) -> int:
-    """End of the chunk starting at ``step``: the next multiple of any of ``every``, or ``total``."""
-    return min([total] + [(step // e + 1) * e for e in every])
+def chunk_end(step: int, total: int, *every: int | None) -> int:
+    """End of the chunk starting at ``step``: the next multiple of any of ``every`` (None: ignored), or
+    ``total``."""
+    return min([total] + [(step // e + 1) * e for e in every if e])
 
 
 @dataclasses.dataclass
@@ -106,24 +142,96 @@ class RunResult:
     resumed_from: int | None  # checkpoint step the run started from (None: fresh)
     preempted: bool  # stopped early by a signal or a preemption notice (after saving)
     metrics: dict[str, float]  # last logged metrics (means over the updates since the log before)
+    eval_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # last eval_fn result (+ seconds)
+
+
+def _nonfinite_message(bad: list[str], totals: Mapping[str, float], start: int, end: int, mngr: CheckpointManager,
+                       save_every: int) -> str:
+    values = ", ".join(f"{k}={totals[k]}" for k in bad)
+    last = mngr.latest_step()
+    if last is None:
+        good = f"there is no checkpoint in {mngr.directory} yet (save_every={save_every})"
+    else:
+        good = (f"the last good checkpoint is step {last} in {mngr.directory} (running again with this workdir "
+                f"resumes from it)")
+    return (f"non-finite training metrics in updates {start + 1}..{end} (sums over the chunk: {values}); "
+            f"training stopped and step {end} was not saved; {good}. Check the data and the loss terms, or "
+            f"lower config.train.lr")
+
+
+def _write_config_json(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """``workdir/config.json``: the run's config (the same JSON the checkpoints hold), written atomically."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, CONFIG_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+
+
+def _fmt(metrics: Mapping[str, float]) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
 
 
 def train_offline(config: ml_collections.ConfigDict, episodes: Episodes | OfflineData, workdir: str, *,
                   save_every: int = 1000, keep: int = 3, async_save: bool = True, mesh=None,
                   handle_signals: bool = True, on_step: Callable[[int, dict], Any] | None = None,
-                  log_every: int | None = None, update_fn: Callable | None = None) -> RunResult:
+                  log_every: int | None = None, update_fn: Callable | None = None,
+                  init_state: Callable[[jax.Array], TrainingState] | None = None, aux: Any = None,
+                  eval_every: int | None = None, eval_fn: Callable[[TrainingState, int], Mapping] | None = None,
+                  writer: MetricsSink | None = None, metrics_dir: str | None = None,
+                  progress: bool = True) -> RunResult:
     """Run (or resume) offline training to ``config.steps`` updates; returns the final :class:`RunResult`.
 
-    ``update_fn`` replaces the default step ``make_update_fn(make_world_model(config.model), config)`` by any
-    pure step called as ``update_fn(state, batch, key) -> (state, metrics)`` (e.g. one with extra loss terms).
+    Learner:
 
-    ``on_step(step, metrics)`` is called after each chunk (``step``: updates done; ``metrics``: those of the
-    chunk's last update, device scalars). ``episodes`` may already be on device as
-    :class:`~mtdistill_jax.data.offline.OfflineData` (from ``OfflineSampler.load``).
+    - ``update_fn`` replaces the default step ``make_update_fn(make_world_model(config.model), config)`` by any
+      pure step ``update_fn(state, batch, key, draws=None, aux=None) -> (state, metrics)`` (e.g. one with
+      extra loss terms); whatever metric names it returns are logged. Without ``aux`` it is called as
+      ``update_fn(state, batch, key)``.
+    - ``init_state(key) -> TrainingState`` makes the fresh state of a new run and, through
+      ``jax.eval_shape``, the restore target of a resumed one (default ``init_training_state(config, key)``);
+      a learner whose state carries more (e.g. ``params['distill']``) passes its own.
+    - ``aux``: any pytree handed to every update as a jit *argument* (copied to the device once, replicated on
+      a mesh, never donated: the caller's arrays stay valid), e.g. frozen teacher params.
+
+    Data: ``episodes`` as :class:`~mtdistill_jax.data.tdmpc2_format.Episodes` (host arrays, checked and copied
+    to the device) or already on device as :class:`~mtdistill_jax.data.offline.OfflineData` (from
+    ``OfflineSampler.load``). NaN/inf in a frame the sampler can read raises
+    :class:`~mtdistill_jax.data.offline.NonFiniteDataError` before anything is written.
+
+    Reporting:
+
+    - ``on_step(step, metrics)`` is called after each chunk (``step``: updates done; ``metrics``: those of
+      the chunk's last update, device scalars).
+    - Every ``log_every`` steps (default ``config.log_every``) the means of the metrics over the window plus
+      ``perf/steps_per_second`` (evaluation time excluded) are logged and written to ``writer`` (anything with
+      ``write(step, metrics)``; the caller closes it) or, with ``metrics_dir``, to a
+      :class:`~mtdistill_jax.metrics.MetricsWriter` built there (``metrics.csv`` + ``tb/``, resumed at the
+      checkpoint step, closed at the end; process 0 only). Give at most one of the two.
+    - ``eval_fn(state, step) -> {name: float}`` runs between chunks at every multiple of ``eval_every``
+      (None/0: only at the end) and once more at the end of the run (not after a preemption); its metrics
+      (name them ``eval/...``) and ``perf/eval_seconds`` go to the log and the writer, in the same row as
+      the training metrics of that step.
+    - ``progress``: a tqdm bar over the steps on stderr (rate, ETA; the postfix shows
+      :data:`PROGRESS_METRICS` present at each log).
+
+    Failures: a chunk whose summed metrics are not all finite stops the run before that chunk is saved
+    (pending saves are finished) with :class:`NonFiniteLossError`. ``workdir/config.json`` holds the run's
+    config once training starts.
     """
+    from tqdm import tqdm
+
     from mtdistill_jax.configs.tasks import get_task_set
 
     check_config(config)
+    if eval_every is not None and (isinstance(eval_every, bool) or int(eval_every) < 0):
+        raise UserError(f"eval_every must be an int >= 1 (or 0/None: evaluate only at the end), got {eval_every}")
+    eval_every = int(eval_every or 0) or None
+    if eval_every is not None and eval_fn is None:
+        raise UserError(f"eval_every={eval_every} needs an eval_fn(state, step) -> metrics")
+    if writer is not None and metrics_dir is not None:
+        raise UserError("give a metrics writer or a metrics_dir, not both")
     ts = get_task_set(config.model.task_set)
     sampler = OfflineSampler(config.train.batch_size, config.train.horizon, ts.obs_pad, ts.action_pad)
     task = np.asarray(episodes.task)
@@ -137,25 +245,30 @@ def train_offline(config: ml_collections.ConfigDict, episodes: Episodes | Offlin
         check_divisible(config.train.batch_size, mesh)
         batch_constraint = batch_sharding(mesh)
     if isinstance(episodes, OfflineData):
+        check_finite(episodes, "data")
         data = episodes if mesh is None else replicate(episodes, mesh)
     else:
         data = sampler.load(episodes, None if mesh is None else replicated(mesh))
+    if aux is not None:
+        aux = jax.device_put(aux) if mesh is None else replicate(aux, mesh)
     update = update_fn or make_update_fn(make_world_model(config.model), config)
+    init_state = init_state or (lambda k: init_training_state(config, k))
     train_chunk = compile_train_chunk(make_train_chunk(update, sampler, batch_constraint), mesh)
     K = config.train.steps_per_dispatch
     log_every = log_every or config.log_every
     mngr = CheckpointManager(workdir, config, keep=keep, save_every=save_every, async_save=async_save)
     if handle_signals:
         mngr.handle_signals()
+    own_writer = bar = None
     try:
         key = jax.random.key(config.seed)
         k_init, k_data, k_run = jax.random.split(key, 3)
         resumed_from = mngr.latest_step()
         if resumed_from is None:
-            state = init_training_state(config, k_init)
+            state = init_state(k_init)
             data_state, rng = sampler.init(k_data), k_run
         else:
-            state_target = jax.eval_shape(lambda k: init_training_state(config, k), k_init)
+            state_target = jax.eval_shape(init_state, k_init)
             data_target = jax.eval_shape(sampler.init, k_data)
             state, rng, data_state = mngr.restore(state_target, data_target, step=resumed_from)
             log.info("resumed from step %d in %s", resumed_from, workdir)
@@ -163,25 +276,73 @@ def train_offline(config: ml_collections.ConfigDict, episodes: Episodes | Offlin
             state, data_state, rng = replicate((state, data_state, rng), mesh)
         validate_batch(jax.eval_shape(sampler.sample, data, data_state)[0], config, check_values=False)
         step = int(state.step)
+        primary = jax.process_index() == 0
+        if primary:
+            _write_config_json(workdir, config)
+            if metrics_dir is not None:
+                from mtdistill_jax.metrics import MetricsWriter
+
+                writer = own_writer = MetricsWriter(metrics_dir, start_step=resumed_from or 0)
+        chunk_args = () if aux is None else (aux,)
+        if step < config.steps:  # compile before the clock starts, so rates and the ETA count training only
+            t_compile = time.perf_counter()
+            train_chunk = train_chunk.lower(state, data, data_state, rng, np.int32(1), *chunk_args).compile()
+            log.info("compiled the training chunk in %.1f s", time.perf_counter() - t_compile)
+        bar = tqdm(total=config.steps, initial=step, desc="train", unit="step", disable=not progress,
+                   dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+
+        def report(msg, *args):
+            if bar.disable:
+                log.info(msg, *args)
+            else:
+                with tqdm.external_write_mode(file=sys.stderr):
+                    log.info(msg, *args)
+
         metrics: dict[str, float] = {}
+        eval_metrics: dict[str, float] = {}
+        postfix: dict[str, str] = {}
         preempted = False
         t_log, s_log = time.perf_counter(), step
-        window = None  # metric sums since the last log
+        window: dict[str, float] = {}  # metric sums since the last log (host, float64)
         while step < config.steps:
-            end = chunk_end(step, config.steps, K, log_every, save_every)
-            state, data_state, rng, m = train_chunk(state, data, data_state, rng, np.int32(end - step))
+            start = step
+            end = chunk_end(step, config.steps, K, log_every, save_every, eval_every)
+            state, data_state, rng, m = train_chunk(state, data, data_state, rng, np.int32(end - step),
+                                                    *chunk_args)
+            totals = {k: float(v) for k, v in jax.device_get(m.total).items()}  # waits for the chunk
+            bad = sorted(k for k, v in totals.items() if not np.isfinite(v))
+            if bad:
+                mngr.wait_until_finished()
+                raise NonFiniteLossError(_nonfinite_message(bad, totals, start, end, mngr, save_every))
             step = end
-            window = m.total if window is None else jax.tree_util.tree_map(jnp.add, window, m.total)
+            bar.update(end - start)
+            for k, v in totals.items():
+                window[k] = window.get(k, 0.0) + v
             if on_step is not None:
                 on_step(step, m.last)
+            row: dict[str, float] = {}
             if step % log_every == 0 or step == config.steps:
-                metrics = {k: float(v) / (step - s_log) for k, v in window.items()}  # blocks on the chunk
-                now = time.perf_counter()
-                rate = (step - s_log) / max(now - t_log, 1e-9)
-                log.info("step %d/%d (%.1f it/s) %s", step, config.steps, rate,
-                         " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
-                t_log, s_log, window = now, step, None
-            if mngr.should_stop(step):
+                rate = (step - s_log) / max(time.perf_counter() - t_log, 1e-9)
+                metrics = {k: v / (step - s_log) for k, v in window.items()}
+                row.update(metrics, **{"perf/steps_per_second": rate})
+                report("step %d/%d (%.1f it/s) %s", step, config.steps, rate, _fmt(metrics))
+                t_log, s_log, window = time.perf_counter(), step, {}
+            stop = mngr.should_stop(step)  # a preemption notice: save now, no evaluation first
+            if eval_fn is not None and not stop and ((eval_every and step % eval_every == 0)
+                                                     or step == config.steps):
+                t_eval = time.perf_counter()
+                eval_metrics = {k: float(v) for k, v in eval_fn(state, step).items()}
+                seconds = time.perf_counter() - t_eval
+                t_log += seconds  # the throughput of the next log counts training time only
+                eval_metrics["perf/eval_seconds"] = seconds
+                row.update(eval_metrics)
+                report("eval at step %d (%.1f s) %s", step, seconds, _fmt(eval_metrics))
+            if row:
+                postfix.update({k.removeprefix("train/"): f"{row[k]:.4g}" for k in PROGRESS_METRICS if k in row})
+                bar.set_postfix(postfix, refresh=False)
+                if writer is not None:
+                    writer.write(step, row)
+            if stop:
                 mngr.save(step, state, rng=rng, data=data_state, force=True)
                 preempted = True
                 log.warning("stopping at step %d after a preemption notice/signal (checkpoint saved)", step)
@@ -189,6 +350,10 @@ def train_offline(config: ml_collections.ConfigDict, episodes: Episodes | Offlin
             mngr.save(step, state, rng=rng, data=data_state, force=step == config.steps)
         mngr.wait_until_finished()
         return RunResult(state=state, rng=rng, data_state=data_state, step=step, resumed_from=resumed_from,
-                         preempted=preempted, metrics=metrics)
+                         preempted=preempted, metrics=metrics, eval_metrics=eval_metrics)
     finally:
+        if bar is not None:
+            bar.close()
+        if own_writer is not None:
+            own_writer.close()
         mngr.close()

@@ -2,8 +2,12 @@
 the same per-step batches and keys as one update per dispatch; chunk boundaries do not change the run; the
 mesh path."""
 
+import glob
+import json
+
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from refdata import reference_dir
@@ -132,3 +136,209 @@ def test_mesh_run(episodes, per_step, tmp_path):
     for step, loss in seen:
         np.testing.assert_allclose(loss, single[step - 1]["train/total_loss"], rtol=1e-4, err_msg=str(step))
     chex.assert_trees_all_close(result.state.params, per_step[0].state.params, atol=TOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# What launch/train.py and launch/distill.py share: aux, init_state, NaN guards, evaluation and metrics hooks.
+# A cheap stand-in update (step + 1, metrics from the batch and aux) keeps these fast; the loop does not care.
+
+
+def _fake_update(traces=None, nan_from=None):
+    """``update(state, batch, key, draws=None, aux=None)``: counts traces, adds 1 to the step and to
+    ``params['distill']['w']`` if present; ``train/total_loss`` turns NaN once ``state.step >= nan_from``."""
+
+    def update(state, batch, key, draws=None, aux=None):
+        if traces is not None:  # whether aux came in as a traced argument (not a constant)
+            traces.append(aux is not None and isinstance(aux["w"], jax.core.Tracer))
+        loss = jnp.mean(batch.reward)
+        if nan_from is not None:
+            loss = jnp.where(state.step >= nan_from, jnp.nan, loss)
+        metrics = {"train/total_loss": loss, "train/step": state.step.astype(jnp.float32)}
+        if aux is not None:
+            metrics["aux/sum"] = aux["w"].astype(jnp.float32).sum() + aux["h"].astype(jnp.float32).sum()
+        params = state.params
+        if "distill" in params:
+            params = {**params, "distill": {"w": params["distill"]["w"] + 1}}
+        return state.replace(step=state.step + 1, params=params), metrics
+
+    return update
+
+
+def _smoke(steps, k=2, log_every=None):
+    c = get_smoke_config()
+    c.steps, c.train.steps_per_dispatch = steps, k
+    c.log_every = log_every or steps
+    return c
+
+
+AUX = {"w": np.arange(6, dtype=np.int8).reshape(2, 3), "h": np.full((4,), 0.5, np.float16)}  # sum 15 + 2
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_aux_is_an_argument_not_donated_one_compilation(episodes, tmp_path, devices):
+    if jax.device_count() < devices:
+        pytest.skip("needs 2 devices (XLA_FLAGS=--xla_force_host_platform_device_count)")
+    from mtdistill_jax.parallel import make_mesh
+
+    aux = jax.tree_util.tree_map(jnp.asarray, AUX)
+    traces, seen = [], []
+    # steps 5, K=2, log 3: chunks of 2, 1, 1, 1 updates, all through one compiled program
+    result = train_offline(_smoke(5, 2, 3), episodes, str(tmp_path), save_every=100, aux=aux,
+                           update_fn=_fake_update(traces), progress=False,
+                           mesh=make_mesh(2) if devices == 2 else None,
+                           on_step=lambda step, m: seen.append((step, float(m["aux/sum"]))))
+    assert seen == [(2, 17.0), (3, 17.0), (4, 17.0), (5, 17.0)] and result.metrics["aux/sum"] == 17.0
+    assert traces and all(traces)  # every trace saw aux as a traced argument of the update
+    # one compilation: as many traces as lowering the chunk program once
+    once = []
+    config = _smoke(5)
+    sampler = OfflineSampler(8, config.train.horizon, 24, 6)
+    key = jax.random.key(0)
+    jax.jit(make_train_chunk(_fake_update(once), sampler)).lower(
+        init_training_state(config, key), sampler.load(episodes), sampler.init(key), key, np.int32(1), aux)
+    assert len(traces) == len(once) <= 2, (len(traces), len(once))
+    for name, x in aux.items():  # not donated: the caller's arrays are intact
+        assert not x.is_deleted()
+        np.testing.assert_array_equal(np.asarray(x), AUX[name])
+
+
+def test_init_state_makes_fresh_state_and_restore_target(episodes, tmp_path):
+    """A learner whose state carries more params (a distillation head) resumes onto its own target."""
+
+    def init_state(key):
+        state = init_training_state(_smoke(2), key)
+        return state.replace(params={**state.params, "distill": {"w": jnp.zeros((3,), jnp.float32)}})
+
+    first = train_offline(_smoke(2), episodes, str(tmp_path), save_every=2, init_state=init_state,
+                          update_fn=_fake_update(), progress=False)
+    np.testing.assert_array_equal(first.state.params["distill"]["w"], [2.0] * 3)
+    resumed = train_offline(_smoke(4), episodes, str(tmp_path), save_every=2, init_state=init_state,
+                            update_fn=_fake_update(), progress=False)
+    assert resumed.resumed_from == 2 and resumed.step == 4
+    np.testing.assert_array_equal(resumed.state.params["distill"]["w"], [4.0] * 3)
+
+
+@pytest.mark.parametrize("nan_from,last_good", [(5, 4), (0, None)])
+def test_nonfinite_loss_stops_before_saving(episodes, tmp_path, nan_from, last_good):
+    """The loss turns NaN in update nan_from+1: the run raises before saving that chunk; the latest checkpoint is
+    the last multiple of save_every <= nan_from and restores."""
+    from mtdistill_jax.checkpoint.manager import CheckpointManager
+    from mtdistill_jax.tdmpc2.offline import NonFiniteLossError
+
+    config = _smoke(10, 3)  # save 2, K 3: chunks end at 2, 3, 4, 6, ...
+    with pytest.raises(NonFiniteLossError) as e:
+        train_offline(config, episodes, str(tmp_path), save_every=2, update_fn=_fake_update(nan_from=nan_from),
+                      progress=False, metrics_dir=str(tmp_path))
+    msg = str(e.value)
+    assert "train/total_loss=nan" in msg and "train/step" not in msg, msg
+    with CheckpointManager(tmp_path, config) as mngr:
+        assert mngr.latest_step() == last_good
+        if last_good is None:
+            assert "updates 1..2 " in msg and "there is no checkpoint" in msg, msg
+            return
+        assert "updates 5..6 " in msg and f"the last good checkpoint is step {last_good} in {tmp_path}" in msg, msg
+        target = jax.eval_shape(lambda k: init_training_state(config, k), jax.random.key(0))
+        cursor = jax.eval_shape(OfflineSampler(8, 3).init, jax.random.key(0))
+        state, _, data_state = mngr.restore(target, cursor)
+    assert int(state.step) == last_good == int(data_state.count)
+
+
+def test_nonfinite_data_is_rejected_before_anything_is_written(episodes, tmp_path, monkeypatch):
+    from mtdistill_jax.data import offline as data_offline
+    from mtdistill_jax.data.offline import NonFiniteDataError, check_finite
+
+    obs, action, reward = episodes.obs.copy(), episodes.action.copy(), episodes.reward.copy()
+    assert np.isnan(action[:, 0]).all() and np.isnan(reward[:, 0]).all()  # filler: never read, not checked
+    check_finite(Episodes(obs, action, reward, episodes.task))
+    reward[7, 1], reward[8, 2], reward[9, 500] = np.inf, np.nan, -np.inf
+    bad = Episodes(obs, action, reward, episodes.task)
+    with pytest.raises(NonFiniteDataError, match=r"episodes: reward has 3 non-finite values \(NaN/inf\) in frames "
+                       r"the sampler reads \(frame 0 of action/reward is filler and not checked\); the first in "
+                       r"episode 7, frame 1 \(of 10 episodes x 501 frames\)"):
+        check_finite(bad)
+    monkeypatch.setattr(data_offline, "_BLOCK_ELEMENTS", 501)  # one episode per block: same answer
+    with pytest.raises(NonFiniteDataError, match=r"reward has 3 non-finite values .* episode 7, frame 1 "):
+        check_finite(bad)
+    obs[3, 10, 5] = np.nan
+    with pytest.raises(NonFiniteDataError, match=r"obs has 1 non-finite value \(NaN/inf\) .*; the first in "
+                       r"episode 3, frame 10 "):
+        train_offline(_smoke(2), Episodes(obs, action, reward, episodes.task), str(tmp_path / "a"), progress=False)
+    # data already on device: reduced there, located on the host
+    sampler = OfflineSampler(8, 3, 24, 6)
+    data = sampler.load(episodes)
+    data = data.replace(action=data.action.at[2, 4, 1].set(jnp.nan))
+    with pytest.raises(NonFiniteDataError, match=r"data: action has 1 non-finite value .* episode 2, frame 4 "):
+        train_offline(_smoke(2), data, str(tmp_path / "b"), progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+class _Rows:
+    def __init__(self):
+        self.rows = []
+
+    def write(self, step, metrics):
+        self.rows.append((step, dict(metrics)))
+
+
+def test_eval_hook_and_metrics_rows(episodes, tmp_path):
+    """eval_fn at every multiple of eval_every (chunks cut there) and at the end, in the same row as that step's
+    training means; perf/steps_per_second with each log."""
+    calls = []
+
+    def eval_fn(state, step):
+        calls.append((step, int(state.step)))
+        return {"eval/score": step / 10}
+
+    rows = _Rows()
+    result = train_offline(_smoke(7, 5, 3), episodes, str(tmp_path), save_every=100, update_fn=_fake_update(),
+                           eval_every=2, eval_fn=eval_fn, writer=rows, progress=False)
+    assert calls == [(2, 2), (4, 4), (6, 6), (7, 7)]  # K=5 alone would end chunks at 5 and 7
+    assert [s for s, _ in rows.rows] == [2, 3, 4, 6, 7]
+    by_step = dict(rows.rows)
+    assert set(by_step[2]) == {"eval/score", "perf/eval_seconds"}
+    assert {"train/total_loss", "train/step", "perf/steps_per_second"} <= set(by_step[3])
+    assert by_step[3]["train/step"] == 1.0  # mean of the step counters 0, 1, 2 over the window
+    assert by_step[6]["train/step"] == 4.0 and by_step[6]["eval/score"] == 0.6  # one row per step
+    assert result.eval_metrics["eval/score"] == 0.7 and result.metrics["train/step"] == 6.0
+    with pytest.raises(ValueError, match="eval_every=2 needs an eval_fn"):
+        train_offline(_smoke(2), episodes, str(tmp_path), eval_every=2, progress=False)
+
+
+def test_metrics_dir_resumes_without_duplicate_rows(episodes, tmp_path):
+    """The process dies at step 4 after logging 1..3 with checkpoints at 1 and 2: the resumed run rewrites 3."""
+    from mtdistill_jax.metrics import read_metrics
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash_at_4(step, m):
+        if step == 4:
+            raise Crash
+
+    config = _smoke(5, 1, 1)
+    with pytest.raises(Crash):
+        train_offline(config, episodes, str(tmp_path), save_every=2, update_fn=_fake_update(), progress=False,
+                      metrics_dir=str(tmp_path), on_step=crash_at_4)
+    np.testing.assert_array_equal(read_metrics(tmp_path)["step"], [1, 2, 3])
+    resumed = train_offline(config, episodes, str(tmp_path), save_every=2, update_fn=_fake_update(),
+                            progress=True, metrics_dir=str(tmp_path))
+    assert resumed.resumed_from == 2
+    cols = read_metrics(tmp_path)
+    np.testing.assert_array_equal(cols["step"], [1, 2, 3, 4, 5])
+    np.testing.assert_array_equal(cols["train/step"], [0, 1, 2, 3, 4])
+    assert np.all(cols["perf/steps_per_second"] > 0)
+    assert glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))
+    assert json.loads((tmp_path / "config.json").read_text())["steps"] == 5
+
+
+def test_preemption_saves_without_evaluating(episodes, tmp_path):
+    import os
+    import signal
+
+    calls = []
+    result = train_offline(_smoke(6, 2), episodes, str(tmp_path), save_every=100, update_fn=_fake_update(),
+                           eval_every=2, eval_fn=lambda state, step: calls.append(step) or {"eval/score": 1.0},
+                           on_step=lambda step, m: step == 4 and os.kill(os.getpid(), signal.SIGTERM),
+                           progress=False)
+    assert result.preempted and result.step == 4 and calls == [2]  # step 4: checkpoint at once, no evaluation
+    assert result.eval_metrics["eval/score"] == 1.0

@@ -1,0 +1,276 @@
+"""What the offline launch mains share (``launch/train.py``, ``launch/distill.py``): flags, data, one run.
+
+A main defines its ``--config`` flag, calls :func:`define_flags` (``--workdir``, ``--data``, ``--save_every``,
+``--keep``, ``--eval_every``, ``--eval_tasks``, ``--eval_episodes``, ``--eval_episode_length``, ``--to_torch``,
+``--progress``) and, in ``main``::
+
+    options = common.options_from_flags(FLAGS.config)      # every flag checked (usage errors), nothing loaded
+    ... build update_fn / init_state / aux (e.g. load a teacher) ...
+    common.run(FLAGS.config, options, update_fn=..., init_state=..., aux=..., program="mtdistill-distill")
+
+:func:`run` loads the data (NaN/inf rejected), trains with :func:`~mtdistill_jax.tdmpc2.offline.train_offline`
+(progress bar, ``metrics.csv`` + ``tb/`` in the workdir, evaluation every ``eval_every`` steps and at the end)
+and, when the run finished (not preempted), writes the final agent as an agent export to ``<workdir>/agent``
+(world-model params only: keys of the state's params that are not part of the WorldModel tree, e.g. a
+``'distill'`` head, are left out) and, with ``to_torch``, as an official-format ``.pt``. The run's config is
+in ``<workdir>/config.json``. Whatever metric names the update returns are logged as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import glob
+import importlib.util
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import flags
+
+from mtdistill_jax import cli
+from mtdistill_jax.configs.train import check_config
+from mtdistill_jax.errors import UserError
+
+FLAGS = flags.FLAGS
+AGENT_DIR = "agent"  # <workdir>/agent: the agent export written at the end of a finished run
+DEFAULT_EVAL_TASKS = 3  # --eval_tasks default: this many tasks of the data (that have an MJX environment)
+
+_defined = False
+
+
+def define_flags(*, save_every: int = 10_000) -> None:
+    """Define the shared flags (once per process; ``--config`` is the main's own). ``save_every``: default of
+    ``--save_every``."""
+    global _defined
+    if _defined:
+        return
+    _defined = True
+    flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics.csv, tb/, config.json, agent/",
+                        required=True)
+    flags.DEFINE_list("data", None, "official dataset chunk files (globs allowed)", required=True)
+    flags.DEFINE_integer("save_every", save_every, "steps between checkpoints", lower_bound=1)
+    flags.DEFINE_integer("keep", 3, "checkpoints kept on disk", lower_bound=1)
+    flags.DEFINE_integer("eval_every", 0, "steps between evaluations in MJX (and one at the end); 0: no evaluation",
+                         lower_bound=0)
+    flags.DEFINE_list("eval_tasks", None, f"tasks to evaluate (default: the first {DEFAULT_EVAL_TASKS} tasks of the "
+                      "data that have an MJX environment)")
+    flags.DEFINE_integer("eval_episodes", 2, "episodes per evaluated task", lower_bound=1)
+    flags.DEFINE_integer("eval_episode_length", None, "agent steps per evaluation episode (default: the task "
+                         "set's, MT30 500 = official; less only for quick looks)", lower_bound=1)
+    flags.DEFINE_string("to_torch", None, "also write the final agent as an official-format .pt at this path "
+                        "(needs torch)")
+    flags.DEFINE_bool("progress", True, "progress bar with rate and ETA on stderr")
+
+
+@dataclasses.dataclass
+class RunOptions:
+    """Everything of an offline run that is not the config (the flags of :func:`define_flags`)."""
+
+    workdir: str  # run directory (checkpoints, metrics, exports)
+    data: list[str]  # official dataset chunk files (globs expanded, see data_paths)
+    save_every: int = 10_000  # steps between checkpoints
+    keep: int = 3  # checkpoints kept on disk
+    eval_every: int = 0  # steps between evaluations (and one at the end); 0: no evaluation
+    eval_tasks: list[str] | None = None  # None: the first DEFAULT_EVAL_TASKS tasks of the data with an env
+    eval_episodes: int = 2  # episodes per evaluated task
+    eval_episode_length: int | None = None  # None: the task set's (MT30: 500)
+    to_torch: str | None = None  # also write the final agent as an official .pt here
+    progress: bool = True  # tqdm bar on stderr
+
+
+def data_paths(patterns: Sequence[str]) -> list[str]:
+    """The files named by ``patterns`` (globs expanded, sorted); a pattern matching nothing and naming no file
+    raises ``FileNotFoundError`` (one line from :mod:`mtdistill_jax.cli`)."""
+    paths = sorted(p for pattern in patterns for p in (glob.glob(pattern) or [pattern]))
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), ", ".join(missing))
+    return paths
+
+
+def options_from_flags(config: ml_collections.ConfigDict) -> RunOptions:
+    """Check the config and the shared flags (a :class:`cli.UsageError` naming the flag, or
+    ``FileNotFoundError`` for a missing data file) before anything is loaded; returns the run's options."""
+    try:
+        check_config(config)
+    except UserError as e:
+        raise cli.UsageError(f"--config: {e}") from e
+    cli.check_output_dir(FLAGS.workdir, "workdir")
+    if FLAGS.to_torch:
+        if os.path.isdir(FLAGS.to_torch):
+            raise cli.UsageError(f"--to_torch={FLAGS.to_torch} is a directory; give a file path")
+        cli.check_output_dir(os.path.dirname(os.path.abspath(FLAGS.to_torch)), "to_torch")
+        if importlib.util.find_spec("torch") is None:
+            raise cli.UsageError("--to_torch needs torch: pip install 'mtdistill-jax[torch]'")
+    if FLAGS.eval_tasks and not FLAGS.eval_every:
+        raise cli.UsageError("--eval_tasks is given but --eval_every=0 (no evaluation); give --eval_every=N")
+    if FLAGS.eval_every:
+        from mtdistill_jax.evaluate import check_eval_args
+
+        try:  # names, episodes and length against the task set, before any data is read
+            check_eval_args(config.model.task_set, FLAGS.eval_tasks or None, FLAGS.eval_episodes, "sample", 1,
+                            FLAGS.eval_episode_length)
+        except UserError as e:
+            raise cli.UsageError(f"--eval_tasks: {e}") from e
+    return RunOptions(workdir=FLAGS.workdir, data=data_paths(FLAGS.data), save_every=FLAGS.save_every,
+                      keep=FLAGS.keep, eval_every=FLAGS.eval_every, eval_tasks=FLAGS.eval_tasks or None,
+                      eval_episodes=FLAGS.eval_episodes, eval_episode_length=FLAGS.eval_episode_length,
+                      to_torch=FLAGS.to_torch, progress=FLAGS.progress)
+
+
+# ------------------------------------------------------------------------------------------------ params
+def world_model_keys(model_config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """Top-level keys of the WorldModel params tree of ``model_config`` (encoder, dynamics, ..., task_emb)."""
+    from mtdistill_jax.nn.world_model import abstract_params, make_world_model
+
+    return tuple(abstract_params(make_world_model(model_config)))
+
+
+def world_model_params(params: dict, model_config: ml_collections.ConfigDict,
+                       keys: Sequence[str] | None = None) -> dict:
+    """The WorldModel part of a learner's params: every key of the WorldModel tree, nothing else (e.g. a
+    distillation state's ``params['distill']`` is left out). A missing key raises a ``UserError``."""
+    keys = world_model_keys(model_config) if keys is None else keys
+    missing = [k for k in keys if k not in params]
+    if missing:
+        raise UserError(f"the learner's params lack the world-model modules {missing} (have {sorted(params)})")
+    return {k: params[k] for k in keys}
+
+
+# -------------------------------------------------------------------------------------------- evaluation
+def default_eval_tasks(task_set: str, task_ids, n: int = DEFAULT_EVAL_TASKS) -> list[str]:
+    """The first ``n`` tasks (in task-set order) among ``task_ids`` (e.g. the data's ``task`` [E]) that have an
+    MJX environment; a ``UserError`` when there is none."""
+    from mtdistill_jax.configs.tasks import get_task_set
+    from mtdistill_jax.envs.registry import task_names
+
+    ts = get_task_set(task_set)
+    present = [ts.tasks[i] for i in sorted({int(i) for i in np.asarray(task_ids).ravel()})]
+    tasks = [t for t in present if t in task_names()][:n]
+    if not tasks:
+        raise UserError(f"none of the data's tasks ({', '.join(present)}) has an MJX environment to evaluate; give "
+                        f"--eval_tasks (one of {', '.join(task_names())}) or --eval_every=0")
+    return tasks
+
+
+def eval_metrics(result) -> dict[str, float]:
+    """``eval/<task>/return`` (mean episode return) per task and ``eval/score`` (normalized score) of an
+    :class:`~mtdistill_jax.evaluate.EvalResult`."""
+    out = {f"eval/{t}/return": float(r.mean()) for t, r in zip(result.tasks, result.returns, strict=True)}
+    out["eval/score"] = result.normalized_score
+    return out
+
+
+def make_eval_fn(config: ml_collections.ConfigDict, tasks: Sequence[str] | None, episodes: int = 2, *,
+                 seed: int | None = None, mode: str = "sample",
+                 episode_length: int | None = None) -> Callable[[Any, int], dict[str, float]]:
+    """``eval_fn(state, step) -> {eval/<task>/return, eval/score}`` for ``train_offline``: the evaluation of
+    :func:`mtdistill_jax.evaluate.evaluate` (same program, protocol and numbers for the same seed) on the
+    world-model part of ``state.params`` (see :func:`world_model_params`).
+
+    The program is built and compiled once, at the first call, and reused: ``evaluate`` would trace and
+    compile it anew each time. Every call uses the same seed (default ``config.seed``), so evaluations at
+    different steps see the same initial states and differ only through the params.
+    """
+    from mtdistill_jax.evaluate import EvalResult, check_eval_args, episode_length_of, make_eval_program
+    from mtdistill_jax.xla_cpu import check_mapping_budget
+
+    task_set = config.model.task_set
+    tasks = check_eval_args(task_set, tasks, episodes, mode, 1, episode_length)
+    length = episode_length_of(task_set, tasks, episode_length)
+    seed = config.seed if seed is None else int(seed)
+    keys = world_model_keys(config.model)
+    program: dict[str, Any] = {}
+
+    def eval_fn(state, step: int) -> dict[str, float]:
+        if not program:
+            check_mapping_budget(len(tasks), jax.default_backend())
+            env, init, run_chunk = make_eval_program(config, tasks, episodes, mode, length, None, length, False)
+            program.update(env=env, init=jax.jit(init), run=jax.jit(run_chunk, donate_argnums=(1,)))
+        params = world_model_params(state.params, config.model, keys)
+        params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
+        t = time.perf_counter()
+        carry, _ = program["run"](params, program["init"](jax.random.key(seed)))
+        returns = np.asarray(carry.returns, np.float64).reshape(len(tasks), episodes)
+        result = EvalResult(tasks=list(tasks), returns=returns, mode=mode, seconds=time.perf_counter() - t,
+                            compile_seconds=0.0, plan_calls=length * program["env"].num_envs, seeds=(seed,),
+                            episode_length=length)
+        return eval_metrics(result)
+
+    return eval_fn
+
+
+# ------------------------------------------------------------------------------------------------ export
+def export_agent(state, config: ml_collections.ConfigDict, workdir: str, *, to_torch: str | None = None,
+                 source: str = "") -> dict[str, str]:
+    """Write the learner's world model (``state.params`` restricted to the WorldModel tree, float32, and
+    ``state.target_q_params``) as an agent export ``<workdir>/agent`` (replacing an earlier export there) and,
+    with ``to_torch``, as an official-format ``.pt``. Returns ``{"agent": dir[, "torch": path]}``."""
+    from mtdistill_jax.checkpoint.convert import export_torch
+    from mtdistill_jax.checkpoint.export import AgentExport, save_agent
+    from mtdistill_jax.tdmpc2.offline import CONFIG_FILE
+
+    step = int(state.step)
+    params = jax.device_get(world_model_params(state.params, config.model))
+    export = AgentExport(config=config.model, params=params, target_q_params=jax.device_get(state.target_q_params),
+                         source=source or f"{os.path.abspath(workdir)} (step {step})",
+                         notes=[f"trained offline for {step} updates; run config in {CONFIG_FILE} beside this "
+                                "directory"])
+    paths = {"agent": save_agent(os.path.join(workdir, AGENT_DIR), export, overwrite=True)}
+    if to_torch:
+        try:
+            logging.info("%s", export_torch(paths["agent"], to_torch))
+        except ImportError as e:
+            raise UserError(f"--to_torch={to_torch}: {e}") from e
+        paths["torch"] = os.path.abspath(to_torch)
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------- run
+def run(config: ml_collections.ConfigDict, options: RunOptions, *, update_fn: Callable | None = None,
+        init_state: Callable | None = None, aux: Any = None, program: str = "mtdistill-train"):
+    """Load ``options.data``, train (or resume) to ``config.steps`` with
+    :func:`~mtdistill_jax.tdmpc2.offline.train_offline` and, unless preempted, export the agent; returns its
+    :class:`~mtdistill_jax.tdmpc2.offline.RunResult`.
+
+    ``update_fn`` / ``init_state`` / ``aux`` go to ``train_offline`` unchanged (default: the TD-MPC2 update on
+    a fresh TrainingState). ``program`` names the run in the export's ``source``.
+    """
+    from mtdistill_jax.configs.tasks import get_task_set
+    from mtdistill_jax.data.offline import OfflineSampler
+    from mtdistill_jax.data.tdmpc2_format import load_chunks
+    from mtdistill_jax.tdmpc2.offline import train_offline
+
+    check_config(config)
+    paths = data_paths(options.data)
+    episodes = load_chunks(paths)
+    logging.info("devices: %s", jax.devices())
+    logging.info("%d episodes of %d frames from %d file(s)", episodes.num_episodes, episodes.num_frames, len(paths))
+    ts = get_task_set(config.model.task_set)
+    sampler = OfflineSampler(config.train.batch_size, config.train.horizon, ts.obs_pad, ts.action_pad)
+    data = sampler.load(episodes)  # checked (shapes, NaN/inf) and copied to the device once
+    del episodes
+    eval_fn = None
+    if options.eval_every:
+        tasks = options.eval_tasks or default_eval_tasks(ts.name, data.task)
+        eval_fn = make_eval_fn(config, tasks, options.eval_episodes, episode_length=options.eval_episode_length)
+        logging.info("evaluating %s (%d episodes each) every %d steps and at the end", ", ".join(tasks),
+                     options.eval_episodes, options.eval_every)
+    result = train_offline(config, data, options.workdir, save_every=options.save_every, keep=options.keep,
+                           update_fn=update_fn, init_state=init_state, aux=aux, eval_every=options.eval_every,
+                           eval_fn=eval_fn, metrics_dir=options.workdir, progress=options.progress)
+    start = f"resumed from {result.resumed_from}" if result.resumed_from is not None else "fresh run"
+    if result.preempted:
+        logging.info("preempted at step %d (%s); run the same command again to resume", result.step, start)
+        return result
+    written = export_agent(result.state, config, options.workdir, to_torch=options.to_torch,
+                           source=f"{program} {os.path.abspath(options.workdir)} (step {result.step})")
+    logging.info("done at step %d (%s); wrote %s", result.step, start, ", ".join(written.values()))
+    return result
