@@ -39,6 +39,7 @@ ENTRY_POINTS = {"console_scripts": [
     "mtdistill-evaluate = mtdistill_jax.launch.evaluate:entry_point",
     "mtdistill-convert = mtdistill_jax.launch.convert:entry_point",
     "mtdistill-train = mtdistill_jax.launch.train:entry_point",
+    "mtdistill-distill = mtdistill_jax.launch.distill:entry_point",
 ]}
 
 EXTRAS = {

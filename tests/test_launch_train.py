@@ -3,50 +3,28 @@ re-run of a finished run) and the shared launch machinery of mtdistill_jax.launc
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from refdata import REPO, reference_dir
+from launch_util import SMOKE, chunk, launch, read_csv
 
-from mtdistill_jax import cli
 from mtdistill_jax.checkpoint.export import load_agent
 from mtdistill_jax.configs.tasks import get_task_set
 from mtdistill_jax.configs.train import get_smoke_config
 from mtdistill_jax.errors import UserError
 from mtdistill_jax.tdmpc2.train import init_training_state
 
-CHUNK = reference_dir() / "mt30_tiny_chunk.pt"
-SMOKE = ["--config.steps=4", "--config.train.batch_size=8", "--config.train.steps_per_dispatch=2",
-         "--config.log_every=2", "--save_every=2"]
 EVAL = ["--eval_every=2", "--eval_tasks=pendulum-swingup", "--eval_episodes=1", "--eval_episode_length=10"]
+_chunk, _csv = chunk, read_csv
 
 
-def _chunk():
-    if not CHUNK.is_file():
-        pytest.skip(f"{CHUNK} not found")
-    return CHUNK
-
-
-def _train(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**{k: v for k, v in os.environ.items() if k != cli.TRACEBACK_ENV}, "JAX_PLATFORMS": "cpu"}
-    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".cache" / "jax"))
-    # one CPU device, as in a user's run (conftest asks for 8 in this process)
-    env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).strip()
-    return subprocess.run([sys.executable, "launch/train.py", *args], capture_output=True, text=True, cwd=REPO,
-                          env=env, timeout=timeout)
-
-
-def _csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+def _train(args: list[str], timeout: int = 300):
+    return launch("train.py", args, timeout)
 
 
 def test_train_end_to_end(tmp_path):

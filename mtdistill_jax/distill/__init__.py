@@ -16,11 +16,9 @@ from mtdistill_jax.distill.step import (
     make_distill_step,
     make_distill_update,
     place_teacher,
-    student_params,
     teacher_specs,
 )
 
 __all__ = ["DISTILL_KEY", "DistillLosses", "TeacherOutputs", "d_coef_schedule", "make_distill_losses",
            "make_teacher_forward", "IncompatibleTeacherError", "check_compatible", "init_distill_state",
-           "load_teacher", "make_distill_step", "make_distill_update", "place_teacher", "student_params",
-           "teacher_specs"]
+           "load_teacher", "make_distill_step", "make_distill_update", "place_teacher", "teacher_specs"]

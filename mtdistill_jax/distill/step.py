@@ -27,12 +27,11 @@ from mtdistill_jax.configs.tasks import get_task_set
 from mtdistill_jax.distill.losses import DISTILL_KEY, init_distill_params, make_distill_losses
 from mtdistill_jax.errors import UserError
 from mtdistill_jax.nn.world_model import init_params, make_world_model
-from mtdistill_jax.tdmpc2.losses import PI_KEY, WM_KEYS
 from mtdistill_jax.tdmpc2.train import TrainingState, init_training_state, make_update_fn
 from mtdistill_jax.types import Params
 
 __all__ = ["IncompatibleTeacherError", "check_compatible", "load_teacher", "make_distill_update",
-           "make_distill_step", "init_distill_state", "student_params", "teacher_specs", "place_teacher"]
+           "make_distill_step", "init_distill_state", "teacher_specs", "place_teacher"]
 
 
 class IncompatibleTeacherError(UserError):
@@ -146,10 +145,3 @@ def init_distill_state(config: ml_collections.ConfigDict, teacher_config: ml_col
     extra = init_distill_params(config.model, teacher_config, config)
     params = {**params, DISTILL_KEY: extra} if extra else dict(params)
     return init_training_state(config, params=params, target_q_params=target_q_params)
-
-
-def student_params(state_or_params) -> Params:
-    """The student's world-model params (what an agent export holds): the training params without the
-    distillation-only sub-tree."""
-    params = state_or_params.params if isinstance(state_or_params, TrainingState) else state_or_params
-    return {k: v for k, v in params.items() if k in WM_KEYS or k == PI_KEY}

@@ -37,6 +37,7 @@ from absl import flags
 from mtdistill_jax import cli
 from mtdistill_jax.configs.train import check_config
 from mtdistill_jax.errors import UserError
+from mtdistill_jax.nn.world_model import world_model_keys, world_model_params
 
 FLAGS = flags.FLAGS
 AGENT_DIR = "agent"  # <workdir>/agent: the agent export written at the end of a finished run
@@ -95,11 +96,12 @@ def data_paths(patterns: Sequence[str]) -> list[str]:
     return paths
 
 
-def options_from_flags(config: ml_collections.ConfigDict) -> RunOptions:
-    """Check the config and the shared flags (a :class:`cli.UsageError` naming the flag, or
-    ``FileNotFoundError`` for a missing data file) before anything is loaded; returns the run's options."""
+def options_from_flags(config: ml_collections.ConfigDict, check: Callable = check_config) -> RunOptions:
+    """Check the config (with ``check``, e.g. the distillation config's) and the shared flags (a
+    :class:`cli.UsageError` naming the flag, or ``FileNotFoundError`` for a missing data file) before anything
+    is loaded; returns the run's options."""
     try:
-        check_config(config)
+        check(config)
     except UserError as e:
         raise cli.UsageError(f"--config: {e}") from e
     cli.check_output_dir(FLAGS.workdir, "workdir")
@@ -126,24 +128,6 @@ def options_from_flags(config: ml_collections.ConfigDict) -> RunOptions:
 
 
 # ------------------------------------------------------------------------------------------------ params
-def world_model_keys(model_config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """Top-level keys of the WorldModel params tree of ``model_config`` (encoder, dynamics, ..., task_emb)."""
-    from mtdistill_jax.nn.world_model import abstract_params, make_world_model
-
-    return tuple(abstract_params(make_world_model(model_config)))
-
-
-def world_model_params(params: dict, model_config: ml_collections.ConfigDict,
-                       keys: Sequence[str] | None = None) -> dict:
-    """The WorldModel part of a learner's params: every key of the WorldModel tree, nothing else (e.g. a
-    distillation state's ``params['distill']`` is left out). A missing key raises a ``UserError``."""
-    keys = world_model_keys(model_config) if keys is None else keys
-    missing = [k for k in keys if k not in params]
-    if missing:
-        raise UserError(f"the learner's params lack the world-model modules {missing} (have {sorted(params)})")
-    return {k: params[k] for k in keys}
-
-
 # -------------------------------------------------------------------------------------------- evaluation
 def default_eval_tasks(task_set: str, task_ids, n: int = DEFAULT_EVAL_TASKS) -> list[str]:
     """The first ``n`` tasks (in task-set order) among ``task_ids`` (e.g. the data's ``task`` [E]) that have an
@@ -235,13 +219,17 @@ def export_agent(state, config: ml_collections.ConfigDict, workdir: str, *, to_t
 
 # --------------------------------------------------------------------------------------------------- run
 def run(config: ml_collections.ConfigDict, options: RunOptions, *, update_fn: Callable | None = None,
-        init_state: Callable | None = None, aux: Any = None, program: str = "mtdistill-train"):
+        init_state: Callable | None = None, aux: Any = None, aux_specs: Callable | None = None,
+        program: str = "mtdistill-train"):
     """Load ``options.data``, train (or resume) to ``config.steps`` with
     :func:`~mtdistill_jax.tdmpc2.offline.train_offline` and, unless preempted, export the agent; returns its
     :class:`~mtdistill_jax.tdmpc2.offline.RunResult`.
 
     ``update_fn`` / ``init_state`` / ``aux`` go to ``train_offline`` unchanged (default: the TD-MPC2 update on
-    a fresh TrainingState). ``program`` names the run in the export's ``source``.
+    a fresh TrainingState). With more than one device (all of ``jax.devices()``, every host of a pod) the run
+    is data-parallel: the batch is split over a 1-D ``data`` mesh, the learner replicated, and ``aux``
+    replicated or laid out by ``aux_specs(mesh)`` (PartitionSpecs, e.g. a sharded teacher). ``program``
+    names the run in the export's ``source``.
     """
     from mtdistill_jax.configs.tasks import get_task_set
     from mtdistill_jax.data.offline import OfflineSampler
@@ -263,8 +251,20 @@ def run(config: ml_collections.ConfigDict, options: RunOptions, *, update_fn: Ca
         eval_fn = make_eval_fn(config, tasks, options.eval_episodes, episode_length=options.eval_episode_length)
         logging.info("evaluating %s (%d episodes each) every %d steps and at the end", ", ".join(tasks),
                      options.eval_episodes, options.eval_every)
+    mesh = specs = None
+    if jax.device_count() > 1:
+        from mtdistill_jax.parallel import make_mesh
+
+        mesh = make_mesh()
+        if config.train.batch_size % mesh.devices.size:
+            raise UserError(f"config field train.batch_size {config.train.batch_size} is not divisible by the "
+                            f"{mesh.devices.size} devices the run is split over")
+        specs = None if aux_specs is None or aux is None else aux_specs(mesh)
+        logging.info("data-parallel over %d devices (batch %d, %d per device)", mesh.devices.size,
+                     config.train.batch_size, config.train.batch_size // mesh.devices.size)
     result = train_offline(config, data, options.workdir, save_every=options.save_every, keep=options.keep,
-                           update_fn=update_fn, init_state=init_state, aux=aux, eval_every=options.eval_every,
+                           mesh=mesh, update_fn=update_fn, init_state=init_state, aux=aux, aux_specs=specs,
+                           eval_every=options.eval_every,
                            eval_fn=eval_fn, metrics_dir=options.workdir, progress=options.progress)
     start = f"resumed from {result.resumed_from}" if result.resumed_from is not None else "fresh run"
     if result.preempted:

@@ -13,6 +13,8 @@ Input concatenation orders are the official ones: encoder ``[obs, emb]``; dynami
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -22,6 +24,7 @@ import numpy as np
 from mtdistill_jax import math as tdmath
 from mtdistill_jax.configs.model_sizes import check_model_config
 from mtdistill_jax.configs.tasks import get_task_set
+from mtdistill_jax.errors import UserError
 from mtdistill_jax.nn.layers import MLP, EnsembleMLP
 
 MAX_NORM = 1.0  # nn.Embedding(max_norm=1) of the official task embedding
@@ -201,3 +204,19 @@ def q_value(logits, key, config, reduce: str = "min", heads=None):
     if reduce == "avg":
         return jnp.sum(q, axis=0) / 2
     raise ValueError(f"reduce must be 'min' or 'avg', got {reduce!r}")
+
+
+def world_model_keys(model_config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """Top-level keys of the WorldModel params tree of ``model_config`` (encoder, dynamics, ..., task_emb)."""
+    return tuple(abstract_params(make_world_model(model_config)))
+
+
+def world_model_params(params: dict, model_config: ml_collections.ConfigDict,
+                       keys: Sequence[str] | None = None) -> dict:
+    """The WorldModel part of a learner's params: every key of the WorldModel tree, nothing else (e.g. a
+    distillation state's ``params['distill']`` is left out). A missing key raises a ``UserError``."""
+    keys = world_model_keys(model_config) if keys is None else keys
+    missing = [k for k in keys if k not in params]
+    if missing:
+        raise UserError(f"the learner's params lack the world-model modules {missing} (have {sorted(params)})")
+    return {k: params[k] for k in keys}

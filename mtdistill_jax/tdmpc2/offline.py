@@ -118,13 +118,15 @@ def make_train_chunk(update: Callable, sampler: OfflineSampler, batch_constraint
     return train_chunk
 
 
-def compile_train_chunk(train_chunk: Callable, mesh=None) -> Callable:
+def compile_train_chunk(train_chunk: Callable, mesh=None, aux_specs=None) -> Callable:
     """The one jit of the offline loop (only the state, argument 0, is donated: never ``data`` or ``aux``),
-    through :func:`mtdistill_jax.parallel.compile_step`: with a mesh every argument (``aux`` included) and
-    output is replicated and the batch sharding comes from :func:`make_train_chunk`'s ``batch_constraint``."""
+    through :func:`mtdistill_jax.parallel.compile_step`: with a mesh every argument and output is replicated
+    (``aux`` laid out by ``aux_specs``, a pytree prefix of PartitionSpecs, when given) and the batch sharding
+    comes from :func:`make_train_chunk`'s ``batch_constraint``."""
     from mtdistill_jax.parallel import compile_step
 
-    return compile_step(train_chunk, mesh, donate_argnums=0)
+    in_specs = () if aux_specs is None else (None, None, None, None, None, aux_specs)
+    return compile_step(train_chunk, mesh, in_specs=in_specs, donate_argnums=0)
 
 
 def chunk_end(step: int, total: int, *every: int | None) -> int:
@@ -178,7 +180,8 @@ def train_offline(config: ml_collections.ConfigDict, episodes: Episodes | Offlin
                   handle_signals: bool = True, on_step: Callable[[int, dict], Any] | None = None,
                   log_every: int | None = None, update_fn: Callable | None = None,
                   init_state: Callable[[jax.Array], TrainingState] | None = None, aux: Any = None,
-                  eval_every: int | None = None, eval_fn: Callable[[TrainingState, int], Mapping] | None = None,
+                  aux_specs: Any = None, eval_every: int | None = None,
+                  eval_fn: Callable[[TrainingState, int], Mapping] | None = None,
                   writer: MetricsSink | None = None, metrics_dir: str | None = None,
                   progress: bool = True) -> RunResult:
     """Run (or resume) offline training to ``config.steps`` updates; returns the final :class:`RunResult`.
@@ -193,7 +196,9 @@ def train_offline(config: ml_collections.ConfigDict, episodes: Episodes | Offlin
       ``jax.eval_shape``, the restore target of a resumed one (default ``init_training_state(config, key)``);
       a learner whose state carries more (e.g. ``params['distill']``) passes its own.
     - ``aux``: any pytree handed to every update as a jit *argument* (copied to the device once, replicated on
-      a mesh, never donated: the caller's arrays stay valid), e.g. frozen teacher params.
+      a mesh, never donated: the caller's arrays stay valid), e.g. frozen teacher params; ``aux_specs``
+      (PartitionSpecs, a pytree prefix of ``aux``) lays it out on the mesh instead, e.g. a sharded teacher
+      (:func:`mtdistill_jax.distill.teacher_specs`).
 
     Data: ``episodes`` as :class:`~mtdistill_jax.data.tdmpc2_format.Episodes` (host arrays, checked and copied
     to the device) or already on device as :class:`~mtdistill_jax.data.offline.OfflineData` (from
@@ -250,10 +255,18 @@ def train_offline(config: ml_collections.ConfigDict, episodes: Episodes | Offlin
     else:
         data = sampler.load(episodes, None if mesh is None else replicated(mesh))
     if aux is not None:
-        aux = jax.device_put(aux) if mesh is None else replicate(aux, mesh)
+        if mesh is None:
+            aux = jax.device_put(aux)
+        elif aux_specs is None:
+            aux = replicate(aux, mesh)
+        else:
+            from mtdistill_jax.parallel import to_shardings
+
+            aux = jax.device_put(aux, to_shardings(aux_specs, mesh))
     update = update_fn or make_update_fn(make_world_model(config.model), config)
     init_state = init_state or (lambda k: init_training_state(config, k))
-    train_chunk = compile_train_chunk(make_train_chunk(update, sampler, batch_constraint), mesh)
+    train_chunk = compile_train_chunk(make_train_chunk(update, sampler, batch_constraint), mesh,
+                                      None if mesh is None else aux_specs)
     K = config.train.steps_per_dispatch
     log_every = log_every or config.log_every
     mngr = CheckpointManager(workdir, config, keep=keep, save_every=save_every, async_save=async_save)
