@@ -30,6 +30,7 @@ bench: venv
 	$(PY) benchmarks/update_step.py
 	$(PY) benchmarks/plan.py
 	$(PY) benchmarks/envs.py --num_envs 1,64 --impls jax
+	$(PY) benchmarks/distill_step.py
 
 clean:
 	rm -rf $(VENV) .cache

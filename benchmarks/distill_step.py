@@ -27,15 +27,18 @@ Columns:
   device in ``--teacher_dtype`` (int8: int8 kernels + float32 per-channel scales, other leaves float32).
 - ``compile s``: compile time of the fused step.
 - ``fused ms``: median (p10-p90) ms of ``step(state, teacher_params, batch, key)``, donate off.
-- ``student ms``: median ms of the plain student update (``Learner(config, donate=False).update_jit``).
+- ``student ms``: median ms of the student's half of the unfused alternative: the same update with the same
+  distillation terms, reading teacher outputs computed beforehand (``make_update_fn(..., extra_wm_loss,
+  extra_pi_loss)`` with the outputs as ``aux``).
 - ``teacher ms``: median ms of the jitted ``make_teacher_forward(teacher, config)(teacher_params, batch)``.
 - ``sum ms``: student + teacher, the unfused alternative (two dispatches); ``fused/sum``: the ratio
   (below 1: fusing is faster).
-- ``fused MiB`` / ``student MiB``: peak device memory of the compiled fused step / student update from XLA's
-  ``memory_analysis()`` (argument + output + temp bytes, minus aliased ones); their difference is what the
-  teacher adds. jit drops the arguments a program never reads, so only the teacher params the configured terms
-  use count (with the default reward-at-the-first-step term: task embedding, encoder and reward head; all of
-  them still sit on the device, see the ``MiB`` column). ``n/a`` where the backend gives no memory analysis.
+- ``fused MiB`` / ``unfused MiB``: peak device memory of the compiled fused step / of the larger of the two
+  unfused programs, from XLA's ``memory_analysis()`` (argument + output + temp bytes, minus aliased ones).
+  jit drops the arguments a program never reads, so only the teacher params the configured terms use count
+  (with the default reward-at-the-first-step term: task embedding, encoder and reward head; all of them still
+  sit on the device, see the ``MiB`` column). ``n/a`` where the backend gives no memory analysis. The line
+  above the table gives the plain student update (no teacher, no terms) for reference.
 - with ``--mfu_peak_tflops``: ``GFLOP`` per fused step from the compiled executable's
   ``cost_analysis()['flops']``, achieved ``TFLOP/s`` (GFLOP / median time) and ``MFU`` = achieved / peak.
   XLA counts a loop body once (the student's H-step latent rollout is a scan), so the FLOPs are a slight
@@ -65,10 +68,10 @@ from mtdistill_jax.checkpoint import transforms  # noqa: E402
 from mtdistill_jax.configs import get_model_config  # noqa: E402
 from mtdistill_jax.configs.distill import COMPUTE_DTYPES  # noqa: E402
 from mtdistill_jax.configs.distill import get_config as get_distill_config  # noqa: E402
-from mtdistill_jax.distill.losses import make_teacher_forward  # noqa: E402
+from mtdistill_jax.distill.losses import make_distill_losses, make_teacher_forward  # noqa: E402
 from mtdistill_jax.distill.step import init_distill_state, make_distill_step  # noqa: E402
 from mtdistill_jax.nn.world_model import count_params, init_params, make_world_model  # noqa: E402
-from mtdistill_jax.tdmpc2.train import Learner  # noqa: E402
+from mtdistill_jax.tdmpc2.train import Learner, make_update_fn  # noqa: E402
 
 MIB = 2.0**20
 
@@ -144,9 +147,10 @@ def main():
     _, s_med, _, _, s_comp = time_jitted(learner.update_jit, student_args, args.repeats, return_compiled=True)
     s_peak = peak_bytes(s_comp)
 
+    print(f"plain student update (no teacher): {s_med * 1e3:.2f} ms, {fmt_mib(s_peak)} MiB")
     cols = (f"{'teacher':>7} {'params':>11} {'MiB':>7} {'compile s':>9} {'fused ms':>8} {'p10-p90 ms':>15} "
             f"{'student ms':>10} {'teacher ms':>10} {'sum ms':>8} {'fused/sum':>9} {'fused MiB':>9} "
-            f"{'student MiB':>11}")
+            f"{'unfused MiB':>11}")
     if args.mfu_peak_tflops:
         cols += f" {'GFLOP':>8} {'TFLOP/s':>8} {'MFU':>6}"
     print(cols)
@@ -176,12 +180,24 @@ def main():
         def teacher_args(i, teacher_params=teacher_params):
             return teacher_params, batches[i % len(batches)]
 
-        _, t_med, _, _ = time_jitted(forward, teacher_args, args.repeats)
-        unfused = s_med + t_med
+        _, t_med, _, _, t_comp = time_jitted(forward, teacher_args, args.repeats, return_compiled=True)
+
+        # the unfused alternative's student half: the same update and terms on precomputed teacher outputs
+        dl = make_distill_losses(make_world_model(config.model), teacher, config)
+        student_update = jax.jit(make_update_fn(make_world_model(config.model), config, extra_wm_loss=dl.wm_loss,
+                                                extra_pi_loss=dl.pi_loss))
+        outputs = [forward(teacher_params, b) for b in batches]
+
+        def student_args(i, state=state, outputs=outputs):
+            return state, batches[i % len(batches)], jax.random.key(i), None, outputs[i % len(batches)]
+
+        _, st_med, _, _, st_comp = time_jitted(student_update, student_args, args.repeats, return_compiled=True)
+        unfused = st_med + t_med
+        u_peak = None if peak_bytes(st_comp) is None else max(peak_bytes(st_comp), peak_bytes(t_comp))
 
         row = (f"{size:>6}M {n_teacher:>11,} {t_mib:>7.1f} {c:>9.1f} {f_med * 1e3:>8.2f} "
-               f"{f_p10 * 1e3:>7.2f}-{f_p90 * 1e3:<7.2f} {s_med * 1e3:>10.2f} {t_med * 1e3:>10.2f} "
-               f"{unfused * 1e3:>8.2f} {f_med / unfused:>9.2f} {fmt_mib(f_peak):>9} {fmt_mib(s_peak):>11}")
+               f"{f_p10 * 1e3:>7.2f}-{f_p90 * 1e3:<7.2f} {st_med * 1e3:>10.2f} {t_med * 1e3:>10.2f} "
+               f"{unfused * 1e3:>8.2f} {f_med / unfused:>9.2f} {fmt_mib(f_peak):>9} {fmt_mib(u_peak):>11}")
         if args.mfu_peak_tflops:
             if f_flops is None:
                 row += f" {'n/a':>8} {'n/a':>8} {'n/a':>6}"
@@ -189,7 +205,7 @@ def main():
                 achieved = f_flops / f_med / 1e12
                 row += f" {f_flops / 1e9:>8.2f} {achieved:>8.3f} {achieved / args.mfu_peak_tflops:>6.1%}"
         print(row, flush=True)
-        del teacher_params, state, step, forward
+        del teacher_params, state, step, forward, student_update, outputs
 
 
 def layout(args) -> None:

@@ -187,3 +187,29 @@ def check_output_dir(path: str, flag: str) -> str:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UsageError(f"--{flag}={path}: permission denied: cannot write in {probe}")
     return path
+
+
+def check_torch_output(path: str, flag: str = "to_torch") -> str:
+    """Usage errors, before any work, for ``--<flag>=path``, an official-format ``.pt`` to be written later: not
+    a directory, its folder writable, torch installed; returns ``path``."""
+    import importlib.util
+
+    if os.path.isdir(path):
+        raise UsageError(f"--{flag}={path} is a directory; give a file path")
+    check_output_dir(os.path.dirname(os.path.abspath(path)), flag)
+    if importlib.util.find_spec("torch") is None:
+        raise UsageError(f"--{flag} needs torch: pip install 'mtdistill-jax[torch]'")
+    return path
+
+
+def start_main(argv: Sequence[str]) -> None:
+    """The prologue of a long-running main: no positional arguments, INFO logs from the library, orbax's
+    per-save INFO lines (through absl) silenced."""
+    import logging
+
+    from absl import logging as absl_logging
+
+    if len(argv) > 1:
+        raise UsageError(f"unexpected arguments: {list(argv[1:])}")
+    absl_logging.set_verbosity(max(absl_logging.get_verbosity(), absl_logging.INFO))
+    logging.getLogger("absl").setLevel(logging.WARNING)

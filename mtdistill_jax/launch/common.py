@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import glob
-import importlib.util
 import logging
 import os
 import time
@@ -106,11 +105,7 @@ def options_from_flags(config: ml_collections.ConfigDict, check: Callable = chec
         raise cli.UsageError(f"--config: {e}") from e
     cli.check_output_dir(FLAGS.workdir, "workdir")
     if FLAGS.to_torch:
-        if os.path.isdir(FLAGS.to_torch):
-            raise cli.UsageError(f"--to_torch={FLAGS.to_torch} is a directory; give a file path")
-        cli.check_output_dir(os.path.dirname(os.path.abspath(FLAGS.to_torch)), "to_torch")
-        if importlib.util.find_spec("torch") is None:
-            raise cli.UsageError("--to_torch needs torch: pip install 'mtdistill-jax[torch]'")
+        cli.check_torch_output(FLAGS.to_torch)
     if FLAGS.eval_tasks and not FLAGS.eval_every:
         raise cli.UsageError("--eval_tasks is given but --eval_every=0 (no evaluation); give --eval_every=N")
     if FLAGS.eval_every:

@@ -14,7 +14,6 @@ command line, 1: inputs); MTDISTILL_TRACEBACK=1 or --verbosity=1 adds the traceb
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 
@@ -70,11 +69,7 @@ def check_flags() -> None:
             raise cli.UsageError(f"--out={FLAGS.out} exists and is not an agent export; refusing to replace it")
         cli.check_output_dir(FLAGS.out, "out")
     if FLAGS.to_torch:
-        if os.path.isdir(FLAGS.to_torch):
-            raise cli.UsageError(f"--to_torch={FLAGS.to_torch} is a directory; give a file path")
-        cli.check_output_dir(os.path.dirname(os.path.abspath(FLAGS.to_torch)), "to_torch")
-        if importlib.util.find_spec("torch") is None:
-            raise cli.UsageError("--to_torch needs torch: pip install 'mtdistill-jax[torch]'")
+        cli.check_torch_output(FLAGS.to_torch)
 
 
 def run() -> str:

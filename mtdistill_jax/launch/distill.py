@@ -34,7 +34,6 @@ import logging
 import os
 
 from absl import flags
-from absl import logging as absl_logging
 
 from mtdistill_jax import cli, configs
 from mtdistill_jax.configs import distill as distill_config
@@ -48,10 +47,7 @@ FLAGS = common.FLAGS
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise cli.UsageError(f"unexpected arguments: {argv[1:]}")
-    absl_logging.set_verbosity(max(absl_logging.get_verbosity(), absl_logging.INFO))
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save at INFO through absl
+    cli.start_main(argv)
     try:
         config = distill_config.resolve(FLAGS.config)
     except cli.UserError as e:

@@ -27,10 +27,7 @@ with one `error: ...` line on stderr (exit 2: command line, 1: inputs); MTDISTIL
 
 from __future__ import annotations
 
-import logging
 import os
-
-from absl import logging as absl_logging
 
 from mtdistill_jax import cli, configs
 from mtdistill_jax.launch import common
@@ -42,10 +39,7 @@ FLAGS = common.FLAGS
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise cli.UsageError(f"unexpected arguments: {argv[1:]}")
-    absl_logging.set_verbosity(max(absl_logging.get_verbosity(), absl_logging.INFO))
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save at INFO through absl
+    cli.start_main(argv)
     options = common.options_from_flags(FLAGS.config)
     common.run(FLAGS.config, options, program="mtdistill-train")
 

@@ -18,11 +18,11 @@ import ml_collections
 import numpy as np
 import pytest
 
+from benchmarks.update_step import random_batch as bench_batch
 from mtdistill_jax import distill
 from mtdistill_jax.checkpoint import transforms
 from mtdistill_jax.checkpoint.tdmpc2_torch import CheckpointMismatchError
 from mtdistill_jax.configs import distill as distill_config
-from mtdistill_jax.configs.tasks import MT30
 from mtdistill_jax.errors import UserError
 from mtdistill_jax.nn.world_model import action_masks, init_params, make_world_model, world_model_params
 from mtdistill_jax.parallel import make_mesh
@@ -42,16 +42,8 @@ def smoke(**distill_fields) -> ml_collections.ConfigDict:
 
 
 def random_batch(seed: int, H: int = 3, batch: int = B) -> Batch:
-    rng = np.random.default_rng(seed)
-    task = rng.integers(0, MT30.num_tasks, batch)
-    obs = rng.normal(size=(H + 1, batch, MT30.obs_pad)).astype(np.float32)
-    act = rng.uniform(-1, 1, (H, batch, MT30.action_pad)).astype(np.float32)
-    for b, t in enumerate(task):
-        obs[:, b, MT30.obs_dims[t]:] = 0
-        act[:, b, MT30.action_dims[t]:] = 0
-    rew = rng.uniform(0, 3, (H, batch, 1)).astype(np.float32)
-    return Batch(obs=jnp.asarray(obs), action=jnp.asarray(act), reward=jnp.asarray(rew),
-                 task=jnp.asarray(task, jnp.int32))
+    """A batch of MT30 shapes with each task's padding zeroed (the benchmarks' generator)."""
+    return jax.tree_util.tree_map(jnp.asarray, bench_batch(np.random.default_rng(seed), batch, H))
 
 
 def trained_like(params, seed: int):
