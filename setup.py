@@ -40,6 +40,7 @@ ENTRY_POINTS = {"console_scripts": [
     "mtdistill-convert = mtdistill_jax.launch.convert:entry_point",
     "mtdistill-train = mtdistill_jax.launch.train:entry_point",
     "mtdistill-distill = mtdistill_jax.launch.distill:entry_point",
+    "mtdistill-download = mtdistill_jax.launch.download:entry_point",
 ]}
 
 EXTRAS = {
