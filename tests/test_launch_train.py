@@ -131,3 +131,23 @@ def test_eval_fn_matches_evaluate():
     assert [got[f"eval/{t}/return"] for t in tasks] == [float(r.mean()) for r in ref.returns]
     assert ref.normalized_score > 0
     assert eval_fn(state, 1) == got
+
+
+def test_train_from_a_native_dataset(tmp_path):
+    """--data=<native dataset dir>: memory-mapped and host-sampled (that it is the in-memory run is checked in
+    tests/tdmpc2/test_offline_loop.py); a dataset of another task set or a plain directory is refused."""
+    from mtdistill_jax.data.native import import_chunks
+
+    import_chunks([_chunk()], tmp_path / "ds", shard_episodes=4, progress=False)
+    workdir = tmp_path / "run"
+    r = _train([f"--workdir={workdir}", f"--data={tmp_path / 'ds'}", *SMOKE, "--noprogress"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "native dataset" in r.stderr and "done at step 4 (fresh run)" in r.stderr, r.stderr[-2000:]
+    r = _train([f"--workdir={tmp_path}/run80", f"--data={tmp_path / 'ds'}", *SMOKE, "--config.model.task_set=mt80"],
+               timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert re.fullmatch(r"error: --data=.*/ds holds task set mt30; the config's model.task_set is mt80 .*",
+                        r.stderr.strip()), r.stderr
+    r = _train([f"--workdir={tmp_path}/run2", f"--data={tmp_path}", *SMOKE], timeout=120)
+    assert r.returncode == 1 and re.fullmatch(r"error: --data=.* is a directory without manifest.json: not a native "
+                                              r"dataset .*", r.stderr.strip()), r.stderr

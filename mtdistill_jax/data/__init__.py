@@ -1,1 +1,1 @@
-"""Data: official dataset readers and samplers (no learner code)."""
+"""Data: official dataset readers, the native memory-mapped dataset format and samplers (no learner code)."""

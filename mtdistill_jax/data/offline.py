@@ -121,6 +121,25 @@ class SamplerState:
     count: jax.Array  # int32 scalar: batches drawn so far (the data cursor)
 
 
+def init_cursor(key) -> SamplerState:
+    """The data cursor of a new stream: the raw ``uint32[2]`` data of ``key`` (typed or raw) and count 0."""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    return SamplerState(key=jnp.asarray(key, jnp.uint32), count=jnp.zeros((), jnp.int32))
+
+
+def uniform_indices(key, i, batch_size: int, num_episodes: int, num_frames: int, horizon: int):
+    """Episode and start indices ``(ep [B], start [B])`` of batch ``i`` of the stream with raw key ``key``: B
+    uniformly chosen episodes, each at a uniformly chosen start ``s`` in ``[0, T-H]`` (T = num_frames - 1, the
+    last frame), so the window ``s..s+H`` fits. Shared by the in-memory and the memory-mapped samplers, so both
+    draw the same windows for the same ``(key, i)``; jittable (sizes static)."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(key), i)
+    k_ep, k_start = jax.random.split(key)
+    ep = jax.random.randint(k_ep, (batch_size,), 0, num_episodes)
+    start = jax.random.randint(k_start, (batch_size,), 0, num_frames - horizon)
+    return ep, start
+
+
 class OfflineSampler:
     """``sampler = OfflineSampler(batch_size=256, horizon=3); data = sampler.load(episodes);
     s = sampler.init(key); batch, s = sampler.sample(data, s)``.
@@ -164,9 +183,7 @@ class OfflineSampler:
 
     # ------------------------------------------------------------------------------------------ cursor
     def init(self, key) -> SamplerState:
-        if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-            key = jax.random.key_data(key)
-        return SamplerState(key=jnp.asarray(key, jnp.uint32), count=jnp.zeros((), jnp.int32))
+        return init_cursor(key)
 
     # ---------------------------------------------------------------------------------------- sampling
     def sample_at(self, data: OfflineData, key, i) -> Batch:
@@ -177,11 +194,7 @@ class OfflineSampler:
         B, H = self.batch_size, self.horizon
         self._check_shapes(data.obs.shape, data.action.shape, "data")  # static shapes: checked at trace time
         num_episodes, num_frames = data.obs.shape[:2]
-        key = jax.random.fold_in(jax.random.wrap_key_data(key), i)
-        k_ep, k_start = jax.random.split(key)
-        ep = jax.random.randint(k_ep, (B,), 0, num_episodes)
-        # last frame index is T = num_frames-1; the window s..s+H must fit: s in [0, T-H]
-        start = jax.random.randint(k_start, (B,), 0, num_frames - H)
+        ep, start = uniform_indices(key, i, B, num_episodes, num_frames, H)
         frames = start[None, :] + jnp.arange(H + 1)[:, None]  # [H+1, B]
         obs = data.obs[ep[None, :], frames]  # [H+1, B, O]
         action = data.action[ep[None, :], frames[1:]]  # [H, B, A]

@@ -54,7 +54,9 @@ def define_flags(*, save_every: int = 10_000) -> None:
     _defined = True
     flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics.csv, tb/, config.json, agent/",
                         required=True)
-    flags.DEFINE_list("data", None, "official dataset chunk files (globs allowed)", required=True)
+    flags.DEFINE_list("data", None, "official dataset chunk files (globs allowed; loaded into device memory) or "
+                      "one native dataset directory (with manifest.json; memory-mapped, any size, see "
+                      "mtdistill-import-dataset)", required=True)
     flags.DEFINE_integer("save_every", save_every, "steps between checkpoints", lower_bound=1)
     flags.DEFINE_integer("keep", 3, "checkpoints kept on disk", lower_bound=1)
     flags.DEFINE_integer("eval_every", 0, "steps between evaluations in MJX (and one at the end); 0: no evaluation",
@@ -74,7 +76,7 @@ class RunOptions:
     """Everything of an offline run that is not the config (the flags of :func:`define_flags`)."""
 
     workdir: str  # run directory (checkpoints, metrics, exports)
-    data: list[str]  # official dataset chunk files (globs expanded, see data_paths)
+    data: list[str]  # official dataset chunk files (globs expanded, see data_paths), or one native dataset dir
     save_every: int = 10_000  # steps between checkpoints
     keep: int = 3  # checkpoints kept on disk
     eval_every: int = 0  # steps between evaluations (and one at the end); 0: no evaluation
@@ -86,9 +88,22 @@ class RunOptions:
 
 
 def data_paths(patterns: Sequence[str]) -> list[str]:
-    """The files named by ``patterns`` (globs expanded, sorted); a pattern matching nothing and naming no file
-    raises ``FileNotFoundError`` (one line from :mod:`mtdistill_jax.cli`)."""
+    """The files named by ``patterns`` (globs expanded, sorted), or one native dataset directory (a directory
+    with ``manifest.json``); a pattern matching nothing and naming no file raises ``FileNotFoundError``, a
+    directory that is no dataset or a dataset mixed with other inputs a ``UserError`` (one line from
+    :mod:`mtdistill_jax.cli`)."""
+    from mtdistill_jax.data.native import MANIFEST, is_dataset_dir
+
     paths = sorted(p for pattern in patterns for p in (glob.glob(pattern) or [pattern]))
+    dirs = [p for p in paths if os.path.isdir(p)]
+    if dirs:
+        plain = [d for d in dirs if not is_dataset_dir(d)]
+        if plain:
+            raise UserError(f"--data={plain[0]} is a directory without {MANIFEST}: not a native dataset (convert "
+                            "official chunks with mtdistill-import-dataset, or give the chunk files)")
+        if len(paths) > 1:
+            raise UserError(f"--data: give one native dataset directory alone, got {', '.join(paths)}")
+        return paths
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), ", ".join(missing))
@@ -216,7 +231,8 @@ def export_agent(state, config: ml_collections.ConfigDict, workdir: str, *, to_t
 def run(config: ml_collections.ConfigDict, options: RunOptions, *, update_fn: Callable | None = None,
         init_state: Callable | None = None, aux: Any = None, aux_specs: Callable | None = None,
         program: str = "mtdistill-train"):
-    """Load ``options.data``, train (or resume) to ``config.steps`` with
+    """Load ``options.data`` (chunk files: into device memory; a native dataset directory: opened
+    memory-mapped and sampled on the host), train (or resume) to ``config.steps`` with
     :func:`~mtdistill_jax.tdmpc2.offline.train_offline` and, unless preempted, export the agent; returns its
     :class:`~mtdistill_jax.tdmpc2.offline.RunResult`.
 
@@ -227,19 +243,29 @@ def run(config: ml_collections.ConfigDict, options: RunOptions, *, update_fn: Ca
     names the run in the export's ``source``.
     """
     from mtdistill_jax.configs.tasks import get_task_set
+    from mtdistill_jax.data.native import is_dataset_dir, open_dataset
     from mtdistill_jax.data.offline import OfflineSampler
     from mtdistill_jax.data.tdmpc2_format import load_chunks
     from mtdistill_jax.tdmpc2.offline import train_offline
 
     check_config(config)
     paths = data_paths(options.data)
-    episodes = load_chunks(paths)
-    logging.info("devices: %s", jax.devices())
-    logging.info("%d episodes of %d frames from %d file(s)", episodes.num_episodes, episodes.num_frames, len(paths))
     ts = get_task_set(config.model.task_set)
-    sampler = OfflineSampler(config.train.batch_size, config.train.horizon, ts.obs_pad, ts.action_pad)
-    data = sampler.load(episodes)  # checked (shapes, NaN/inf) and copied to the device once
-    del episodes
+    if len(paths) == 1 and is_dataset_dir(paths[0]):
+        data = open_dataset(paths[0])  # manifest + memory maps only
+        if data.task_set.name != ts.name:
+            raise UserError(f"--data={paths[0]} holds task set {data.task_set.name}; the config's model.task_set is "
+                            f"{ts.name} (--config.model.task_set={data.task_set.name}, or another dataset)")
+        logging.info("devices: %s", jax.devices())
+        logging.info("native dataset %s", data)
+    else:
+        episodes = load_chunks(paths)  # a bad file stops the run before anything is logged
+        logging.info("devices: %s", jax.devices())
+        logging.info("%d episodes of %d frames from %d file(s)", episodes.num_episodes, episodes.num_frames,
+                     len(paths))
+        sampler = OfflineSampler(config.train.batch_size, config.train.horizon, ts.obs_pad, ts.action_pad)
+        data = sampler.load(episodes)  # checked (shapes, NaN/inf) and copied to the device once
+        del episodes
     eval_fn = None
     if options.eval_every:
         tasks = options.eval_tasks or default_eval_tasks(ts.name, data.task)

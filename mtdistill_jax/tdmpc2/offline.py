@@ -17,6 +17,12 @@ chunk length is a traced argument (a ``fori_loop`` with a dynamic trip count), s
 *same* compiled body: one compilation per run, and a resumed run (whose chunks may be cut differently, e.g. by
 another ``save_every``) performs bit-identical arithmetic.
 
+Data of any size: given a :class:`~mtdistill_jax.data.native.NativeDataset` (memory-mapped shards on disk) instead
+of in-memory episodes, the batches are gathered on the host by a
+:class:`~mtdistill_jax.data.native.NativeSampler` (the same windows as the in-memory sampler for the same key), K
+of them stacked per chunk and put on the device by a background thread a few chunks ahead; the compiled chunk
+takes them as its ``data`` argument. The cursor and the checkpoints are the same, and so is the run.
+
 Shared by every offline learner: ``update_fn`` (the step), ``init_state`` (its fresh state, also the restore
 target) and ``aux`` (its frozen inputs) make the distillation run the same loop as plain TD-MPC2 training.
 
@@ -49,11 +55,13 @@ import numpy as np
 
 from mtdistill_jax.checkpoint.manager import CheckpointManager, config_to_dict
 from mtdistill_jax.configs.train import check_config
+from mtdistill_jax.data.native import NativeDataset, NativeSampler, Prefetcher
 from mtdistill_jax.data.offline import OfflineData, OfflineSampler, SamplerState, check_finite
 from mtdistill_jax.data.tdmpc2_format import Episodes
 from mtdistill_jax.errors import UserError
 from mtdistill_jax.nn.world_model import make_world_model
 from mtdistill_jax.tdmpc2.train import TrainingState, init_training_state, make_update_fn, validate_batch
+from mtdistill_jax.types import Batch
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +87,7 @@ class ChunkMetrics:
     last: dict  # name -> float32 value at the chunk's last update
 
 
-def make_train_chunk(update: Callable, sampler: OfflineSampler, batch_constraint=None) -> Callable:
+def make_train_chunk(update: Callable, sampler: OfflineSampler | None, batch_constraint=None) -> Callable:
     """Pure ``train_chunk(state, data, data_state, rng, num_steps, aux=None) -> (state, data_state, rng,
     ChunkMetrics)``.
 
@@ -90,13 +98,24 @@ def make_train_chunk(update: Callable, sampler: OfflineSampler, batch_constraint
     int8/float16 leaves allowed), an argument of the program like ``data``, never a constant.
     ``batch_constraint`` (e.g. a mesh's batch shardings) is applied to each batch with
     ``jax.lax.with_sharding_constraint``. Not jitted: see :func:`compile_train_chunk`.
+
+    With ``sampler=None`` the batches come from the host (a :class:`~mtdistill_jax.data.native.NativeDataset`):
+    ``data`` is a time-major :class:`Batch` of K stacked batches (obs [K, H+1, B, O], action [K, H, B, A],
+    reward [K, H, B, 1], task [K, B]; K fixed, the chunk's ``num_steps <= K`` first ones are used) holding
+    batches ``data_state.count ..`` of the stream; iteration j takes ``data[j]`` and advances the cursor.
     """
 
-    def train_chunk(state: TrainingState, data: OfflineData, data_state: SamplerState, rng, num_steps, aux=None):
-        def one(carry):
+    def train_chunk(state: TrainingState, data: OfflineData | Batch, data_state: SamplerState, rng, num_steps,
+                    aux=None):
+        def one(carry, j):
             state, data_state, rng = carry
             rng, key = jax.random.split(rng)
-            batch, data_state = sampler.sample(data, data_state)
+            if sampler is None:
+                batch = jax.tree_util.tree_map(lambda x: jax.lax.dynamic_index_in_dim(x, j, 0, keepdims=False),
+                                               data)
+                data_state = data_state.replace(count=data_state.count + 1)
+            else:
+                batch, data_state = sampler.sample(data, data_state)
             if batch_constraint is not None:
                 batch = jax.lax.with_sharding_constraint(batch, batch_constraint)
             state, metrics = update(state, batch, key) if aux is None else update(state, batch, key, None, aux)
@@ -104,11 +123,11 @@ def make_train_chunk(update: Callable, sampler: OfflineSampler, batch_constraint
             return (state, data_state, rng), metrics
 
         zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                       jax.eval_shape(one, (state, data_state, rng))[1])
+                                       jax.eval_shape(one, (state, data_state, rng), jnp.int32(0))[1])
 
-        def body(_, c):
+        def body(j, c):
             carry, total, _last = c
-            carry, metrics = one(carry)
+            carry, metrics = one(carry, j)
             return carry, jax.tree_util.tree_map(jnp.add, total, metrics), metrics
 
         (state, data_state, rng), total, last = jax.lax.fori_loop(
@@ -118,15 +137,45 @@ def make_train_chunk(update: Callable, sampler: OfflineSampler, batch_constraint
     return train_chunk
 
 
-def compile_train_chunk(train_chunk: Callable, mesh=None, aux_specs=None) -> Callable:
+def compile_train_chunk(train_chunk: Callable, mesh=None, aux_specs=None, data_specs=None) -> Callable:
     """The one jit of the offline loop (only the state, argument 0, is donated: never ``data`` or ``aux``),
     through :func:`mtdistill_jax.parallel.compile_step`: with a mesh every argument and output is replicated
-    (``aux`` laid out by ``aux_specs``, a pytree prefix of PartitionSpecs, when given) and the batch sharding
-    comes from :func:`make_train_chunk`'s ``batch_constraint``."""
+    (``aux`` laid out by ``aux_specs``, a pytree prefix of PartitionSpecs, when given; ``data`` by
+    ``data_specs``, e.g. :func:`stacked_batch_specs` for host batches) and the batch sharding comes from
+    :func:`make_train_chunk`'s ``batch_constraint``."""
     from mtdistill_jax.parallel import compile_step
 
-    in_specs = () if aux_specs is None else (None, None, None, None, None, aux_specs)
+    in_specs = () if aux_specs is None and data_specs is None else (None, data_specs, None, None, None, aux_specs)
     return compile_step(train_chunk, mesh, in_specs=in_specs, donate_argnums=0)
+
+
+def stacked_batch_specs() -> Batch:
+    """PartitionSpecs of K stacked time-major batches (the B axis split over the mesh's ``data`` axis)."""
+    from jax.sharding import PartitionSpec as P
+
+    from mtdistill_jax.parallel import DATA_AXIS
+
+    tb = P(None, None, DATA_AXIS)
+    return Batch(obs=tb, action=tb, reward=tb, task=P(None, DATA_AXIS))
+
+
+def _host_batches(sampler: NativeSampler, key, count: int, step: int, total: int, every: tuple, K: int,
+                  put: Callable, depth: int) -> Prefetcher:
+    """The chunks' stacked batches from ``step`` (cursor ``count``) on, in the chunk schedule of the loop
+    (:func:`chunk_end`), each padded to K batches and placed by ``put``, computed ``depth`` chunks ahead."""
+
+    def plan():
+        c, s = count, step
+        while s < total:
+            end = chunk_end(s, total, *every)
+            yield c, end - s
+            c, s = c + end - s, end
+
+    def make(item):
+        c, n = item
+        return n, put(sampler.sample_many(key, c, n, pad_to=K))
+
+    return Prefetcher(make, plan(), depth=depth, name="host-batches")
 
 
 def chunk_end(step: int, total: int, *every: int | None) -> int:
@@ -175,7 +224,8 @@ def _fmt(metrics: Mapping[str, float]) -> str:
     return " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
 
 
-def train_offline(config: ml_collections.ConfigDict, episodes: Episodes | OfflineData, workdir: str, *,
+def train_offline(config: ml_collections.ConfigDict, episodes: Episodes | OfflineData | NativeDataset,
+                  workdir: str, *,
                   save_every: int = 1000, keep: int = 3, async_save: bool = True, mesh=None,
                   handle_signals: bool = True, on_step: Callable[[int, dict], Any] | None = None,
                   log_every: int | None = None, update_fn: Callable | None = None,
@@ -183,7 +233,7 @@ def train_offline(config: ml_collections.ConfigDict, episodes: Episodes | Offlin
                   aux_specs: Any = None, eval_every: int | None = None,
                   eval_fn: Callable[[TrainingState, int], Mapping] | None = None,
                   writer: MetricsSink | None = None, metrics_dir: str | None = None,
-                  progress: bool = True) -> RunResult:
+                  progress: bool = True, data_mode: str = "uniform", prefetch: int = 2) -> RunResult:
     """Run (or resume) offline training to ``config.steps`` updates; returns the final :class:`RunResult`.
 
     Learner:
@@ -204,6 +254,15 @@ def train_offline(config: ml_collections.ConfigDict, episodes: Episodes | Offlin
     to the device) or already on device as :class:`~mtdistill_jax.data.offline.OfflineData` (from
     ``OfflineSampler.load``). NaN/inf in a frame the sampler can read raises
     :class:`~mtdistill_jax.data.offline.NonFiniteDataError` before anything is written.
+
+    Or ``episodes`` as a :class:`~mtdistill_jax.data.native.NativeDataset` (memory-mapped shards, any size,
+    validated when written): a :class:`~mtdistill_jax.data.native.NativeSampler` gathers the batches on the
+    host (this host's rows on a multi-host run) and a background thread keeps ``prefetch`` chunks of K stacked
+    batches ahead on the device; the compiled chunk takes those K batches and runs K updates per dispatch. The
+    cursor (and so the checkpoint) is the same :class:`SamplerState`, and with ``data_mode="uniform"`` (the
+    official sampler) the batches are those the in-memory path draws from the same episodes: the same run.
+    ``data_mode="balanced"`` gives each task present an equal share of every batch (native data only). The
+    dataset's task set must be the config's.
 
     Reporting:
 
@@ -238,18 +297,45 @@ def train_offline(config: ml_collections.ConfigDict, episodes: Episodes | Offlin
     if writer is not None and metrics_dir is not None:
         raise UserError("give a metrics writer or a metrics_dir, not both")
     ts = get_task_set(config.model.task_set)
-    sampler = OfflineSampler(config.train.batch_size, config.train.horizon, ts.obs_pad, ts.action_pad)
-    task = np.asarray(episodes.task)
-    if task.min() < 0 or task.max() >= ts.num_tasks:
-        raise UserError(f"episodes have task ids in [{task.min()}, {task.max()}], "
-                        f"outside [0, {ts.num_tasks}) of {ts.name}")
+    native = isinstance(episodes, NativeDataset)
+    if native:
+        if episodes.task_set.name != ts.name:
+            raise UserError(f"the dataset {episodes.path} holds task set {episodes.task_set.name}; the config's "
+                            f"model.task_set is {ts.name}")
+        sampler = NativeSampler(episodes, config.train.batch_size, config.train.horizon, mode=data_mode,
+                                process_index=jax.process_index(), process_count=jax.process_count())
+    else:
+        if data_mode != "uniform":
+            raise UserError(f"data_mode={data_mode!r} needs a native dataset (open_dataset); in-memory episodes are "
+                            "sampled uniformly")
+        sampler = OfflineSampler(config.train.batch_size, config.train.horizon, ts.obs_pad, ts.action_pad)
+        task = np.asarray(episodes.task)
+        if task.min() < 0 or task.max() >= ts.num_tasks:
+            raise UserError(f"episodes have task ids in [{task.min()}, {task.max()}], "
+                            f"outside [0, {ts.num_tasks}) of {ts.name}")
     batch_constraint = None
     if mesh is not None:
         from mtdistill_jax.parallel import batch_sharding, check_divisible, replicate, replicated
 
         check_divisible(config.train.batch_size, mesh)
         batch_constraint = batch_sharding(mesh)
-    if isinstance(episodes, OfflineData):
+    K = config.train.steps_per_dispatch
+    put_batches = None
+    if native:
+        data = None  # K stacked host batches per chunk, made below
+        if mesh is None:
+            put_batches = jax.device_put
+        else:
+            from mtdistill_jax.parallel import to_shardings
+
+            stacked_shardings = to_shardings(stacked_batch_specs(), mesh)
+            if jax.process_count() > 1:
+                def put_batches(b):
+                    return jax.tree_util.tree_map(jax.make_array_from_process_local_data, stacked_shardings, b)
+            else:
+                def put_batches(b):
+                    return jax.device_put(b, stacked_shardings)
+    elif isinstance(episodes, OfflineData):
         check_finite(episodes, "data")
         data = episodes if mesh is None else replicate(episodes, mesh)
     else:
@@ -265,14 +351,14 @@ def train_offline(config: ml_collections.ConfigDict, episodes: Episodes | Offlin
             aux = jax.device_put(aux, to_shardings(aux_specs, mesh))
     update = update_fn or make_update_fn(make_world_model(config.model), config)
     init_state = init_state or (lambda k: init_training_state(config, k))
-    train_chunk = compile_train_chunk(make_train_chunk(update, sampler, batch_constraint), mesh,
-                                      None if mesh is None else aux_specs)
-    K = config.train.steps_per_dispatch
+    train_chunk = compile_train_chunk(make_train_chunk(update, None if native else sampler, batch_constraint), mesh,
+                                      None if mesh is None else aux_specs,
+                                      stacked_batch_specs() if native and mesh is not None else None)
     log_every = log_every or config.log_every
     mngr = CheckpointManager(workdir, config, keep=keep, save_every=save_every, async_save=async_save)
     if handle_signals:
         mngr.handle_signals()
-    own_writer = bar = None
+    own_writer = bar = host_batches = None
     try:
         key = jax.random.key(config.seed)
         k_init, k_data, k_run = jax.random.split(key, 3)
@@ -287,8 +373,18 @@ def train_offline(config: ml_collections.ConfigDict, episodes: Episodes | Offlin
             log.info("resumed from step %d in %s", resumed_from, workdir)
         if mesh is not None:
             state, data_state, rng = replicate((state, data_state, rng), mesh)
-        validate_batch(jax.eval_shape(sampler.sample, data, data_state)[0], config, check_values=False)
         step = int(state.step)
+        if native:
+            one = sampler.sample_at(data_state.key, 0)
+            validate_batch(jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), one), config,
+                           check_values=False)
+            data = put_batches(sampler.sample_many(data_state.key, 0, 0, pad_to=K))  # shapes for compiling
+            if step < config.steps:
+                host_batches = _host_batches(sampler, np.asarray(jax.device_get(data_state.key)),
+                                             int(data_state.count), step, config.steps,
+                                             (K, log_every, save_every, eval_every), K, put_batches, prefetch)
+        else:
+            validate_batch(jax.eval_shape(sampler.sample, data, data_state)[0], config, check_values=False)
         primary = jax.process_index() == 0
         if primary:
             _write_config_json(workdir, config)
@@ -320,6 +416,9 @@ def train_offline(config: ml_collections.ConfigDict, episodes: Episodes | Offlin
         while step < config.steps:
             start = step
             end = chunk_end(step, config.steps, K, log_every, save_every, eval_every)
+            if host_batches is not None:
+                n, data = next(host_batches)
+                assert n == end - step, (n, step, end)
             state, data_state, rng, m = train_chunk(state, data, data_state, rng, np.int32(end - step),
                                                     *chunk_args)
             totals = {k: float(v) for k, v in jax.device_get(m.total).items()}  # waits for the chunk
@@ -365,6 +464,8 @@ def train_offline(config: ml_collections.ConfigDict, episodes: Episodes | Offlin
         return RunResult(state=state, rng=rng, data_state=data_state, step=step, resumed_from=resumed_from,
                          preempted=preempted, metrics=metrics, eval_metrics=eval_metrics)
     finally:
+        if host_batches is not None:
+            host_batches.close()
         if bar is not None:
             bar.close()
         if own_writer is not None:
