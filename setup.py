@@ -40,7 +40,9 @@ ENTRY_POINTS = {"console_scripts": [
     "mtdistill-convert = mtdistill_jax.launch.convert:entry_point",
     "mtdistill-train = mtdistill_jax.launch.train:entry_point",
     "mtdistill-distill = mtdistill_jax.launch.distill:entry_point",
+    "mtdistill-import-dataset = mtdistill_jax.launch.import_dataset:entry_point",
     "mtdistill-download = mtdistill_jax.launch.download:entry_point",
+    "mtdistill-collect = mtdistill_jax.launch.collect:entry_point",
 ]}
 
 EXTRAS = {

@@ -29,7 +29,7 @@ from mtdistill_jax.envs.registry import task_names
 from mtdistill_jax.errors import UserError
 from mtdistill_jax.evaluate.result import EvalResult
 from mtdistill_jax.nn.world_model import make_world_model
-from mtdistill_jax.tdmpc2.planner import MODES, init_planner_state, make_plan_policy
+from mtdistill_jax.tdmpc2.planner import MODES, PRIOR_MODES, init_planner_state, make_plan_policy
 from mtdistill_jax.xla_cpu import check_mapping_budget
 
 
@@ -55,33 +55,66 @@ def episode_length_of(task_set: str, tasks: Sequence[str], episode_length: int |
     return lengths.pop()
 
 
+POLICIES = ("planner", "prior")  # MPPI (the official act) / the policy prior alone (official mpc=False)
+
+
+def make_actor(config: ml_collections.ConfigDict, policy: str = "planner", mode: str = "sample",
+               noise: float = 0.0) -> Callable:
+    """The actor policy ``(params, obs, task, first, state, key) -> (action, state)`` of an evaluation or a
+    collection: ``policy='planner'`` (MPPI, ``mode`` in sample/elite/mean) or ``'prior'`` (the policy prior,
+    ``mode`` sample/mean); ``noise > 0`` adds N(0, noise^2) to every used action dimension (padding stays 0)
+    and clips to [-1, 1], for exploration data."""
+    from mtdistill_jax.nn.world_model import action_masks
+    from mtdistill_jax.tdmpc2.planner import make_prior_policy
+
+    model = make_world_model(config.model)
+    act = make_plan_policy(model, config, mode) if policy == "planner" else make_prior_policy(model, config, mode)
+    if not noise:
+        return act
+    masks = jnp.asarray(action_masks(config.model.task_set))
+
+    def noisy(params, obs, task, first, state, key):
+        k_act, k_noise = jax.random.split(key)
+        action, state = act(params, obs, task, first, state, k_act)
+        eps = noise * jax.random.normal(k_noise, action.shape, action.dtype) * masks[task]
+        return jnp.clip(action + eps, -1.0, 1.0), state
+
+    return noisy
+
+
 def make_eval_program(config: ml_collections.ConfigDict, tasks: Sequence[str], episodes: int, mode: str = "sample",
                       chunk: int = 10, impls: dict[str, str] | None = None, episode_length: int | None = None,
-                      record: bool = False):
+                      record: bool = False, *, policy: str = "planner", noise: float = 0.0,
+                      transitions: bool = False):
     """``(env, init(key) -> EvalCarry, run_chunk(params, carry) -> (carry, recorded))`` for K tasks x ``episodes``.
 
     ``run_chunk`` advances every env by ``chunk`` agent steps inside one compiled ``lax.scan``. With
     ``record``, ``recorded`` holds per task the render state (qpos, qvel, act, info) of its first episode
-    after each step (``env.task_render_states``), else None.
+    after each step (``env.task_render_states``); with ``transitions`` it holds the
+    :class:`~mtdistill_jax.acting.Transition` of every env and step (``[chunk, K*E, ...]``, rows task-major);
+    with both, ``(render states, transitions)``; else None. ``policy``/``noise``: :func:`make_actor`.
     """
     from mtdistill_jax.envs.multitask import MultiTaskEnv  # imports MuJoCo/MJX: only once arguments are checked
 
-    tasks = check_eval_args(config.model.task_set, tasks, episodes, mode, chunk, episode_length)
+    tasks = check_eval_args(config.model.task_set, tasks, episodes, mode, chunk, episode_length, policy)
     ts = get_task_set(config.model.task_set)
     env = MultiTaskEnv(tasks, episodes, ts, episode_length=episode_length_of(ts.name, tasks, episode_length),
                        auto_reset=False, impls=impls)
-    policy = make_plan_policy(make_world_model(config.model), config, mode)
+    actor = make_actor(config, policy, mode, noise)
 
     def init(key):
         k_env, k_plan = jax.random.split(key)
-        return EvalCarry(env_state=env.reset(k_env), policy_state=init_planner_state(config, env.num_envs),
+        policy_state = init_planner_state(config, env.num_envs) if policy == "planner" else ()
+        return EvalCarry(env_state=env.reset(k_env), policy_state=policy_state,
                          returns=jnp.zeros((env.num_envs,), jnp.float32), key=k_plan)
 
     def run_chunk(params, carry: EvalCarry):
         def step(c: EvalCarry, _):
             key, k = jax.random.split(c.key)
-            es, ps, tr = env_step(env, policy, params, c.env_state, c.policy_state, k)
+            es, ps, tr = env_step(env, actor, params, c.env_state, c.policy_state, k)
             rec = env.task_render_states(es) if record else None
+            if transitions:
+                rec = tr if rec is None else (rec, tr)
             return EvalCarry(env_state=es, policy_state=ps, returns=c.returns + tr.reward, key=key), rec
 
         return jax.lax.scan(step, carry, None, length=chunk)
@@ -90,7 +123,7 @@ def make_eval_program(config: ml_collections.ConfigDict, tasks: Sequence[str], e
 
 
 def check_eval_args(task_set: str, tasks: Sequence[str] | None = None, episodes: int = 10, mode: str = "sample",
-                    chunk: int = 10, episode_length: int | None = None) -> list[str]:
+                    chunk: int = 10, episode_length: int | None = None, policy: str = "planner") -> list[str]:
     """The tasks to evaluate (default: the whole task set), after checking every argument of :func:`evaluate`
     (cheaply: nothing is built or compiled); a bad one raises a :class:`~mtdistill_jax.errors.UserError`
     saying what is valid. ``episode_length`` None: the task set's."""
@@ -102,8 +135,11 @@ def check_eval_args(task_set: str, tasks: Sequence[str] | None = None, episodes:
                         f"only); tasks that can be evaluated: {', '.join(task_names())}")
     if episodes < 1:
         raise UserError(f"episodes must be >= 1, got {episodes}")
-    if mode not in MODES:
-        raise UserError(f"mode must be one of {MODES}, got {mode!r}")
+    if policy not in POLICIES:
+        raise UserError(f"policy must be one of {POLICIES}, got {policy!r}")
+    modes = MODES if policy == "planner" else PRIOR_MODES
+    if mode not in modes:
+        raise UserError(f"mode must be one of {modes} for the {policy}, got {mode!r}")
     if episode_length is not None and episode_length < 1:
         raise UserError(f"episode_length must be >= 1, got {episode_length}")
     length = episode_length_of(ts.name, tasks, episode_length)

@@ -27,17 +27,14 @@ import jax
 from absl import flags
 
 from mtdistill_jax import cli
-from mtdistill_jax.checkpoint.export import load_agent
-from mtdistill_jax.configs.train import get_config
 from mtdistill_jax.evaluate import (
     EvalResult,
-    check_eval_args,
-    episode_length_of,
     evaluate,
     merge_results,
     save_videos,
     write_outputs,
 )
+from mtdistill_jax.launch.rollout import rollout_setup
 from mtdistill_jax.tdmpc2.planner import MODES
 from mtdistill_jax.xla_cpu import use_fewer_kernels
 
@@ -80,19 +77,8 @@ def main(argv):
         raise cli.UsageError(f"--chunk={FLAGS.chunk} must divide --episode_length={FLAGS.episode_length}")
     if FLAGS.fewer_kernels:
         use_fewer_kernels()  # before the first jax.devices(): XLA reads its flags when the backend starts
-    agent = load_agent(FLAGS.agent)
-    try:  # the task names against the agent's task set, before anything is built or compiled
-        tasks = agent_tasks = check_eval_args(agent.config.task_set, FLAGS.tasks, FLAGS.episodes, FLAGS.mode, 1,
-                                              FLAGS.episode_length)
-        episode_length = episode_length_of(agent.config.task_set, agent_tasks, FLAGS.episode_length)
-    except cli.UserError as e:
-        raise cli.UsageError(f"--tasks: {e}") from e
-    if episode_length % FLAGS.chunk:  # (a given --episode_length was checked above)
-        raise cli.UsageError(f"--chunk={FLAGS.chunk} must divide the task set's episode length {episode_length} "
-                             f"(or give --episode_length)")
-    config = get_config(agent.config.model_size, agent.config.task_set)
-    with config.unlocked():
-        config.model = agent.config
+    agent, config, tasks, episode_length = rollout_setup(
+        FLAGS.agent, FLAGS.tasks, FLAGS.episodes, FLAGS.mode, FLAGS.chunk, FLAGS.episode_length)
     print(f"devices: {jax.devices()}")
     print(f"agent: {FLAGS.agent} ({agent.config.task_set} {agent.config.model_size}M, stored {agent.dtype})")
     result = evaluate(agent.params, config, tasks, FLAGS.episodes, FLAGS.seed, FLAGS.mode, FLAGS.chunk,
