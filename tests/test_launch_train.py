@@ -20,7 +20,6 @@ from mtdistill_jax.errors import UserError
 from mtdistill_jax.tdmpc2.train import init_training_state
 
 EVAL = ["--eval_every=2", "--eval_tasks=pendulum-swingup", "--eval_episodes=1", "--eval_episode_length=10"]
-_chunk, _csv = chunk, read_csv
 
 
 def _train(args: list[str], timeout: int = 300):
@@ -29,12 +28,12 @@ def _train(args: list[str], timeout: int = 300):
 
 def test_train_end_to_end(tmp_path):
     workdir, pt = tmp_path / "run", tmp_path / "agent.pt"
-    args = [f"--workdir={workdir}", f"--data={_chunk()}", *SMOKE, *EVAL, f"--to_torch={pt}"]
+    args = [f"--workdir={workdir}", f"--data={chunk()}", *SMOKE, *EVAL, f"--to_torch={pt}"]
     r = _train(args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert re.search(r"done at step 4 \(fresh run\); wrote .*/run/agent, .*/agent\.pt", r.stderr), r.stderr[-2000:]
 
-    rows = _csv(workdir / "metrics.csv")
+    rows = read_csv(workdir / "metrics.csv")
     assert [row["step"] for row in rows] == ["2", "4"]
     for row in rows:
         for name in ("train/total_loss", "train/pi_loss", "perf/steps_per_second", "eval/score",
@@ -138,7 +137,7 @@ def test_train_from_a_native_dataset(tmp_path):
     tests/tdmpc2/test_offline_loop.py); a dataset of another task set or a plain directory is refused."""
     from mtdistill_jax.data.native import import_chunks
 
-    import_chunks([_chunk()], tmp_path / "ds", shard_episodes=4, progress=False)
+    import_chunks([chunk()], tmp_path / "ds", shard_episodes=4, progress=False)
     workdir = tmp_path / "run"
     r = _train([f"--workdir={workdir}", f"--data={tmp_path / 'ds'}", *SMOKE, "--noprogress"])
     assert r.returncode == 0, r.stderr[-3000:]

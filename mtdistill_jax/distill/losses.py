@@ -138,7 +138,7 @@ def init_distill_params(student_config: ml_collections.ConfigDict, teacher_confi
     return {"latent_proj": {"kernel": jnp.eye(ds, dt, dtype=jnp.float32), "bias": jnp.zeros((dt,), jnp.float32)}}
 
 
-def _phases_schedule(d_coef: float, spec: str, steps: int) -> optax.Schedule:
+def _phases_schedule(spec: str, steps: int) -> optax.Schedule:
     phases = parse_phases(spec)
     boundaries = [int(round(start * steps)) for start, _ in phases[1:]]
     return optax.join_schedules([optax.constant_schedule(v) for _, v in phases], boundaries)
@@ -170,7 +170,7 @@ def d_coef_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     if d.schedule == "decrease":
         return optax.linear_schedule(c, 0.0, n)
     if d.schedule == "phases":
-        return _phases_schedule(c, d.phases, n)
+        return _phases_schedule(d.phases, n)
     raise ValueError(f"unknown distill.schedule {d.schedule!r}")
 
 
