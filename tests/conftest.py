@@ -35,5 +35,8 @@ def _release_compiled_code():
     """
     yield
     if _MAX_MAP_COUNT is not None and (mapping_count() or 0) > _MAX_MAP_COUNT // 2:
+        from mtdistill_jax.evaluate.program import clear_program_cache
+
+        clear_program_cache()  # the rollout programs evaluate/collect keep for reuse
         jax.clear_caches()
         gc.collect()

@@ -67,7 +67,9 @@ def test_train_end_to_end(tmp_path):
     (["--eval_every=10", "--eval_episode_length=7", "--eval_episodes=0"],
      r"error: flag --eval_episodes=0: 0 is not a positive integer"),
     (["--to_torch={tmp}"], r"error: --to_torch=.* is a directory; give a file path"),
-], ids=["unknown-eval-task", "eval-tasks-without-eval-every", "eval-episodes-0", "to-torch-dir"])
+    (["--eval_every=10", "--eval_policy=prior", "--eval_mode=elite"],
+     r"error: --eval_mode=elite: the prior acts in one of sample, mean"),
+], ids=["unknown-eval-task", "eval-tasks-without-eval-every", "eval-episodes-0", "to-torch-dir", "prior-elite"])
 def test_bad_flags_are_one_line(tmp_path, extra, pattern):
     r = _train([f"--workdir={tmp_path}/run", f"--data={tmp_path}/missing.pt",
                 *(a.replace("{tmp}", str(tmp_path)) for a in extra)], timeout=120)
@@ -130,6 +132,14 @@ def test_eval_fn_matches_evaluate():
     assert [got[f"eval/{t}/return"] for t in tasks] == [float(r.mean()) for r in ref.returns]
     assert ref.normalized_score > 0
     assert eval_fn(state, 1) == got
+
+    # the policy prior: the same numbers as evaluate(policy='prior'), whose program the eval_fn compiled first
+    prior_fn = make_eval_fn(config, tasks, 2, seed=3, episode_length=10, policy="prior", mode="mean")
+    got = prior_fn(state, 0)
+    ref = evaluate(world_model_params(state.params, config.model), config, tasks, episodes=2, seed=3,
+                   episode_length=10, chunk=10, progress=False, policy="prior", mode="mean")
+    assert ref.compile_seconds == 0.0 and ref.mode == "prior/mean"
+    assert got["eval/score"] == ref.normalized_score and ref.normalized_score > 0
 
 
 def test_train_from_a_native_dataset(tmp_path):

@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mtdistill_jax.errors import UserError
-from mtdistill_jax.evaluate.program import check_eval_args, episode_length_of, make_eval_program
+from mtdistill_jax.evaluate.program import check_eval_args, compiled_program, episode_length_of
 from mtdistill_jax.evaluate.result import EvalResult
 
 
@@ -47,25 +47,6 @@ def transitions_to_episodes(obs0, obs, action, reward, task):
     reward = np.concatenate([np.full((1, N), np.nan, np.float32), reward]).transpose(1, 0)
     return Episodes(obs=np.ascontiguousarray(frames), action=np.ascontiguousarray(action),
                     reward=np.ascontiguousarray(reward), task=np.asarray(task, np.int32))
-
-
-_PROGRAMS: dict = {}  # compiled collection programs of this process, by everything that shapes them
-
-
-def _program(config, tasks, per_round, mode, chunk, T, policy, noise, params):
-    """``(num_envs, init(key) -> carry, run(params, carry) -> (carry, transitions))``, built and compiled once per
-    process for each (config, tasks, round size, mode, chunk, length, policy, noise, params shapes): building the
-    MJX tasks and compiling the rollout dominate a short collection, and runs with other seeds reuse them."""
-    shapes = tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree_util.tree_leaves(params))
-    key = (config.to_json(), tasks, per_round, mode, chunk, T, policy, noise, shapes)
-    if key not in _PROGRAMS:
-        env, init, run_chunk = make_eval_program(config, list(tasks), per_round, mode, chunk, None, T, policy=policy,
-                                                 noise=noise, transitions=True)
-        init = jax.jit(init)
-        carry = init(jax.random.key(0))
-        run = jax.jit(run_chunk, donate_argnums=(1,)).lower(params, carry).compile()
-        _PROGRAMS[key] = (env.num_envs, init, run)
-    return _PROGRAMS[key]
 
 
 def collect(params, config: ml_collections.ConfigDict, out: str | os.PathLike, tasks: Sequence[str] | None = None,
@@ -110,9 +91,9 @@ def collect(params, config: ml_collections.ConfigDict, out: str | os.PathLike, t
                             f"(rounds of {K} x {per_round}), or use another --seed")
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
     key = jax.random.key(seed)
-    t = time.perf_counter()
-    num_envs, init, run = _program(config, tuple(tasks), per_round, mode, chunk, T, policy, float(noise), params)
-    compile_s = time.perf_counter() - t
+    env, init, run, compile_s = compiled_program(config, tasks, per_round, mode, chunk, T, params=params,
+                                                 policy=policy, noise=noise, transitions=True)
+    num_envs = env.num_envs
     carry = init(jax.random.fold_in(key, 0))
     returns = np.zeros((K, episodes), np.float64)
     if on_disk:  # the returns of the rounds already written are the sums of their rewards

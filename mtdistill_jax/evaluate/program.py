@@ -13,6 +13,7 @@ progress bar with ETA can be shown).
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -148,25 +149,67 @@ def check_eval_args(task_set: str, tasks: Sequence[str] | None = None, episodes:
     return tasks
 
 
+_PROGRAMS: OrderedDict = OrderedDict()  # compiled rollout programs of this process (see compiled_program)
+MAX_PROGRAMS = 8  # most compiled programs kept; the least recently used is dropped first
+
+
+def compiled_program(config: ml_collections.ConfigDict, tasks: Sequence[str], episodes: int, mode: str = "sample",
+                     chunk: int = 10, episode_length: int | None = None, *, params, policy: str = "planner",
+                     noise: float = 0.0, record: bool = False, transitions: bool = False,
+                     impls: dict[str, str] | None = None):
+    """``(env, init, run, compile_seconds)``: :func:`make_eval_program` built, jitted and compiled for ``params``'
+    shapes, once per process for everything that shapes it (config, tasks, episodes, mode, chunk, length, policy,
+    noise, outputs, params shapes and dtypes); ``compile_seconds`` is 0 when this process already had it.
+
+    Building the MJX tasks and compiling the rollout dominate a short evaluation or collection (minutes for a
+    few tasks on CPU), so evaluations of many agents or checkpoints in one process, collections with several
+    seeds and the periodic evaluation of a training run all reuse one program. ``run`` donates its carry.
+    """
+    tasks = tuple(tasks)
+    shapes = tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree_util.tree_leaves(params))
+    key = (config.model.to_json(), config.planner.to_json(), tasks, episodes, mode, chunk, episode_length, policy,
+           float(noise), record, transitions,
+           tuple(sorted((impls or {}).items())), shapes)
+    if key in _PROGRAMS:
+        _PROGRAMS.move_to_end(key)
+        return (*_PROGRAMS[key], 0.0)
+    t = time.perf_counter()
+    env, init, run_chunk = make_eval_program(config, list(tasks), episodes, mode, chunk, impls, episode_length,
+                                             record, policy=policy, noise=noise, transitions=transitions)
+    init = jax.jit(init)
+    run = jax.jit(run_chunk, donate_argnums=(1,)).lower(params, init(jax.random.key(0))).compile()
+    _PROGRAMS[key] = (env, init, run)
+    while len(_PROGRAMS) > MAX_PROGRAMS:
+        _PROGRAMS.popitem(last=False)
+    return env, init, run, time.perf_counter() - t
+
+
+def clear_program_cache() -> None:
+    """Drop the compiled programs :func:`compiled_program` keeps (with ``jax.clear_caches()``, this releases
+    their code and memory mappings)."""
+    _PROGRAMS.clear()
+
+
 def evaluate(params, config: ml_collections.ConfigDict, tasks: Sequence[str] | None = None, episodes: int = 10,
              seed: int = 1, mode: str = "sample", chunk: int = 10, progress: bool = True,
              impls: dict[str, str] | None = None, on_chunk: Callable[[int], None] | None = None,
-             episode_length: int | None = None, record: bool = False) -> EvalResult:
+             episode_length: int | None = None, record: bool = False, policy: str = "planner") -> EvalResult:
     """Evaluate ``params`` (a WorldModel tree) on ``tasks`` (default: the whole task set) with the official
     protocol; returns per-task episode returns and the normalized score. ``episode_length`` defaults to the
-    task set's (MT30: 500); shorter is for smoke tests and quick looks only (scores are then not comparable)."""
-    tasks = check_eval_args(config.model.task_set, tasks, episodes, mode, chunk, episode_length)
+    task set's (MT30: 500); shorter is for smoke tests and quick looks only (scores are then not comparable).
+    ``policy='prior'`` acts with the policy prior alone (official ``mpc=False``; ``mode`` sample or mean)
+    instead of the planner. The compiled program is kept for later calls in this process
+    (:func:`compiled_program`): evaluating another agent of the same shapes does not compile again."""
+    tasks = check_eval_args(config.model.task_set, tasks, episodes, mode, chunk, episode_length, policy)
     episode_length = episode_length_of(config.model.task_set, tasks, episode_length)
     check_mapping_budget(len(tasks), jax.default_backend())
-    env, init, run_chunk = make_eval_program(config, tasks, episodes, mode, chunk, impls, episode_length, record)
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
-    carry = jax.jit(init)(jax.random.key(seed))
+    env, init, run, compile_s = compiled_program(config, tasks, episodes, mode, chunk, episode_length, params=params,
+                                                 policy=policy, record=record, impls=impls)
+    carry = init(jax.random.key(seed))
     first = None
     if record:  # the reset state, so videos start at t = 0
         first = [jax.tree_util.tree_map(lambda x: np.asarray(x)[None], env.task_render_states(carry.env_state))]
-    t = time.perf_counter()
-    run = jax.jit(run_chunk, donate_argnums=(1,)).lower(params, carry).compile()
-    compile_s = time.perf_counter() - t
     t = time.perf_counter()
     with tqdm(total=episode_length, desc=f"eval {len(tasks)} tasks x {episodes} episodes", unit="step",
               disable=not progress, leave=True) as bar:
@@ -184,6 +227,6 @@ def evaluate(params, config: ml_collections.ConfigDict, tasks: Sequence[str] | N
     if record:
         stacked = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *first)
         trajectories = dict(zip(tasks, stacked, strict=True))
-    return EvalResult(tasks=tasks, returns=returns, mode=mode, seconds=seconds, compile_seconds=compile_s,
-                      plan_calls=episode_length * env.num_envs, trajectories=trajectories, seeds=(seed,),
-                      episode_length=episode_length)
+    return EvalResult(tasks=tasks, returns=returns, mode=mode if policy == "planner" else f"{policy}/{mode}",
+                      seconds=seconds, compile_seconds=compile_s, plan_calls=episode_length * env.num_envs,
+                      trajectories=trajectories, seeds=(seed,), episode_length=episode_length)

@@ -61,6 +61,16 @@ class EvalResult:
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"not an evaluation result (see EvalResult.to_dict): {e!r}") from e
 
+    def save(self, path: str | os.PathLike) -> str:
+        """Write :meth:`to_dict` as JSON at ``path`` (atomically: a crash leaves the old file or none); returns
+        the path. :meth:`load` reads it back."""
+        path = os.fspath(path)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+        os.replace(tmp, path)
+        return path
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> EvalResult:
         """Read a result ``.json`` written by :func:`~mtdistill_jax.evaluate.outputs.write_outputs`; errors name

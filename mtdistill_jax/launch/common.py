@@ -1,7 +1,8 @@
 """What the offline launch mains share (``launch/train.py``, ``launch/distill.py``): flags, data, one run.
 
 A main defines its ``--config`` flag, calls :func:`define_flags` (``--workdir``, ``--data``, ``--save_every``,
-``--keep``, ``--eval_every``, ``--eval_tasks``, ``--eval_episodes``, ``--eval_episode_length``, ``--to_torch``,
+``--keep``, ``--eval_every``, ``--eval_tasks``, ``--eval_episodes``, ``--eval_policy``, ``--eval_mode``,
+``--eval_episode_length``, ``--to_torch``,
 ``--progress``) and, in ``main``::
 
     options = common.options_from_flags(FLAGS.config)      # every flag checked (usage errors), nothing loaded
@@ -64,6 +65,10 @@ def define_flags(*, save_every: int = 10_000) -> None:
     flags.DEFINE_list("eval_tasks", None, f"tasks to evaluate (default: the first {DEFAULT_EVAL_TASKS} tasks of the "
                       "data that have an MJX environment)")
     flags.DEFINE_integer("eval_episodes", 2, "episodes per evaluated task", lower_bound=1)
+    flags.DEFINE_enum("eval_policy", "planner", ["planner", "prior"], "act in evaluations with the planner (MPPI, "
+                      "official protocol) or the policy prior alone (one forward per step: far cheaper on CPU)")
+    flags.DEFINE_string("eval_mode", None, "action mode of the evaluations: planner sample (default, official) / "
+                        "elite / mean; prior sample / mean (default, official eval_mode)")
     flags.DEFINE_integer("eval_episode_length", None, "agent steps per evaluation episode (default: the task "
                          "set's, MT30 500 = official; less only for quick looks)", lower_bound=1)
     flags.DEFINE_string("to_torch", None, "also write the final agent as an official-format .pt at this path "
@@ -83,6 +88,8 @@ class RunOptions:
     eval_tasks: list[str] | None = None  # None: the first DEFAULT_EVAL_TASKS tasks of the data with an env
     eval_episodes: int = 2  # episodes per evaluated task
     eval_episode_length: int | None = None  # None: the task set's (MT30: 500)
+    eval_policy: str = "planner"  # evaluations act with the planner or the policy prior ("prior")
+    eval_mode: str | None = None  # None: "sample" for the planner (official), "mean" for the prior (eval_mode)
     to_torch: str | None = None  # also write the final agent as an official .pt here
     progress: bool = True  # tqdm bar on stderr
 
@@ -131,14 +138,26 @@ def options_from_flags(config: ml_collections.ConfigDict, check: Callable = chec
                             FLAGS.eval_episode_length)
         except UserError as e:
             raise cli.UsageError(f"--eval_tasks: {e}") from e
+        from mtdistill_jax.tdmpc2.planner import MODES, PRIOR_MODES
+
+        modes = MODES if FLAGS.eval_policy == "planner" else PRIOR_MODES
+        if eval_mode_of(FLAGS.eval_policy, FLAGS.eval_mode) not in modes:
+            raise cli.UsageError(f"--eval_mode={FLAGS.eval_mode}: the {FLAGS.eval_policy} acts in one of "
+                                 f"{', '.join(modes)}")
     return RunOptions(workdir=FLAGS.workdir, data=data_paths(FLAGS.data), save_every=FLAGS.save_every,
                       keep=FLAGS.keep, eval_every=FLAGS.eval_every, eval_tasks=FLAGS.eval_tasks or None,
                       eval_episodes=FLAGS.eval_episodes, eval_episode_length=FLAGS.eval_episode_length,
+                      eval_policy=FLAGS.eval_policy, eval_mode=FLAGS.eval_mode,
                       to_torch=FLAGS.to_torch, progress=FLAGS.progress)
 
 
-# ------------------------------------------------------------------------------------------------ params
 # -------------------------------------------------------------------------------------------- evaluation
+def eval_mode_of(policy: str, mode: str | None) -> str:
+    """The action mode of an evaluation: ``mode``, or the default of ``policy`` (planner: ``'sample'``, the
+    official evaluate.py; prior: ``'mean'``, the official ``eval_mode=True``)."""
+    return mode or ("sample" if policy == "planner" else "mean")
+
+
 def default_eval_tasks(task_set: str, task_ids, n: int = DEFAULT_EVAL_TASKS) -> list[str]:
     """The first ``n`` tasks (in task-set order) among ``task_ids`` (e.g. the data's ``task`` [E]) that have an
     MJX environment; a ``UserError`` when there is none."""
@@ -163,39 +182,38 @@ def eval_metrics(result) -> dict[str, float]:
 
 
 def make_eval_fn(config: ml_collections.ConfigDict, tasks: Sequence[str] | None, episodes: int = 2, *,
-                 seed: int | None = None, mode: str = "sample",
-                 episode_length: int | None = None) -> Callable[[Any, int], dict[str, float]]:
+                 seed: int | None = None, mode: str = "sample", episode_length: int | None = None,
+                 policy: str = "planner") -> Callable[[Any, int], dict[str, float]]:
     """``eval_fn(state, step) -> {eval/<task>/return, eval/score}`` for ``train_offline``: the evaluation of
-    :func:`mtdistill_jax.evaluate.evaluate` (same program, protocol and numbers for the same seed) on the
-    world-model part of ``state.params`` (see :func:`world_model_params`).
+    :func:`mtdistill_jax.evaluate.evaluate` (same program, protocol and numbers for the same seed, ``policy``
+    and ``mode``) on the world-model part of ``state.params`` (see :func:`world_model_params`).
 
-    The program is built and compiled once, at the first call, and reused: ``evaluate`` would trace and
-    compile it anew each time. Every call uses the same seed (default ``config.seed``), so evaluations at
-    different steps see the same initial states and differ only through the params.
+    The program is built and compiled at the first call and reused (:func:`~mtdistill_jax.evaluate.program.
+    compiled_program`). Every call uses the same seed (default ``config.seed``), so evaluations at different
+    steps see the same initial states and differ only through the params.
     """
-    from mtdistill_jax.evaluate import EvalResult, check_eval_args, episode_length_of, make_eval_program
+    from mtdistill_jax.evaluate import EvalResult, check_eval_args, episode_length_of
+    from mtdistill_jax.evaluate.program import compiled_program
     from mtdistill_jax.xla_cpu import check_mapping_budget
 
     task_set = config.model.task_set
-    tasks = check_eval_args(task_set, tasks, episodes, mode, 1, episode_length)
+    tasks = check_eval_args(task_set, tasks, episodes, mode, 1, episode_length, policy)
     length = episode_length_of(task_set, tasks, episode_length)
     seed = config.seed if seed is None else int(seed)
     keys = world_model_keys(config.model)
-    program: dict[str, Any] = {}
 
     def eval_fn(state, step: int) -> dict[str, float]:
-        if not program:
-            check_mapping_budget(len(tasks), jax.default_backend())
-            env, init, run_chunk = make_eval_program(config, tasks, episodes, mode, length, None, length, False)
-            program.update(env=env, init=jax.jit(init), run=jax.jit(run_chunk, donate_argnums=(1,)))
+        check_mapping_budget(len(tasks), jax.default_backend())
         params = world_model_params(state.params, config.model, keys)
         params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
+        env, init, run, _ = compiled_program(config, tasks, episodes, mode, length, length, params=params,
+                                             policy=policy)
         t = time.perf_counter()
-        carry, _ = program["run"](params, program["init"](jax.random.key(seed)))
+        carry, _ = run(params, init(jax.random.key(seed)))
         returns = np.asarray(carry.returns, np.float64).reshape(len(tasks), episodes)
-        result = EvalResult(tasks=list(tasks), returns=returns, mode=mode, seconds=time.perf_counter() - t,
-                            compile_seconds=0.0, plan_calls=length * program["env"].num_envs, seeds=(seed,),
-                            episode_length=length)
+        result = EvalResult(tasks=list(tasks), returns=returns, mode=mode if policy == "planner" else
+                            f"{policy}/{mode}", seconds=time.perf_counter() - t, compile_seconds=0.0,
+                            plan_calls=length * env.num_envs, seeds=(seed,), episode_length=length)
         return eval_metrics(result)
 
     return eval_fn
@@ -269,9 +287,11 @@ def run(config: ml_collections.ConfigDict, options: RunOptions, *, update_fn: Ca
     eval_fn = None
     if options.eval_every:
         tasks = options.eval_tasks or default_eval_tasks(ts.name, data.task)
-        eval_fn = make_eval_fn(config, tasks, options.eval_episodes, episode_length=options.eval_episode_length)
-        logging.info("evaluating %s (%d episodes each) every %d steps and at the end", ", ".join(tasks),
-                     options.eval_episodes, options.eval_every)
+        mode = eval_mode_of(options.eval_policy, options.eval_mode)
+        eval_fn = make_eval_fn(config, tasks, options.eval_episodes, episode_length=options.eval_episode_length,
+                               policy=options.eval_policy, mode=mode)
+        logging.info("evaluating %s (%d episodes each, %s/%s) every %d steps and at the end", ", ".join(tasks),
+                     options.eval_episodes, options.eval_policy, mode, options.eval_every)
     mesh = specs = None
     if jax.device_count() > 1:
         from mtdistill_jax.parallel import make_mesh

@@ -54,16 +54,23 @@ def main(argv):
         raise cli.UsageError(f"--config: {e}") from e
     options = common.options_from_flags(config, check=distill_config.check_config)
 
+    common.run(config, options, **run_kwargs(config, FLAGS.teacher))
+
+
+def run_kwargs(config, teacher_path: str) -> dict:
+    """What :func:`mtdistill_jax.launch.common.run` takes for distilling the teacher at ``teacher_path`` (agent
+    export or official ``.pt``) into the student of ``config`` (a resolved distillation config): ``update_fn``,
+    ``init_state``, ``aux`` (the teacher's params), ``aux_specs`` and ``program``. A teacher of another task set
+    is refused (each difference named)."""
     from mtdistill_jax import distill
 
-    teacher = distill.load_teacher(FLAGS.teacher)
+    teacher = distill.load_teacher(teacher_path)
     distill.check_compatible(config.model, teacher.config)
     logging.info("teacher: %dM %s (%s, stored %s, computed %s) from %s", teacher.config.model_size,
                  teacher.config.task_set, f"{teacher.param_count:,} params", teacher.dtype,
-                 config.distill.teacher_compute_dtype, FLAGS.teacher)
+                 config.distill.teacher_compute_dtype, teacher_path)
     logging.info("student: %dM %s; distillation: %s", config.model.model_size, config.model.task_set,
                  ", ".join(f"{k}={v}" for k, v in sorted(config.distill.items())))
-    update = distill.make_distill_update(config, teacher.config)
 
     def init_state(key):
         return distill.init_distill_state(config, teacher.config, key)
@@ -71,9 +78,9 @@ def main(argv):
     def teacher_layout(mesh):
         return distill.teacher_specs(config, teacher.params, mesh)
 
-    common.run(config, options, update_fn=update, init_state=init_state, aux=teacher.params,
-               aux_specs=teacher_layout,
-               program=f"mtdistill-distill (teacher {os.path.abspath(FLAGS.teacher)})")
+    return dict(update_fn=distill.make_distill_update(config, teacher.config), init_state=init_state,
+                aux=teacher.params, aux_specs=teacher_layout,
+                program=f"mtdistill-distill (teacher {os.path.abspath(teacher_path)})")
 
 
 def entry_point() -> None:

@@ -3,7 +3,8 @@
 ``mtdistill-evaluate`` (console entry point) and ``python launch/evaluate.py`` run this module.
 
   mtdistill-evaluate --agent=../shared/reference/paper_student_fp16.pt --workdir=runs/eval_student \
-      [--tasks=walker-walk,cheetah-run] [--episodes=10] [--mode=sample] [--name=eval] [--video]
+      [--tasks=walker-walk,cheetah-run] [--episodes=10] [--policy=planner|prior] [--mode=sample] [--name=eval] \
+      [--video]
 
 Writes <workdir>/<name>.{json,csv,md,png} (per-task returns, normalized scores, bar chart); --video adds
 <workdir>/videos/<task>.mp4 of each task's first episode.
@@ -34,6 +35,8 @@ from mtdistill_jax.evaluate import (
     save_videos,
     write_outputs,
 )
+from mtdistill_jax.evaluate.program import POLICIES
+from mtdistill_jax.launch.common import eval_mode_of
 from mtdistill_jax.launch.rollout import rollout_setup
 from mtdistill_jax.tdmpc2.planner import MODES
 from mtdistill_jax.xla_cpu import use_fewer_kernels
@@ -45,7 +48,10 @@ flags.DEFINE_list("merge", None, "instead of evaluating: pool the episodes of th
 flags.DEFINE_list("tasks", None, "task subset (default: all tasks of the agent's task set)")
 flags.DEFINE_integer("episodes", 10, "episodes per task", lower_bound=1)
 flags.DEFINE_integer("seed", 1, "PRNG seed")
-flags.DEFINE_enum("mode", "sample", list(MODES), "planner action: sample (official evaluate.py), elite, mean")
+flags.DEFINE_enum("policy", "planner", list(POLICIES), "act with the planner (MPPI, official evaluate.py) or the "
+                  "policy prior alone (official mpc=False; one forward per step, far cheaper on CPU)")
+flags.DEFINE_enum("mode", None, list(MODES), "action: planner sample (default, official evaluate.py) / elite / mean; "
+                  "prior sample / mean (default, official eval_mode)")
 flags.DEFINE_integer("chunk", 10, "agent steps per compiled call (progress granularity); divides --episode_length",
                      lower_bound=1)
 flags.DEFINE_string("name", "eval", "output file stem")
@@ -77,12 +83,13 @@ def main(argv):
         raise cli.UsageError(f"--chunk={FLAGS.chunk} must divide --episode_length={FLAGS.episode_length}")
     if FLAGS.fewer_kernels:
         use_fewer_kernels()  # before the first jax.devices(): XLA reads its flags when the backend starts
+    mode = eval_mode_of(FLAGS.policy, FLAGS.mode)
     agent, config, tasks, episode_length = rollout_setup(
-        FLAGS.agent, FLAGS.tasks, FLAGS.episodes, FLAGS.mode, FLAGS.chunk, FLAGS.episode_length)
+        FLAGS.agent, FLAGS.tasks, FLAGS.episodes, mode, FLAGS.chunk, FLAGS.episode_length, FLAGS.policy)
     print(f"devices: {jax.devices()}")
     print(f"agent: {FLAGS.agent} ({agent.config.task_set} {agent.config.model_size}M, stored {agent.dtype})")
-    result = evaluate(agent.params, config, tasks, FLAGS.episodes, FLAGS.seed, FLAGS.mode, FLAGS.chunk,
-                      FLAGS.progress, episode_length=episode_length, record=FLAGS.video)
+    result = evaluate(agent.params, config, tasks, FLAGS.episodes, FLAGS.seed, mode, FLAGS.chunk,
+                      FLAGS.progress, episode_length=episode_length, record=FLAGS.video, policy=FLAGS.policy)
     paths = write_outputs(result, FLAGS.workdir, FLAGS.name, command)
     print(result.table())
     print(f"compile {result.compile_seconds:.1f} s, rollouts {result.seconds:.1f} s "
