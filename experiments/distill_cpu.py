@@ -16,8 +16,8 @@ same command resumes an interrupted run, and a finished run only rewrites the re
    ``launch/distill.py``, with checkpoints, ``metrics.csv``, ``tb/`` and ``agent/``). Arms: ``scratch`` (the
    TD-MPC2 update alone), ``reward`` (+ the paper's term: reward MSE at the first step, d_coef 0.45),
    ``reward_policy`` (+ the KL from the teacher's policy, ``distill.policy_weight``). Every ``--eval_every`` updates
-   and at the end the student is evaluated (the learning curve), and the final student again into
-   ``<out>/final/<arm>_s<seed>_<policy>.json``.
+   and at the end the student is evaluated (the learning curve; every episode in ``<run>/eval/``); the last
+   evaluation is the final score, ``<out>/final/<arm>_s<seed>_<policy>.json``.
 4. ``quantize``: the distilled student with the best mean final score over seeds is converted with
    ``launch/convert.py`` to float16, bfloat16 and int8 (``<out>/quant/<dtype>``) and each is evaluated on the same
    tasks, initial states and episodes; the latency of one ``act()`` per dtype is measured.
@@ -40,6 +40,7 @@ import logging
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -230,9 +231,13 @@ def stage_train(args, out: Path) -> None:
                 if result.preempted:
                     raise SystemExit(f"preempted during {workdir}; run the same command again to resume")
                 (workdir / "wall_seconds.txt").write_text(f"{time.perf_counter() - t:.1f}\n")
-            agent = load_agent(workdir / common.AGENT_DIR)
-            evaluate_params(agent.params, config, args, seed, args.eval_policy,
-                            out / "final" / f"{arm}_s{seed}_{args.eval_policy}.json")
+            final = out / "final" / f"{arm}_s{seed}_{args.eval_policy}.json"
+            last = workdir / common.EVAL_DIR / common.eval_result_name(args.steps)  # the curve's last point
+            if not final.exists() and last.exists():
+                final.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(last, final)
+            agent = load_agent(workdir / common.AGENT_DIR)  # evaluated here when the run had no final evaluation
+            evaluate_params(agent.params, config, args, seed, args.eval_policy, final)
 
 
 def rollout_agent(path):

@@ -116,10 +116,10 @@ def test_default_eval_tasks():
 
 
 @pytest.mark.slow
-def test_eval_fn_matches_evaluate():
+def test_eval_fn_matches_evaluate(tmp_path):
     """The cached evaluation program of make_eval_fn gives evaluate()'s numbers (same seed), on the world-model
     part of a state that carries more params, and the same numbers when called again."""
-    from mtdistill_jax.evaluate import evaluate
+    from mtdistill_jax.evaluate import EvalResult, evaluate
     from mtdistill_jax.launch.common import make_eval_fn, world_model_params
 
     config, state = _state_with_distill_head()
@@ -134,12 +134,15 @@ def test_eval_fn_matches_evaluate():
     assert eval_fn(state, 1) == got
 
     # the policy prior: the same numbers as evaluate(policy='prior'), whose program the eval_fn compiled first
-    prior_fn = make_eval_fn(config, tasks, 2, seed=3, episode_length=10, policy="prior", mode="mean")
-    got = prior_fn(state, 0)
+    prior_fn = make_eval_fn(config, tasks, 2, seed=3, episode_length=10, policy="prior", mode="mean",
+                            results_dir=str(tmp_path / "eval"))
+    got = prior_fn(state, 7)
     ref = evaluate(world_model_params(state.params, config.model), config, tasks, episodes=2, seed=3,
                    episode_length=10, chunk=10, progress=False, policy="prior", mode="mean")
     assert ref.compile_seconds == 0.0 and ref.mode == "prior/mean"
     assert got["eval/score"] == ref.normalized_score and ref.normalized_score > 0
+    saved = EvalResult.load(tmp_path / "eval" / "step_000000007.json")  # every episode's return, per step
+    np.testing.assert_array_equal(saved.returns, ref.returns)
 
 
 def test_train_from_a_native_dataset(tmp_path):

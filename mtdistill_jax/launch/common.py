@@ -173,6 +173,14 @@ def default_eval_tasks(task_set: str, task_ids, n: int = DEFAULT_EVAL_TASKS) -> 
     return tasks
 
 
+EVAL_DIR = "eval"  # <workdir>/eval/step_<step>.json: the full result of each evaluation of a run
+
+
+def eval_result_name(step: int) -> str:
+    """File name of the evaluation result at ``step`` in a run's ``eval/`` directory."""
+    return f"step_{int(step):09d}.json"
+
+
 def eval_metrics(result) -> dict[str, float]:
     """``eval/<task>/return`` (mean episode return) per task and ``eval/score`` (normalized score) of an
     :class:`~mtdistill_jax.evaluate.EvalResult`."""
@@ -183,14 +191,16 @@ def eval_metrics(result) -> dict[str, float]:
 
 def make_eval_fn(config: ml_collections.ConfigDict, tasks: Sequence[str] | None, episodes: int = 2, *,
                  seed: int | None = None, mode: str = "sample", episode_length: int | None = None,
-                 policy: str = "planner") -> Callable[[Any, int], dict[str, float]]:
+                 policy: str = "planner", results_dir: str | None = None) -> Callable[[Any, int], dict[str, float]]:
     """``eval_fn(state, step) -> {eval/<task>/return, eval/score}`` for ``train_offline``: the evaluation of
     :func:`mtdistill_jax.evaluate.evaluate` (same program, protocol and numbers for the same seed, ``policy``
     and ``mode``) on the world-model part of ``state.params`` (see :func:`world_model_params`).
 
     The program is built and compiled at the first call and reused (:func:`~mtdistill_jax.evaluate.program.
     compiled_program`). Every call uses the same seed (default ``config.seed``), so evaluations at different
-    steps see the same initial states and differ only through the params.
+    steps see the same initial states and differ only through the params. With ``results_dir``, each
+    evaluation's full result (every episode's return) is also written there as ``step_<step>.json``
+    (:meth:`~mtdistill_jax.evaluate.EvalResult.save`).
     """
     from mtdistill_jax.evaluate import EvalResult, check_eval_args, episode_length_of
     from mtdistill_jax.evaluate.program import compiled_program
@@ -214,6 +224,9 @@ def make_eval_fn(config: ml_collections.ConfigDict, tasks: Sequence[str] | None,
         result = EvalResult(tasks=list(tasks), returns=returns, mode=mode if policy == "planner" else
                             f"{policy}/{mode}", seconds=time.perf_counter() - t, compile_seconds=0.0,
                             plan_calls=length * env.num_envs, seeds=(seed,), episode_length=length)
+        if results_dir is not None:
+            os.makedirs(results_dir, exist_ok=True)
+            result.save(os.path.join(results_dir, eval_result_name(step)))
         return eval_metrics(result)
 
     return eval_fn
@@ -289,7 +302,8 @@ def run(config: ml_collections.ConfigDict, options: RunOptions, *, update_fn: Ca
         tasks = options.eval_tasks or default_eval_tasks(ts.name, data.task)
         mode = eval_mode_of(options.eval_policy, options.eval_mode)
         eval_fn = make_eval_fn(config, tasks, options.eval_episodes, episode_length=options.eval_episode_length,
-                               policy=options.eval_policy, mode=mode)
+                               policy=options.eval_policy, mode=mode,
+                               results_dir=os.path.join(options.workdir, EVAL_DIR))
         logging.info("evaluating %s (%d episodes each, %s/%s) every %d steps and at the end", ", ".join(tasks),
                      options.eval_episodes, options.eval_policy, mode, options.eval_every)
     mesh = specs = None
