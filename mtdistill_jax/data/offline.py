@@ -132,12 +132,24 @@ def uniform_indices(key, i, batch_size: int, num_episodes: int, num_frames: int,
     """Episode and start indices ``(ep [B], start [B])`` of batch ``i`` of the stream with raw key ``key``: B
     uniformly chosen episodes, each at a uniformly chosen start ``s`` in ``[0, T-H]`` (T = num_frames - 1, the
     last frame), so the window ``s..s+H`` fits. Shared by the in-memory and the memory-mapped samplers, so both
-    draw the same windows for the same ``(key, i)``; jittable (sizes static)."""
+    draw the same windows for the same ``(key, i)``; jittable (``batch_size``, ``num_frames`` and ``horizon``
+    static; ``num_episodes`` may be traced, as the replay buffer's count of complete episodes)."""
     key = jax.random.fold_in(jax.random.wrap_key_data(key), i)
     k_ep, k_start = jax.random.split(key)
     ep = jax.random.randint(k_ep, (batch_size,), 0, num_episodes)
     start = jax.random.randint(k_start, (batch_size,), 0, num_frames - horizon)
     return ep, start
+
+
+def gather_windows(data: OfflineData, ep, start, horizon: int) -> Batch:
+    """The time-major :class:`Batch` of the windows ``start[b] .. start[b]+H`` of episodes ``ep[b]`` of
+    ``data``: ``obs[s..s+H]``, ``action[s+1..s+H]``, ``reward[s+1..s+H]`` and the episode's task (frame 0 of
+    action/reward, the filler, is never read). Shared by the offline sampler and the replay buffer."""
+    frames = start[None, :] + jnp.arange(horizon + 1)[:, None]  # [H+1, B]
+    obs = data.obs[ep[None, :], frames]  # [H+1, B, O]
+    action = data.action[ep[None, :], frames[1:]]  # [H, B, A]
+    reward = data.reward[ep[None, :], frames[1:]][..., None]  # [H, B, 1]
+    return Batch(obs=obs, action=action, reward=reward, task=data.task[ep])
 
 
 class OfflineSampler:
@@ -195,11 +207,7 @@ class OfflineSampler:
         self._check_shapes(data.obs.shape, data.action.shape, "data")  # static shapes: checked at trace time
         num_episodes, num_frames = data.obs.shape[:2]
         ep, start = uniform_indices(key, i, B, num_episodes, num_frames, H)
-        frames = start[None, :] + jnp.arange(H + 1)[:, None]  # [H+1, B]
-        obs = data.obs[ep[None, :], frames]  # [H+1, B, O]
-        action = data.action[ep[None, :], frames[1:]]  # [H, B, A]
-        reward = data.reward[ep[None, :], frames[1:]][..., None]  # [H, B, 1]
-        return Batch(obs=obs, action=action, reward=reward, task=data.task[ep])
+        return gather_windows(data, ep, start, H)
 
     def sample(self, data: OfflineData, state: SamplerState) -> tuple[Batch, SamplerState]:
         """Batch number ``state.count`` and the advanced cursor."""
