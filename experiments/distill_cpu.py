@@ -135,8 +135,11 @@ def evaluate_params(params, config, args, seed: int, policy: str, path: Path):
 
     if path.exists():
         return EvalResult.load(path)
+    from mtdistill_jax.evaluate import episode_length_of
+
+    length = episode_length_of(config.model.task_set, args.tasks)  # one chunk: the training runs' eval program
     result = evaluate(params, config, args.tasks, args.eval_episodes, seed=run_seed(seed), mode=eval_mode(policy),
-                      chunk=50, policy=policy, progress=False)
+                      chunk=length, policy=policy, progress=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     result.save(path)
     log.info("%s: score %.2f (rollouts %.1f s, compile %.1f s)", path.name, result.normalized_score, result.seconds,
