@@ -224,7 +224,8 @@ def stage_train(args, out: Path) -> None:
             config = train_config(args, arm, seed)
             if not (workdir / common.AGENT_DIR).is_dir():
                 log.info("training %s seed %d -> %s", arm, seed, workdir)
-                options = common.RunOptions(workdir=str(workdir), data=[str(out / "data")], save_every=1_000,
+                options = common.RunOptions(workdir=str(workdir), data=[str(out / "data")], data_in_memory=True,
+                                            save_every=1_000,
                                             keep=2, eval_every=args.eval_every, eval_tasks=list(args.tasks),
                                             eval_episodes=args.eval_episodes, eval_policy=args.eval_policy,
                                             eval_mode=eval_mode(args.eval_policy), progress=False)

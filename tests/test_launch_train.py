@@ -155,6 +155,13 @@ def test_train_from_a_native_dataset(tmp_path):
     r = _train([f"--workdir={workdir}", f"--data={tmp_path / 'ds'}", *SMOKE, "--noprogress"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "native dataset" in r.stderr and "done at step 4 (fresh run)" in r.stderr, r.stderr[-2000:]
+    # --data_in_memory: sampled inside the compiled loop, the same batches, so the same run
+    r = _train([f"--workdir={tmp_path}/mem", f"--data={tmp_path / 'ds'}", *SMOKE, "--noprogress", "--data_in_memory"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    host, mem = read_csv(workdir / "metrics.csv"), read_csv(tmp_path / "mem" / "metrics.csv")
+    train_keys = [k for k in host[0] if k.startswith("train/")]
+    assert train_keys and [[row[k] for k in train_keys] for row in host] == [[row[k] for k in train_keys]
+                                                                             for row in mem]
     r = _train([f"--workdir={tmp_path}/run80", f"--data={tmp_path / 'ds'}", *SMOKE, "--config.model.task_set=mt80"],
                timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr

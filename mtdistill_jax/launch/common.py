@@ -1,8 +1,8 @@
 """What the offline launch mains share (``launch/train.py``, ``launch/distill.py``): flags, data, one run.
 
 A main defines its ``--config`` flag, calls :func:`define_flags` (``--workdir``, ``--data``, ``--save_every``,
-``--keep``, ``--eval_every``, ``--eval_tasks``, ``--eval_episodes``, ``--eval_policy``, ``--eval_mode``,
-``--eval_episode_length``, ``--to_torch``,
+``--keep``, ``--data_in_memory``, ``--eval_every``, ``--eval_tasks``, ``--eval_episodes``, ``--eval_policy``,
+``--eval_mode``, ``--eval_episode_length``, ``--to_torch``,
 ``--progress``) and, in ``main``::
 
     options = common.options_from_flags(FLAGS.config)      # every flag checked (usage errors), nothing loaded
@@ -58,6 +58,8 @@ def define_flags(*, save_every: int = 10_000) -> None:
     flags.DEFINE_list("data", None, "official dataset chunk files (globs allowed; loaded into device memory) or "
                       "one native dataset directory (with manifest.json; memory-mapped, any size, see "
                       "mtdistill-import-dataset)", required=True)
+    flags.DEFINE_bool("data_in_memory", False, "with a native dataset: copy it into device memory and sample it "
+                      "inside the compiled loop (the same batches as host sampling; faster for datasets that fit)")
     flags.DEFINE_integer("save_every", save_every, "steps between checkpoints", lower_bound=1)
     flags.DEFINE_integer("keep", 3, "checkpoints kept on disk", lower_bound=1)
     flags.DEFINE_integer("eval_every", 0, "steps between evaluations in MJX (and one at the end); 0: no evaluation",
@@ -83,6 +85,7 @@ class RunOptions:
     workdir: str  # run directory (checkpoints, metrics, exports)
     data: list[str]  # official dataset chunk files (globs expanded, see data_paths), or one native dataset dir
     save_every: int = 10_000  # steps between checkpoints
+    data_in_memory: bool = False  # a native dataset: load it into device memory (same batches, no host sampling)
     keep: int = 3  # checkpoints kept on disk
     eval_every: int = 0  # steps between evaluations (and one at the end); 0: no evaluation
     eval_tasks: list[str] | None = None  # None: the first DEFAULT_EVAL_TASKS tasks of the data with an env
@@ -144,7 +147,8 @@ def options_from_flags(config: ml_collections.ConfigDict, check: Callable = chec
         if eval_mode_of(FLAGS.eval_policy, FLAGS.eval_mode) not in modes:
             raise cli.UsageError(f"--eval_mode={FLAGS.eval_mode}: the {FLAGS.eval_policy} acts in one of "
                                  f"{', '.join(modes)}")
-    return RunOptions(workdir=FLAGS.workdir, data=data_paths(FLAGS.data), save_every=FLAGS.save_every,
+    return RunOptions(workdir=FLAGS.workdir, data=data_paths(FLAGS.data), data_in_memory=FLAGS.data_in_memory,
+                      save_every=FLAGS.save_every,
                       keep=FLAGS.keep, eval_every=FLAGS.eval_every, eval_tasks=FLAGS.eval_tasks or None,
                       eval_episodes=FLAGS.eval_episodes, eval_episode_length=FLAGS.eval_episode_length,
                       eval_policy=FLAGS.eval_policy, eval_mode=FLAGS.eval_mode,
@@ -289,6 +293,9 @@ def run(config: ml_collections.ConfigDict, options: RunOptions, *, update_fn: Ca
                             f"{ts.name} (--config.model.task_set={data.task_set.name}, or another dataset)")
         logging.info("devices: %s", jax.devices())
         logging.info("native dataset %s", data)
+        if options.data_in_memory:  # the in-memory sampler draws the host sampler's batches: the same run
+            data = OfflineSampler(config.train.batch_size, config.train.horizon, ts.obs_pad,
+                                  ts.action_pad).load(data.to_episodes())
     else:
         episodes = load_chunks(paths)  # a bad file stops the run before anything is logged
         logging.info("devices: %s", jax.devices())
