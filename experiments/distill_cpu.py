@@ -214,7 +214,7 @@ def stage_teacher(args, out: Path) -> None:
 
 
 def stage_train(args, out: Path) -> None:
-    from mtdistill_jax.checkpoint.export import load_agent
+    from mtdistill_jax.checkpoint.export import is_agent_dir, load_agent
     from mtdistill_jax.launch import common
     from mtdistill_jax.launch import distill as distill_main
 
@@ -222,7 +222,8 @@ def stage_train(args, out: Path) -> None:
         for arm in args.arms:
             workdir = out / "runs" / f"{arm}_s{seed}"
             config = train_config(args, arm, seed)
-            if not (workdir / common.AGENT_DIR).is_dir():
+            if not is_agent_dir(workdir / common.AGENT_DIR):
+                shutil.rmtree(workdir / common.AGENT_DIR, ignore_errors=True)  # an export cut short by a crash
                 log.info("training %s seed %d -> %s", arm, seed, workdir)
                 options = common.RunOptions(workdir=str(workdir), data=[str(out / "data")], data_in_memory=True,
                                             save_every=1_000,
@@ -239,7 +240,8 @@ def stage_train(args, out: Path) -> None:
             last = workdir / common.EVAL_DIR / common.eval_result_name(args.steps)  # the curve's last point
             if not final.exists() and last.exists():
                 final.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(last, final)
+                shutil.copyfile(last, f"{final}.tmp")
+                os.replace(f"{final}.tmp", final)
             agent = load_agent(workdir / common.AGENT_DIR)  # evaluated here when the run had no final evaluation
             evaluate_params(agent.params, config, args, seed, args.eval_policy, final)
 
@@ -320,6 +322,7 @@ def dir_bytes(path: Path) -> int:
 
 
 def stage_quantize(args, out: Path) -> None:
+    from mtdistill_jax.checkpoint.export import is_agent_dir
     from mtdistill_jax.launch import common
 
     best = best_distilled(args, out)
@@ -329,12 +332,17 @@ def stage_quantize(args, out: Path) -> None:
     arm, seed = best
     source = out / "runs" / f"{arm}_s{seed}" / common.AGENT_DIR
     qdir = out / "quant"
+    record = {"arm": arm, "seed": seed, "agent": str(source)}
+    if (qdir / "source.json").exists() and json.loads((qdir / "source.json").read_text()) != record:
+        log.info("quantize: the best distilled student is now %s seed %d; converting it anew", arm, seed)
+        shutil.rmtree(qdir)
     qdir.mkdir(parents=True, exist_ok=True)
-    (qdir / "source.json").write_text(json.dumps({"arm": arm, "seed": seed, "agent": str(source)}) + "\n")
+    (qdir / "source.json").write_text(json.dumps(record) + "\n")
     exports = {"float32": source}
     for dtype in QUANT_DTYPES:
         target = qdir / dtype
-        if not target.is_dir():
+        if not is_agent_dir(target):
+            shutil.rmtree(target, ignore_errors=True)
             cmd = [sys.executable, str(REPO / "launch" / "convert.py"), f"--from={source}", f"--dtype={dtype}",
                    f"--out={target}"]
             log.info("%s", " ".join(cmd))
@@ -438,10 +446,11 @@ def _plot_curves(curves: dict, teacher: dict | None, path: Path, args) -> None:
         ax.plot(steps, means, marker="o", label=f"{ARM_LABELS[arm]} (n={len(by_seed)})")
         ax.fill_between(steps, means - ses, means + ses, alpha=0.2)
     if teacher is not None:
-        ax.axhline(teacher["score"], color="k", ls="--", lw=1, label="teacher (paper 1M student)")
+        ax.axhline(teacher["score"], color="k", ls="--", lw=1, label="teacher")
     ax.set_xlabel("updates")
     ax.set_ylabel(f"normalized score ({len(args.tasks)} tasks, {args.eval_policy})")
-    ax.set_title(f"Students on {len(args.tasks)} MT30 tasks, policy-prior evaluation; mean ± SE over seeds")
+    ax.set_title(f"Students on {len(args.tasks)} MT30 tasks ({args.eval_policy} evaluation); mean ± SE over seeds",
+                 fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -592,6 +601,26 @@ def _markdown(rep: dict, args, out: Path) -> str:
     return "\n".join(L)
 
 
+SHAPING_ARGS = ("teacher", "tasks", "prior_episodes", "planner_episodes", "steps", "batch", "eval_every",
+                "eval_episodes", "eval_policy")  # what the files under --out depend on
+
+
+def check_same_args(args, out: Path) -> None:
+    """Record the arguments that shape the files under ``out`` (``<out>/args.json``) on the first run, and stop a
+    later run that changes one of them (its stages would mix results made with different settings)."""
+    now = {k: getattr(args, k) for k in SHAPING_ARGS}
+    path = out / "args.json"
+    if path.exists():
+        before = json.loads(path.read_text())
+        changed = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v}
+        if changed:
+            raise SystemExit(f"error: {out} holds a run made with other settings "
+                             + ", ".join(f"--{k}={a} (now {b})" for k, (a, b) in changed.items())
+                             + "; use another --out or the same settings (--seeds and --arms may grow)")
+    else:
+        path.write_text(json.dumps(now, indent=1) + "\n")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
@@ -602,6 +631,7 @@ def main(argv=None) -> None:
     use_fewer_kernels()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    check_same_args(args, out)
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO), *sys.argv[1:]])
     with open(out / "commands.txt", "a") as f:
         f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {command}\n")

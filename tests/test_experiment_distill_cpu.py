@@ -43,6 +43,14 @@ def test_args_and_configs(exp, tmp_path):
     assert exp.train_config(args, "reward", 0).distill.policy_weight == 0.0
 
 
+def test_resume_refuses_other_settings(exp, tmp_path):
+    args = exp.parse_args([f"--out={tmp_path}", "--steps=30"])
+    exp.check_same_args(args, tmp_path)
+    exp.check_same_args(exp.parse_args([f"--out={tmp_path}", "--steps=30", "--seeds=0,1,2,3"]), tmp_path)
+    with pytest.raises(SystemExit, match=r"other settings --steps=30 \(now 40\)"):
+        exp.check_same_args(exp.parse_args([f"--out={tmp_path}", "--steps=40"]), tmp_path)
+
+
 def test_report_statistics_and_files(exp, tmp_path):
     out, res = tmp_path / "out", tmp_path / "res"
     args = exp.parse_args([f"--out={out}", f"--results={res}", f"--tasks={','.join(TASKS)}", "--seeds=0,1,2",

@@ -19,7 +19,7 @@ episodes draws the same windows as :class:`~mtdistill_jax.data.offline.OfflineSa
 being sampled as soon as its first frame is overwritten.
 
 Capacity is given in transitions (official: ``min(steps, 1_000_000)``) and rounded down to whole episodes, a
-multiple of ``M`` (at least ``M``).
+multiple of ``M`` (at least ``2M``).
 """
 
 from __future__ import annotations
@@ -63,7 +63,9 @@ class ReplayBuffer:
         self.T, self.M, self.B, self.H = int(episode_length), int(num_envs), int(batch_size), int(horizon)
         self.obs_dim, self.action_dim = int(obs_dim), int(action_dim)
         episodes = int(capacity) // self.T
-        self.capacity = max(self.M, episodes // self.M * self.M)  # episode slots C, a multiple of M
+        # episode slots C: a multiple of M, and at least 2M so that a full ring being overwritten still holds
+        # a complete block to sample
+        self.capacity = max(2 * self.M, episodes // self.M * self.M)
 
     @property
     def capacity_transitions(self) -> int:

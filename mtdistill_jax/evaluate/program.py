@@ -167,8 +167,10 @@ def compiled_program(config: ml_collections.ConfigDict, tasks: Sequence[str], ep
     """
     tasks = tuple(tasks)
     shapes = tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree_util.tree_leaves(params))
-    key = (config.model.to_json(), config.planner.to_json(), tasks, episodes, mode, chunk, episode_length, policy,
-           float(noise), record, transitions,
+    from mtdistill_jax.configs.tasks import task_discounts
+
+    key = (config.model.to_json(), config.planner.to_json(), tuple(task_discounts(config).tolist()), tasks, episodes,
+           mode, chunk, episode_length, policy, float(noise), record, transitions,
            tuple(sorted((impls or {}).items())), shapes)
     if key in _PROGRAMS:
         _PROGRAMS.move_to_end(key)

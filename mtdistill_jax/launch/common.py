@@ -131,8 +131,11 @@ def options_from_flags(config: ml_collections.ConfigDict, check: Callable = chec
     cli.check_output_dir(FLAGS.workdir, "workdir")
     if FLAGS.to_torch:
         cli.check_torch_output(FLAGS.to_torch)
-    if FLAGS.eval_tasks and not FLAGS.eval_every:
-        raise cli.UsageError("--eval_tasks is given but --eval_every=0 (no evaluation); give --eval_every=N")
+    for name in ("eval_tasks", "eval_mode"):
+        if FLAGS[name].value and not FLAGS.eval_every:
+            raise cli.UsageError(f"--{name} is given but --eval_every=0 (no evaluation); give --eval_every=N")
+    if FLAGS["eval_policy"].present and not FLAGS.eval_every:
+        raise cli.UsageError("--eval_policy is given but --eval_every=0 (no evaluation); give --eval_every=N")
     if FLAGS.eval_every:
         from mtdistill_jax.evaluate import check_eval_args
 

@@ -6,17 +6,19 @@ seed phase ends as many updates as there were seed steps (pretraining on the see
 does the same for ``M`` envs stepping in lockstep (any MT30 subset x N envs per task, one
 :class:`~mtdistill_jax.envs.multitask.MultiTaskEnv`): one *agent step* is M env steps, and
 
-- during the seed phase (the first ``seed_agent_steps`` agent steps: ``ceil(seed_steps / M)``, and at least one
-  episode so that the buffer holds whole episodes) the actions are uniform in [-1, 1] on each task's used
-  action dims, as the official ``torch.rand`` actions;
+- during the seed phase (agent steps ``0 .. S`` with ``S = seed_agent_steps = max(ceil(seed_steps / M), T)``:
+  the official trainer acts randomly while ``step <= seed_steps``, and here at least one whole episode is
+  collected, the buffer's unit) the actions are uniform in [-1, 1] on each task's used action dims, as the
+  official ``torch.rand`` actions;
 - afterwards the actor is the planner (:func:`~mtdistill_jax.tdmpc2.planner.make_plan_policy`, official
   ``act`` in training mode: ``mode='sample'``);
 - the episodes go to the on-device :class:`~mtdistill_jax.data.replay.ReplayBuffer` step by step (sampleable once
   complete);
 - ``utd`` updates per env step after the seed phase (official 1; fractions accumulate, so ``utd=1/16`` with
-  M = 16 is one update per agent step), and at the end of the seed phase ``seed_updates`` updates at once
-  (official: as many as seed steps). Each update is the library's update function (``make_update_fn`` or a
-  distillation update), on a batch from the buffer.
+  M = 16 is one update per agent step), and at agent step ``S`` ``seed_updates`` updates at once (official: as
+  many as seed steps, at ``step == seed_steps``), then ``utd * M`` per agent step from ``S + 1`` on. Each
+  update is the library's update function (``make_update_fn`` or a distillation update), on a batch from the
+  buffer.
 
 :meth:`OnlineLoop.train_chunk` runs ``K`` agent steps (static) as one pure function of the :class:`OnlineCarry`
 (learner state, replay state, env state, planner state, key, counters); jit it with the carry donated. Python
@@ -125,7 +127,7 @@ class OnlineLoop:
     # --------------------------------------------------------------------------------------------- acting
     def _act(self, carry: OnlineCarry, key):
         es = carry.env_state
-        seeding = carry.agent_steps < self.seed_agent_steps
+        seeding = carry.agent_steps <= self.seed_agent_steps  # official: random while step <= seed_steps
 
         def random_action(_):
             a = jax.random.uniform(key, (self.M, self.env.action_pad), jnp.float32, -1.0, 1.0)
@@ -139,9 +141,9 @@ class OnlineLoop:
     # -------------------------------------------------------------------------------------------- updates
     def _num_updates(self, carry: OnlineCarry):
         """(updates to run after this agent step, remaining credit)."""
-        step = carry.agent_steps  # already advanced past this agent step
+        step = carry.agent_steps - 1  # the index of this agent step (the counter is already advanced)
         after_seed = step > self.seed_agent_steps
-        at_seed_end = step == self.seed_agent_steps
+        at_seed_end = step == self.seed_agent_steps  # official: seed_steps updates at step == seed_steps
         credit = carry.update_credit + jnp.where(after_seed, self.utd * self.M, 0.0)
         n = jnp.floor(credit)
         n_total = n.astype(jnp.int32) + jnp.where(at_seed_end, self.seed_updates, 0)

@@ -94,6 +94,12 @@ def test_jit_and_scan():
     np.testing.assert_array_equal(np.asarray(batch.obs), np.asarray(ref.obs))
 
 
+def test_capacity_holds_two_blocks():
+    """A full ring whose oldest block is being overwritten still has a complete block to sample."""
+    buf = ReplayBuffer(M * T, episode_length=T, num_envs=M, batch_size=B, horizon=H, obs_dim=O, action_dim=A)
+    assert buf.capacity == 2 * M
+
+
 def test_bad_sizes():
     with pytest.raises(UserError, match="too short for horizon 3"):
         ReplayBuffer(1000, episode_length=3, num_envs=1, batch_size=4, horizon=3, obs_dim=2, action_dim=1)

@@ -29,8 +29,10 @@ def test_online_chunk(loop):
     init = loop.init(jax.random.key(0))
     carry, stats = chunk(init, T + 4)
     assert int(carry.agent_steps) == T + 4
-    assert int(stats.num_updates) == int(carry.updates) == 3 + 4  # pretraining at the seed end, then 1 per step
-    assert int(carry.learner.step) == 7
+    # random actions at agent steps 0..T (official: step <= seed_steps), 3 pretraining updates at step T,
+    # then 1 per agent step (T+1 .. T+3)
+    assert int(stats.num_updates) == int(carry.updates) == 3 + 3
+    assert int(carry.learner.step) == 6
     assert stats.episodes.tolist() == [1, 1]  # each env ended one episode
     assert np.all(np.isfinite(jax.tree_util.tree_leaves(stats.metrics)[0]))
     assert float(stats.metrics["train/total_loss"]) != 0.0
