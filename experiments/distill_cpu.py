@@ -231,11 +231,9 @@ def stage_train(args, out: Path) -> None:
                                             eval_episodes=args.eval_episodes, eval_policy=args.eval_policy,
                                             eval_mode=eval_mode(args.eval_policy), progress=False)
                 kwargs = {} if ARMS[arm] is None else distill_main.run_kwargs(config, teacher_path(args))
-                t = time.perf_counter()
                 result = common.run(config, options, **kwargs)
                 if result.preempted:
                     raise SystemExit(f"preempted during {workdir}; run the same command again to resume")
-                (workdir / "wall_seconds.txt").write_text(f"{time.perf_counter() - t:.1f}\n")
             final = out / "final" / f"{arm}_s{seed}_{args.eval_policy}.json"
             last = workdir / common.EVAL_DIR / common.eval_result_name(args.steps)  # the curve's last point
             if not final.exists() and last.exists():
@@ -409,6 +407,39 @@ def _paired(a: dict, b: dict) -> dict | None:
             "p": float(t.pvalue), "wins": int((y > x).sum())}
 
 
+def _speed(args, out: Path) -> dict:
+    """Per arm: median updates/s over the logged windows of its runs (evaluations excluded) and median seconds of
+    one curve evaluation (the first evaluation of a process, which compiles the program, left out)."""
+    speed = {}
+    for arm in args.arms:
+        rates, evals = [], []
+        for seed in args.seeds:
+            path = out / "runs" / f"{arm}_s{seed}" / "metrics.csv"
+            if path.exists():
+                with open(path) as f:
+                    for row in csv.DictReader(f):
+                        if row.get("perf/steps_per_second"):
+                            rates.append(float(row["perf/steps_per_second"]))
+                        if row.get("perf/eval_seconds") and float(row["perf/eval_seconds"]) < 120:
+                            evals.append(float(row["perf/eval_seconds"]))
+        if rates:
+            speed[arm] = {"updates_per_second": float(np.median(rates)),
+                          "eval_seconds": float(np.median(evals)) if evals else None}
+    return speed
+
+
+def command_line(args) -> str:
+    """The command that reproduces this experiment (``--out`` shown as ``runs/distill_cpu``; arguments that
+    differ from their defaults spelled out)."""
+    defaults = parse_args(["--out=x"])
+    parts = ["python experiments/distill_cpu.py --out=runs/distill_cpu"]
+    for k in (*SHAPING_ARGS, "seeds", "arms"):
+        v, d = getattr(args, k), getattr(defaults, k)
+        if v != d:
+            parts.append(f"--{k}={','.join(map(str, v)) if isinstance(v, list) else v}")
+    return " ".join(parts)
+
+
 def _curves(args, out: Path) -> dict:
     """{arm: {seed: [(step, score, {task: return})]}} from the runs' metrics.csv."""
     curves: dict = {}
@@ -496,8 +527,7 @@ def stage_report(args, out: Path) -> None:
     base = report["arms"].get("scratch")
     report["paired_vs_scratch"] = {arm: _paired(base, v) for arm, v in report["arms"].items()
                                    if arm != "scratch" and base is not None}
-    report["wall_seconds"] = {p.parent.name: float(p.read_text()) for p in sorted((out / "runs").glob(
-        "*/wall_seconds.txt"))} if (out / "runs").is_dir() else {}
+    report["speed"] = _speed(args, out)
     curves = _curves(args, out)
     report["curves"] = {arm: {str(s): [[st, sc] for st, sc, _ in rows] for s, rows in by_seed.items()}
                         for arm, by_seed in curves.items()}
@@ -554,8 +584,9 @@ def _markdown(rep: dict, args, out: Path) -> str:
         L += ["## Data", "", f"{d['episodes']} episodes, {d['transitions']:,} transitions, {d['mib']:.1f} MiB.", "",
               "| collection | episodes/task | " + " | ".join(args.tasks) + " | s per 1,000 transitions | compile s |",
               "|---|---|" + "---|" * len(args.tasks) + "---|---|"]
-        for name, c in rep["collect"].items():
-            L.append(f"| {name} ({c['policy']}) | {c['episodes_per_task']} | "
+        for c in rep["collect"].values():
+            what = "policy prior, sampled" if c["policy"] == "prior" else "planner (MPPI, official act)"
+            L.append(f"| {what} | {c['episodes_per_task']} | "
                      + " | ".join(f"{c['returns'][t]:.1f}" for t in args.tasks)
                      + f" | {c['s_per_1000']:.2f} | {c['compile_seconds']:.0f} |")
         L.append("")
@@ -573,9 +604,11 @@ def _markdown(rep: dict, args, out: Path) -> str:
             L.append(f"- {ARM_LABELS[arm]} vs (a), paired over seeds {p['seeds']}: difference "
                      f"{p['mean_diff']:+.2f} ± {p['se_diff']:.2f} (t = {p['t']:.2f}, p = {p['p']:.3f}; better in "
                      f"{p['wins']} of {len(p['seeds'])} seeds)")
-    if rep["wall_seconds"]:
-        L += ["", "Wall time per run (training + curve evaluations, 2-core CPU): " + ", ".join(
-            f"{k} {v / 60:.1f} min" for k, v in rep["wall_seconds"].items()) + "."]
+    if rep["speed"]:
+        L += ["", "Speed on this 2-core CPU (median over the logged windows of each arm's runs): " + "; ".join(
+            f"{a} {v['updates_per_second']:.1f} updates/s"
+            + (f", {v['eval_seconds']:.0f} s per curve evaluation" if v["eval_seconds"] else "")
+            for a, v in rep["speed"].items()) + "."]
     L += ["", "![learning curves](curves.png)", ""]
     q = rep.get("quantized")
     if q:
@@ -596,8 +629,8 @@ def _markdown(rep: dict, args, out: Path) -> str:
                 L.append(f"| {r['policy']} | {r['compute']} | {r['median_ms']:.3f} | {r['p10_ms']:.3f}-"
                          f"{r['p90_ms']:.3f} | {r['first_call_ms']:.0f} |")
         L.append("")
-    cmds = (out / "commands.txt").read_text().strip().splitlines() if (out / "commands.txt").exists() else []
-    L += ["## Commands", "", "```bash", *[c.split(" ", 2)[2] for c in cmds], "```", ""]
+    L += ["## Command", "", "```bash", command_line(args), "```", "",
+          "It resumes where it stopped (the same command again); `--stages=report` rewrites this report only.", ""]
     return "\n".join(L)
 
 

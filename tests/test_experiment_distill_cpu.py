@@ -96,3 +96,5 @@ def test_report_statistics_and_files(exp, tmp_path):
     assert (res / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (res / "README.md").read_text()
     assert "| teacher (ceiling) | 3 |" in md and "(b) distilled" in md and "paired over seeds [0, 1, 2]" in md
+    assert ("python experiments/distill_cpu.py --out=runs/distill_cpu --teacher=teacher.pt "
+            "--tasks=cartpole-balance,reacher-easy --eval_episodes=2\n") in md
