@@ -5,8 +5,10 @@ Each step directory holds three items:
 - ``state``: the learner state pytree (``TrainingState``: params, target Qs, both optimiser states, running
   scale, step, carried task-embedding gradient), restored onto a ``jax.eval_shape`` target (shapes, dtypes
   and shardings from the target);
-- ``extra``: the run's PRNG key (raw ``uint32`` data) and the data cursor (e.g. the offline sampler state or a
-  replay-buffer state);
+- ``extra``: the run's PRNG key (raw ``uint32`` data) and the data cursor (e.g. the offline sampler state, or
+  an online run's replay buffer, env and planner state: any pytree of arrays; typed PRNG keys in it are saved as
+  their raw data and come back as keys of the target's implementation, zero-size arrays come back as empty
+  arrays of the target's shape);
 - ``config``: the full run config as JSON.
 
 Saves are asynchronous by default (the device-to-host copy happens before ``save`` returns, the writes go on
@@ -70,6 +72,53 @@ def _key_data(key) -> jax.Array:
     return jnp.asarray(key, jnp.uint32)
 
 
+def _is_key(x) -> bool:
+    return jnp.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key)
+
+
+def _is_empty(x) -> bool:
+    return hasattr(x, "shape") and 0 in tuple(x.shape)
+
+
+def encode_data(tree):
+    """``tree`` as orbax saves it: typed PRNG key leaves as their raw ``uint32`` key data, zero-size leaves
+    (e.g. an MJX ``Data`` field of a model without actuators) as ``None`` (orbax refuses empty arrays)."""
+    def leaf(x):
+        if _is_empty(x):
+            return None
+        return jax.random.key_data(x) if _is_key(x) else x
+
+    return jax.tree_util.tree_map(leaf, tree)
+
+
+def _data_target(tree):
+    """The restore target of :func:`encode_data`'s output for the abstract ``tree``."""
+    def leaf(x):
+        if _is_empty(x):
+            return None
+        return jax.eval_shape(jax.random.key_data, x) if _is_key(x) else x
+
+    return jax.tree_util.tree_map(leaf, tree)
+
+
+def decode_data(tree, target):
+    """Inverse of :func:`encode_data` onto ``target`` (abstract): keys wrapped back in the target's
+    implementation, zero-size leaves rebuilt as empty arrays of the target's shape and dtype."""
+    leaves, treedef = jax.tree_util.tree_flatten(target)
+    restored = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: x is None)
+    if len(restored) != len(leaves):
+        raise ValueError(f"restored data has {len(restored)} leaves, the target {len(leaves)}")
+
+    def leaf(x, t):
+        if _is_empty(t):
+            return jnp.zeros(t.shape, t.dtype)
+        if _is_key(t):
+            return jax.random.wrap_key_data(jnp.asarray(x, jnp.uint32), impl=t.dtype._impl)
+        return x
+
+    return treedef.unflatten([leaf(x, t) for x, t in zip(restored, leaves, strict=True)])
+
+
 def _with_sharding(tree):
     """Abstract leaves (ShapeDtypeStruct/arrays) with a sharding: the leaf's own, else the default device's."""
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -113,7 +162,7 @@ class CheckpointManager:
     def save(self, step: int, state, *, rng=None, data=None, force: bool = False) -> bool:
         """Save at ``step`` when the interval says so (or ``force``); returns whether a save started."""
         args = self._ocp.args
-        extra = {"rng": _key_data(rng), "data": data}
+        extra = {"rng": _key_data(rng), "data": None if data is None else encode_data(data)}
         extra = {k: v for k, v in extra.items() if v is not None}
         extra["version"] = np.asarray(EXTRA_VERSION, np.int32)  # never an empty item
         return self._mngr.save(int(step), args=args.Composite(
@@ -180,7 +229,7 @@ class CheckpointManager:
         extra_target = {"rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
                         "version": jax.ShapeDtypeStruct((), jnp.int32)}
         if data_target is not None:
-            extra_target["data"] = data_target
+            extra_target["data"] = _data_target(data_target)
         saved_extra = self._mngr.item_metadata(step)["extra"]
         extra_target = {k: v for k, v in extra_target.items() if saved_extra is None or k in saved_extra}
         out = self._mngr.restore(step, args=args.Composite(
@@ -191,7 +240,8 @@ class CheckpointManager:
         rng = None if rng is None else jax.random.wrap_key_data(jnp.asarray(rng, jnp.uint32))
         if data_target is not None and "data" not in extra:
             raise ValueError(f"checkpoint step {step} in {self.directory} has no data cursor to restore")
-        return out["state"], rng, extra.get("data")
+        data = extra.get("data")
+        return out["state"], rng, None if data is None else decode_data(data, data_target)
 
     # ------------------------------------------------------------------------------------------ preemption
     def handle_signals(self, signals=(signal.SIGTERM, signal.SIGINT)) -> None:

@@ -42,10 +42,9 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import flax.struct
 import jax
@@ -60,27 +59,20 @@ from mtdistill_jax.data.offline import OfflineData, OfflineSampler, SamplerState
 from mtdistill_jax.data.tdmpc2_format import Episodes
 from mtdistill_jax.errors import UserError
 from mtdistill_jax.nn.world_model import make_world_model
+from mtdistill_jax.tdmpc2.host_loop import (  # noqa: F401
+    PROGRESS_METRICS,
+    HostLoop,
+    MetricsSink,
+    NonFiniteLossError,
+    check_eval_every,
+    chunk_end,
+)
 from mtdistill_jax.tdmpc2.train import TrainingState, init_training_state, make_update_fn, validate_batch
 from mtdistill_jax.types import Batch
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"  # the run's config, written in the workdir when training starts
-# Metrics shown in the progress bar's postfix when the update (or the evaluation) returns them.
-PROGRESS_METRICS = ("train/total_loss", "train/pi_loss", "distill/loss", "eval/score")
-
-
-class NonFiniteLossError(UserError):
-    """A chunk of updates produced a NaN/inf metric; the run stopped without saving that chunk's state. The
-    message names the metrics, the chunk's updates and the last good checkpoint."""
-
-
-class MetricsSink(Protocol):
-    """What ``train_offline(writer=...)`` writes to (e.g. :class:`~mtdistill_jax.metrics.MetricsWriter`)."""
-
-    def write(self, step: int, metrics: Mapping[str, float]) -> None: ...
-
-
 @flax.struct.dataclass
 class ChunkMetrics:
     total: dict  # name -> float32 sum over the chunk's updates (divide by the chunk length for the mean)
@@ -178,12 +170,6 @@ def _host_batches(sampler: NativeSampler, key, count: int, step: int, total: int
     return Prefetcher(make, plan(), depth=depth, name="host-batches")
 
 
-def chunk_end(step: int, total: int, *every: int | None) -> int:
-    """End of the chunk starting at ``step``: the next multiple of any of ``every`` (None: ignored), or
-    ``total``."""
-    return min([total] + [(step // e + 1) * e for e in every if e])
-
-
 @dataclasses.dataclass
 class RunResult:
     state: TrainingState
@@ -196,20 +182,6 @@ class RunResult:
     eval_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # last eval_fn result (+ seconds)
 
 
-def _nonfinite_message(bad: list[str], totals: Mapping[str, float], start: int, end: int, mngr: CheckpointManager,
-                       save_every: int) -> str:
-    values = ", ".join(f"{k}={totals[k]}" for k in bad)
-    last = mngr.latest_step()
-    if last is None:
-        good = f"there is no checkpoint in {mngr.directory} yet (save_every={save_every})"
-    else:
-        good = (f"the last good checkpoint is step {last} in {mngr.directory} (running again with this workdir "
-                f"resumes from it)")
-    return (f"non-finite training metrics in updates {start + 1}..{end} (sums over the chunk: {values}); "
-            f"training stopped and step {end} was not saved; {good}. Check the data and the loss terms, or "
-            f"lower config.train.lr")
-
-
 def _write_config_json(workdir: str, config: ml_collections.ConfigDict) -> None:
     """``workdir/config.json``: the run's config (the same JSON the checkpoints hold), written atomically."""
     os.makedirs(workdir, exist_ok=True)
@@ -218,10 +190,6 @@ def _write_config_json(workdir: str, config: ml_collections.ConfigDict) -> None:
         json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(path + ".tmp", path)
-
-
-def _fmt(metrics: Mapping[str, float]) -> str:
-    return " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
 
 
 def train_offline(config: ml_collections.ConfigDict, episodes: Episodes | OfflineData | NativeDataset,
@@ -284,16 +252,10 @@ def train_offline(config: ml_collections.ConfigDict, episodes: Episodes | Offlin
     (pending saves are finished) with :class:`NonFiniteLossError`. ``workdir/config.json`` holds the run's
     config once training starts.
     """
-    from tqdm import tqdm
-
     from mtdistill_jax.configs.tasks import get_task_set
 
     check_config(config)
-    if eval_every is not None and (isinstance(eval_every, bool) or int(eval_every) < 0):
-        raise UserError(f"eval_every must be an int >= 1 (or 0/None: evaluate only at the end), got {eval_every}")
-    eval_every = int(eval_every or 0) or None
-    if eval_every is not None and eval_fn is None:
-        raise UserError(f"eval_every={eval_every} needs an eval_fn(state, step) -> metrics")
+    eval_every = check_eval_every(eval_every, eval_fn)
     if writer is not None and metrics_dir is not None:
         raise UserError("give a metrics writer or a metrics_dir, not both")
     ts = get_task_set(config.model.task_set)
@@ -358,7 +320,7 @@ def train_offline(config: ml_collections.ConfigDict, episodes: Episodes | Offlin
     mngr = CheckpointManager(workdir, config, keep=keep, save_every=save_every, async_save=async_save)
     if handle_signals:
         mngr.handle_signals()
-    own_writer = bar = host_batches = None
+    own_writer = loop = host_batches = None
     try:
         key = jax.random.key(config.seed)
         k_init, k_data, k_run = jax.random.split(key, 3)
@@ -397,77 +359,38 @@ def train_offline(config: ml_collections.ConfigDict, episodes: Episodes | Offlin
             t_compile = time.perf_counter()
             train_chunk = train_chunk.lower(state, data, data_state, rng, np.int32(1), *chunk_args).compile()
             log.info("compiled the training chunk in %.1f s", time.perf_counter() - t_compile)
-        bar = tqdm(total=config.steps, initial=step, desc="train", unit="step", disable=not progress,
-                   dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
 
-        def report(msg, *args):
-            if bar.disable:
-                log.info(msg, *args)
-            else:
-                with tqdm.external_write_mode(file=sys.stderr):
-                    log.info(msg, *args)
+        def summarize(window, steps, seconds):
+            return {**{k: v / steps for k, v in window.items()}, "perf/steps_per_second": steps / seconds}
 
-        metrics: dict[str, float] = {}
-        eval_metrics: dict[str, float] = {}
-        postfix: dict[str, str] = {}
-        preempted = False
-        t_log, s_log = time.perf_counter(), step
-        window: dict[str, float] = {}  # metric sums since the last log (host, float64)
-        while step < config.steps:
-            start = step
-            end = chunk_end(step, config.steps, K, log_every, save_every, eval_every)
+        def save(at, force):
+            mngr.save(at, state, rng=rng, data=data_state, force=force)
+
+        loop = HostLoop(mngr, total=config.steps, step=step, log_every=log_every, save_every=save_every,
+                        eval_every=eval_every, eval_fn=eval_fn, summarize=summarize, writer=writer,
+                        progress=progress, unit="update")
+        while not loop.done:
+            start, end = loop.step, loop.chunk_end(K)
             if host_batches is not None:
                 n, data = next(host_batches)
-                assert n == end - step, (n, step, end)
-            state, data_state, rng, m = train_chunk(state, data, data_state, rng, np.int32(end - step),
+                assert n == end - start, (n, start, end)
+            state, data_state, rng, m = train_chunk(state, data, data_state, rng, np.int32(end - start),
                                                     *chunk_args)
             totals = {k: float(v) for k, v in jax.device_get(m.total).items()}  # waits for the chunk
-            bad = sorted(k for k, v in totals.items() if not np.isfinite(v))
-            if bad:
-                mngr.wait_until_finished()
-                raise NonFiniteLossError(_nonfinite_message(bad, totals, start, end, mngr, save_every))
-            step = end
-            bar.update(end - start)
-            for k, v in totals.items():
-                window[k] = window.get(k, 0.0) + v
+            loop.check(start, end, totals)
             if on_step is not None:
-                on_step(step, m.last)
-            row: dict[str, float] = {}
-            if step % log_every == 0 or step == config.steps:
-                rate = (step - s_log) / max(time.perf_counter() - t_log, 1e-9)
-                metrics = {k: v / (step - s_log) for k, v in window.items()}
-                row.update(metrics, **{"perf/steps_per_second": rate})
-                report("step %d/%d (%.1f it/s) %s", step, config.steps, rate, _fmt(metrics))
-                t_log, s_log, window = time.perf_counter(), step, {}
-            stop = mngr.should_stop(step)  # a preemption notice: save now, no evaluation first
-            if eval_fn is not None and not stop and ((eval_every and step % eval_every == 0)
-                                                     or step == config.steps):
-                t_eval = time.perf_counter()
-                eval_metrics = {k: float(v) for k, v in eval_fn(state, step).items()}
-                seconds = time.perf_counter() - t_eval
-                t_log += seconds  # the throughput of the next log counts training time only
-                eval_metrics["perf/eval_seconds"] = seconds
-                row.update(eval_metrics)
-                report("eval at step %d (%.1f s) %s", step, seconds, _fmt(eval_metrics))
-            if row:
-                postfix.update({k.removeprefix("train/"): f"{row[k]:.4g}" for k in PROGRESS_METRICS if k in row})
-                bar.set_postfix(postfix, refresh=False)
-                if writer is not None:
-                    writer.write(step, row)
-            if stop:
-                mngr.save(step, state, rng=rng, data=data_state, force=True)
-                preempted = True
-                log.warning("stopping at step %d after a preemption notice/signal (checkpoint saved)", step)
+                on_step(end, m.last)
+            if loop.finish(end, totals, state, save):
                 break
-            mngr.save(step, state, rng=rng, data=data_state, force=step == config.steps)
+        step, metrics, eval_metrics, preempted = loop.step, loop.metrics, loop.eval_metrics, loop.preempted
         mngr.wait_until_finished()
         return RunResult(state=state, rng=rng, data_state=data_state, step=step, resumed_from=resumed_from,
                          preempted=preempted, metrics=metrics, eval_metrics=eval_metrics)
     finally:
         if host_batches is not None:
             host_batches.close()
-        if bar is not None:
-            bar.close()
+        if loop is not None:
+            loop.close()
         if own_writer is not None:
             own_writer.close()
         mngr.close()

@@ -121,3 +121,24 @@ def test_other_model_size_is_refused_naming_fields(tmp_path):
         mngr.check_config()
     with CheckpointManager(tmp_path / "empty", config) as mngr, pytest.raises(FileNotFoundError):
         mngr.restore(None)
+
+
+def test_data_with_typed_keys_and_empty_arrays_round_trips(tmp_path):
+    """The data item may hold typed PRNG keys (any implementation) and zero-size arrays (an MJX model without
+    actuators has empty ``act``): saved as key data / left out, they come back as keys and empty arrays."""
+    import jax.numpy as jnp
+
+    config = get_smoke_config()
+    data = {"key": jax.random.key(3), "keys": jax.random.split(jax.random.key(4, impl="rbg"), 3),
+            "empty": jnp.zeros((2, 0), jnp.float32), "x": (jnp.arange(3), jnp.ones((0,), jnp.int32))}
+    state = {"w": jnp.ones(2)}
+    with CheckpointManager(tmp_path, config, async_save=False) as mngr:
+        mngr.save(1, state, rng=jax.random.key(0), data=data, force=True)
+    with CheckpointManager(tmp_path, config) as mngr:
+        _, rng, back = mngr.restore(jax.eval_shape(lambda: state), jax.eval_shape(lambda: data))
+    assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(data)
+    assert back["keys"].dtype == data["keys"].dtype and back["key"].dtype == data["key"].dtype
+    np.testing.assert_array_equal(jax.random.key_data(back["keys"]), jax.random.key_data(data["keys"]))
+    np.testing.assert_array_equal(jax.random.key_data(back["key"]), jax.random.key_data(data["key"]))
+    assert back["empty"].shape == (2, 0) and back["x"][1].shape == (0,) and back["x"][1].dtype == jnp.int32
+    np.testing.assert_array_equal(back["x"][0], np.arange(3))
