@@ -121,7 +121,17 @@ CASES = [
          r"error: flag --config\.steps=ten: invalid literal for int\(\) .*", "override-not-int"),
     case("train", ["--workdir={tmp}/run", "--data={tmp}/missing.pt", "--config={tmp}/nope.py"], 2,
          r"error: --config=.*/nope\.py: no such config file", "missing-config"),
-    case("train", [], 2, r"error: missing required flags --workdir, --data", "missing-flags"),
+    case("train", [], 2, r"error: missing required flag --workdir", "missing-workdir"),
+    case("train", ["--workdir={tmp}/run"], 2, r"error: missing required flag --data \(an offline config trains on a "
+         r"dataset; --config=mtdistill_jax/configs/online\.py trains online\)", "missing-data-offline"),
+    case("train", ["--workdir={tmp}/run", "--config=mtdistill_jax/configs/online.py", "--data={tmp}/x.pt"], 2,
+         r"error: --data is given but the config is an online one \(.*\); drop it, or give an offline config",
+         "data-with-online"),
+    case("train", ["--workdir={tmp}/run", "--config=mtdistill_jax/configs/online.py", "--config.tasks=cartpole-x"], 2,
+         r"error: --config: config field tasks: cartpole-x not in mt30; valid: .*", "online-unknown-task"),
+    case("train", ["--workdir={tmp}/run", "--config=mtdistill_jax/configs/online.py",
+                   "--config.online.envs_per_task=3", "--config.steps=3000"], 2,
+         r"error: --config: config field log_every=1000 is not a multiple of the 3 envs .*", "online-not-multiple"),
 ]
 
 

@@ -55,9 +55,9 @@ def define_flags(*, save_every: int = 10_000) -> None:
     _defined = True
     flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics.csv, tb/, config.json, agent/",
                         required=True)
-    flags.DEFINE_list("data", None, "official dataset chunk files (globs allowed; loaded into device memory) or "
-                      "one native dataset directory (with manifest.json; memory-mapped, any size, see "
-                      "mtdistill-import-dataset)", required=True)
+    flags.DEFINE_list("data", None, "offline configs: official dataset chunk files (globs allowed; loaded into "
+                      "device memory) or one native dataset directory (with manifest.json; memory-mapped, any size, "
+                      "see mtdistill-import-dataset); an online config collects its own data")
     flags.DEFINE_bool("data_in_memory", False, "with a native dataset: copy it into device memory and sample it "
                       "inside the compiled loop (the same batches as host sampling; faster for datasets that fit)")
     flags.DEFINE_integer("save_every", save_every, "steps between checkpoints", lower_bound=1)
@@ -83,7 +83,8 @@ class RunOptions:
     """Everything of an offline run that is not the config (the flags of :func:`define_flags`)."""
 
     workdir: str  # run directory (checkpoints, metrics, exports)
-    data: list[str]  # official dataset chunk files (globs expanded, see data_paths), or one native dataset dir
+    data: list[str] | None  # dataset chunk files (globs expanded, see data_paths) or one native dataset dir;
+    # None for an online run
     save_every: int = 10_000  # steps between checkpoints
     data_in_memory: bool = False  # a native dataset: load it into device memory (same batches, no host sampling)
     keep: int = 3  # checkpoints kept on disk
@@ -120,14 +121,29 @@ def data_paths(patterns: Sequence[str]) -> list[str]:
     return paths
 
 
+def is_online(config: ml_collections.ConfigDict) -> bool:
+    """Whether ``config`` is an online config (``configs/online.py``: it has an ``online`` section)."""
+    return config.get("online") is not None
+
+
 def options_from_flags(config: ml_collections.ConfigDict, check: Callable = check_config) -> RunOptions:
     """Check the config (with ``check``, e.g. the distillation config's) and the shared flags (a
     :class:`cli.UsageError` naming the flag, or ``FileNotFoundError`` for a missing data file) before anything
-    is loaded; returns the run's options."""
+    is loaded; returns the run's options. An online config (:func:`is_online`) needs no ``--data`` and takes
+    none; an offline one needs it."""
     try:
         check(config)
     except UserError as e:
         raise cli.UsageError(f"--config: {e}") from e
+    online = is_online(config)
+    if online:
+        for name in ("data", "data_in_memory"):
+            if FLAGS[name].present:
+                raise cli.UsageError(f"--{name} is given but the config is an online one (it collects its own data "
+                                     "in its envs); drop it, or give an offline config")
+    elif not FLAGS.data:
+        raise cli.UsageError("missing required flag --data (an offline config trains on a dataset; "
+                             "--config=mtdistill_jax/configs/online.py trains online)")
     cli.check_output_dir(FLAGS.workdir, "workdir")
     if FLAGS.to_torch:
         cli.check_torch_output(FLAGS.to_torch)
@@ -150,7 +166,8 @@ def options_from_flags(config: ml_collections.ConfigDict, check: Callable = chec
         if eval_mode_of(FLAGS.eval_policy, FLAGS.eval_mode) not in modes:
             raise cli.UsageError(f"--eval_mode={FLAGS.eval_mode}: the {FLAGS.eval_policy} acts in one of "
                                  f"{', '.join(modes)}")
-    return RunOptions(workdir=FLAGS.workdir, data=data_paths(FLAGS.data), data_in_memory=FLAGS.data_in_memory,
+    return RunOptions(workdir=FLAGS.workdir, data=None if online else data_paths(FLAGS.data),
+                      data_in_memory=FLAGS.data_in_memory,
                       save_every=FLAGS.save_every,
                       keep=FLAGS.keep, eval_every=FLAGS.eval_every, eval_tasks=FLAGS.eval_tasks or None,
                       eval_episodes=FLAGS.eval_episodes, eval_episode_length=FLAGS.eval_episode_length,
@@ -239,12 +256,27 @@ def make_eval_fn(config: ml_collections.ConfigDict, tasks: Sequence[str] | None,
     return eval_fn
 
 
+def eval_fn_of(config: ml_collections.ConfigDict, options: RunOptions, tasks: Sequence[str], *,
+               episode_length: int | None = None, unit: str = "steps") -> Callable[[Any, int], dict[str, float]]:
+    """The evaluation of a run's options (:func:`make_eval_fn` on ``tasks`` with ``options.eval_episodes``,
+    ``eval_policy``/``eval_mode``, results in ``<workdir>/eval``); ``episode_length`` defaults to
+    ``options.eval_episode_length``."""
+    mode = eval_mode_of(options.eval_policy, options.eval_mode)
+    eval_fn = make_eval_fn(config, tasks, options.eval_episodes,
+                           episode_length=episode_length or options.eval_episode_length,
+                           policy=options.eval_policy, mode=mode, results_dir=os.path.join(options.workdir, EVAL_DIR))
+    logging.info("evaluating %s (%d episodes each, %s/%s) every %d %s and at the end", ", ".join(tasks),
+                 options.eval_episodes, options.eval_policy, mode, options.eval_every, unit)
+    return eval_fn
+
+
 # ------------------------------------------------------------------------------------------------ export
 def export_agent(state, config: ml_collections.ConfigDict, workdir: str, *, to_torch: str | None = None,
-                 source: str = "") -> dict[str, str]:
+                 source: str = "", how: str = "") -> dict[str, str]:
     """Write the learner's world model (``state.params`` restricted to the WorldModel tree, float32, and
     ``state.target_q_params``) as an agent export ``<workdir>/agent`` (replacing an earlier export there) and,
-    with ``to_torch``, as an official-format ``.pt``. Returns ``{"agent": dir[, "torch": path]}``."""
+    with ``to_torch``, as an official-format ``.pt``. ``how`` says how it was trained in the export's notes
+    (default: offline, ``state.step`` updates). Returns ``{"agent": dir[, "torch": path]}``."""
     from mtdistill_jax.checkpoint.convert import export_torch
     from mtdistill_jax.checkpoint.export import AgentExport, save_agent
     from mtdistill_jax.tdmpc2.offline import CONFIG_FILE
@@ -253,8 +285,8 @@ def export_agent(state, config: ml_collections.ConfigDict, workdir: str, *, to_t
     params = jax.device_get(world_model_params(state.params, config.model))
     export = AgentExport(config=config.model, params=params, target_q_params=jax.device_get(state.target_q_params),
                          source=source or f"{os.path.abspath(workdir)} (step {step})",
-                         notes=[f"trained offline for {step} updates; run config in {CONFIG_FILE} beside this "
-                                "directory"])
+                         notes=[f"{how or f'trained offline for {step} updates'}; run config in {CONFIG_FILE} beside "
+                                "this directory"])
     paths = {"agent": save_agent(os.path.join(workdir, AGENT_DIR), export, overwrite=True)}
     if to_torch:
         try:
@@ -309,13 +341,7 @@ def run(config: ml_collections.ConfigDict, options: RunOptions, *, update_fn: Ca
         del episodes
     eval_fn = None
     if options.eval_every:
-        tasks = options.eval_tasks or default_eval_tasks(ts.name, data.task)
-        mode = eval_mode_of(options.eval_policy, options.eval_mode)
-        eval_fn = make_eval_fn(config, tasks, options.eval_episodes, episode_length=options.eval_episode_length,
-                               policy=options.eval_policy, mode=mode,
-                               results_dir=os.path.join(options.workdir, EVAL_DIR))
-        logging.info("evaluating %s (%d episodes each, %s/%s) every %d steps and at the end", ", ".join(tasks),
-                     options.eval_episodes, options.eval_policy, mode, options.eval_every)
+        eval_fn = eval_fn_of(config, options, options.eval_tasks or default_eval_tasks(ts.name, data.task))
     mesh = specs = None
     if jax.device_count() > 1:
         from mtdistill_jax.parallel import make_mesh
@@ -338,4 +364,41 @@ def run(config: ml_collections.ConfigDict, options: RunOptions, *, update_fn: Ca
     written = export_agent(result.state, config, options.workdir, to_torch=options.to_torch,
                            source=f"{program} {os.path.abspath(options.workdir)} (step {result.step})")
     logging.info("done at step %d (%s); wrote %s", result.step, start, ", ".join(written.values()))
+    return result
+
+
+def run_online(config: ml_collections.ConfigDict, options: RunOptions, *, program: str = "mtdistill-train"):
+    """Train (or resume) online to ``config.steps`` env steps with
+    :func:`~mtdistill_jax.tdmpc2.online.train_online` (progress bar, ``metrics.csv`` + ``tb/`` in the workdir,
+    evaluation every ``eval_every`` env steps and at the end, on the config's tasks unless ``eval_tasks`` says
+    otherwise, episodes as long as the training ones unless ``eval_episode_length`` says otherwise) and, unless
+    preempted, export the agent; returns the :class:`~mtdistill_jax.tdmpc2.online.OnlineResult`."""
+    from mtdistill_jax.configs.online import check_config as check_online
+    from mtdistill_jax.configs.online import task_list
+    from mtdistill_jax.tdmpc2.online import train_online
+
+    check_online(config)
+    logging.info("devices: %s", jax.devices())
+    if jax.device_count() > 1:
+        logging.warning("online training runs on one device (%s); the other %d are idle", jax.devices()[0],
+                        jax.device_count() - 1)
+    eval_fn = None
+    if options.eval_every:
+        eval_fn = eval_fn_of(config, options, options.eval_tasks or task_list(config),
+                             episode_length=options.eval_episode_length or config.online.episode_length or None,
+                             unit="env steps")
+    result = train_online(config, options.workdir, save_every=options.save_every, keep=options.keep,
+                          eval_every=options.eval_every, eval_fn=eval_fn, metrics_dir=options.workdir,
+                          progress=options.progress)
+    start = f"resumed from {result.resumed_from}" if result.resumed_from is not None else "fresh run"
+    if result.preempted:
+        logging.info("preempted at env step %d (%s); run the same command again to resume", result.step, start)
+        return result
+    updates = int(result.carry.updates)
+    written = export_agent(result.state, config, options.workdir, to_torch=options.to_torch,
+                           source=f"{program} {os.path.abspath(options.workdir)} (env step {result.step})",
+                           how=f"trained online on {', '.join(task_list(config))} for {result.step} env steps "
+                               f"({updates} updates)")
+    logging.info("done at env step %d, %d updates (%s); wrote %s", result.step, updates, start,
+                 ", ".join(written.values()))
     return result

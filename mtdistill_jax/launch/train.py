@@ -1,6 +1,20 @@
-"""Offline TD-MPC2 training from official dataset chunks, checkpointed and resumable.
+"""TD-MPC2 training, offline from a dataset or online in MJX envs, checkpointed and resumable.
 
-``mtdistill-train`` (console entry point) and ``python launch/train.py`` run this module.
+``mtdistill-train`` (console entry point) and ``python launch/train.py`` run this module. The config says
+which job it is: the default (``configs/train.py``) trains offline on ``--data``; an online config
+(``configs/online.py``) collects its own data:
+
+  mtdistill-train --config=mtdistill_jax/configs/online.py --workdir=runs/cartpole \
+      [--config.tasks=cartpole-balance] [--config.online.envs_per_task=1] [--config.model_size=1] \
+      [--config.steps=100000] [--save_every=10000] [--eval_every=10000 [--eval_policy=prior]]
+
+Online, one compiled program runs up to ``online.agent_steps_per_dispatch`` agent steps (plan -> env step ->
+replay -> updates, the official online trainer's schedule) per dispatch; steps, logs, checkpoints and
+evaluations count env steps (all envs together). Checkpoints hold the learner, the replay buffer, the env and
+planner states and the key: a resumed run reaches the same state as an uninterrupted one. Metrics add
+``train/episode_return``, ``perf/env_steps_per_second`` and ``perf/updates_per_second``.
+
+Offline:
 
   mtdistill-train --workdir=runs/mt30_1m --data=chunk_0.pt,chunk_1.pt \
       [--config=mtdistill_jax/configs/train.py] [--config.steps=100000] [--config.train.batch_size=256] \
@@ -40,8 +54,16 @@ FLAGS = common.FLAGS
 
 def main(argv):
     cli.start_main(argv)
-    options = common.options_from_flags(FLAGS.config)
-    common.run(FLAGS.config, options, program="mtdistill-train")
+    config = FLAGS.config
+    if common.is_online(config):
+        from mtdistill_jax.configs import online
+
+        config = online.resolve(config)
+        options = common.options_from_flags(config, check=online.check_config)
+        common.run_online(config, options, program="mtdistill-train")
+    else:
+        options = common.options_from_flags(config)
+        common.run(config, options, program="mtdistill-train")
 
 
 def entry_point() -> None:

@@ -1,4 +1,4 @@
-"""Online TD-MPC2 in one compiled program: env step, planning, replay and updates inside ``lax.scan``.
+"""Online TD-MPC2 in one compiled program: env step, planning, replay and updates inside one loop.
 
 The official ``online_trainer.py`` runs one env: act (random actions for the first ``seed_steps`` steps) -> step
 -> add to the buffer when the episode ends -> one update per env step after the seed steps, and at the step the
@@ -20,14 +20,19 @@ does the same for ``M`` envs stepping in lockstep (any MT30 subset x N envs per 
   update is the library's update function (``make_update_fn`` or a distillation update), on a batch from the
   buffer.
 
-:meth:`OnlineLoop.train_chunk` runs ``K`` agent steps (static) as one pure function of the :class:`OnlineCarry`
-(learner state, replay state, env state, planner state, key, counters); jit it with the carry donated. Python
-only runs between chunks (logging, evaluation, checkpoints).
+:meth:`OnlineLoop.train_chunk` runs ``K`` agent steps (``K`` traced: one compiled program for every chunk
+length) as one pure function of the :class:`OnlineCarry` (learner state, replay state, env state, planner state,
+key, counters); jit it with the carry donated. Python only runs between chunks (logging, evaluation,
+checkpoints): :func:`train_online` is the whole run (config -> envs -> loop -> checkpoints, metrics, evaluation),
+with the host side shared with the offline loop (:class:`~mtdistill_jax.tdmpc2.host_loop.HostLoop`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +40,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from mtdistill_jax.acting import Transition
 from mtdistill_jax.data.replay import ReplayBuffer, ReplayState
@@ -42,6 +48,8 @@ from mtdistill_jax.errors import UserError
 from mtdistill_jax.nn.world_model import make_world_model
 from mtdistill_jax.tdmpc2.planner import init_planner_state, make_plan_policy
 from mtdistill_jax.tdmpc2.train import TrainingState, init_training_state, make_update_fn
+
+log = logging.getLogger(__name__)
 
 OFFICIAL_MIN_SEED_STEPS = 1000  # official seed_steps = max(1000, 5 * episode_length)
 
@@ -64,12 +72,14 @@ class OnlineCarry:
 @flax.struct.dataclass
 class ChunkStats:
     """Sums over a chunk: ``metrics`` (update metrics summed over its updates), ``num_updates``, and the returns of
-    the episodes that ended in it (``episode_return_sum`` [M], ``episodes`` [M] count per env)."""
+    the episodes that ended in it (``episode_return_sum`` [M], ``episodes`` [M] count per env), and whether the
+    learner's params are all finite after it."""
 
     metrics: dict
     num_updates: jax.Array
     episode_return_sum: jax.Array
     episodes: jax.Array
+    params_finite: jax.Array  # bool: every float leaf of the learner's params is finite at the chunk's end
 
 
 def default_seed_steps(episode_length: int) -> int:
@@ -79,14 +89,14 @@ def default_seed_steps(episode_length: int) -> int:
 
 class OnlineLoop:
     """``loop = OnlineLoop(config, env)``; ``carry = loop.init(key)``; ``carry, stats = jit(loop.train_chunk,
-    static_argnums=1, donate_argnums=0)(carry, K)``.
+    donate_argnums=0)(carry, K)``.
 
     ``env``: a batched env with a common episode length (e.g. ``MultiTaskEnv(tasks, N)``, ``auto_reset=True``);
     ``config``: the training config (``config.train`` hyperparameters, ``config.planner``, ``config.model``);
     ``update_fn``: ``(state, batch, key) -> (state, metrics)`` (default: the TD-MPC2 update of ``config``);
     ``seed_steps`` (env steps, default official), ``seed_updates`` (default: ``seed_steps``), ``utd`` (updates per
-    env step, default 1), ``capacity`` (transitions, default ``min(config.steps * M, 1M)``: the official
-    ``min(steps, 1M)``).
+    env step, default 1), ``capacity`` (transitions, default ``min(config.steps, 1M)``: the official
+    ``min(steps, 1M)``, ``config.steps`` counting env steps).
     """
 
     def __init__(self, config: ml_collections.ConfigDict, env, *, update_fn: Callable | None = None,
@@ -106,7 +116,7 @@ class OnlineLoop:
             raise UserError(f"seed_steps and seed_updates must be >= 0, got {self.seed_steps}, {self.seed_updates}")
         # random actions for ceil(seed_steps / M) agent steps, and at least one whole episode (the buffer's unit)
         self.seed_agent_steps = max(math.ceil(self.seed_steps / self.M), self.T)
-        capacity = min(int(config.steps) * self.M, 1_000_000) if capacity is None else int(capacity)
+        capacity = min(int(config.steps), 1_000_000) if capacity is None else int(capacity)
         ts_obs, ts_act = env.obs_pad, env.action_pad
         self.replay = ReplayBuffer(max(capacity, self.M * self.T), episode_length=self.T, num_envs=self.M,
                                    batch_size=config.train.batch_size, horizon=config.train.horizon,
@@ -187,13 +197,207 @@ class OnlineLoop:
         carry = carry.replace(learner=learner, replay=replay, update_credit=credit, updates=carry.updates + n)
         return carry, (metrics, n, ended_returns, tr.done.astype(jnp.int32))
 
-    def train_chunk(self, carry: OnlineCarry, num_agent_steps: int) -> tuple[OnlineCarry, ChunkStats]:
-        """``num_agent_steps`` agent steps (static) inside one ``lax.scan``; sums of what happened in them."""
+    def train_chunk(self, carry: OnlineCarry, num_agent_steps) -> tuple[OnlineCarry, ChunkStats]:
+        """``num_agent_steps`` agent steps in one loop (a Python int, or a traced int32: then every chunk length
+        runs the same compiled program, as the offline chunk); sums of what happened in them."""
+        zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                       jax.eval_shape(self.agent_step, carry)[1])
 
-        def step(c, _):
-            c, out = self.agent_step(c)
-            return c, out
+        def body(_, c):
+            carry, total = c
+            carry, out = self.agent_step(carry)
+            return carry, jax.tree_util.tree_map(jnp.add, total, out)
 
-        carry, (metrics, n, ended, done) = jax.lax.scan(step, carry, None, length=num_agent_steps)
-        return carry, ChunkStats(metrics=jax.tree_util.tree_map(lambda x: x.sum(0), metrics),
-                                 num_updates=n.sum(), episode_return_sum=ended.sum(0), episodes=done.sum(0))
+        carry, (metrics, n, ended, done) = jax.lax.fori_loop(0, num_agent_steps, body, (carry, zeros))
+        finite = jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(carry.learner.params)
+                            if jnp.issubdtype(x.dtype, jnp.floating)]).all()
+        return carry, ChunkStats(metrics=metrics, num_updates=n, episode_return_sum=ended, episodes=done,
+                                 params_finite=finite)
+
+
+# ------------------------------------------------------------------------------------------------- the run
+CARRY_STATE_FIELDS = ("replay", "env_state", "policy_state", "agent_steps", "update_credit", "updates", "returns")
+
+
+def carry_rest(carry: OnlineCarry) -> dict:
+    """What a checkpoint saves beside the learner state and the key: replay buffer, env and planner state,
+    counters."""
+    return {name: getattr(carry, name) for name in CARRY_STATE_FIELDS}
+
+
+@dataclasses.dataclass
+class OnlineResult:
+    carry: OnlineCarry  # the whole state at the end (learner, replay, envs, key, counters)
+    step: int  # env steps done (all envs together)
+    resumed_from: int | None  # checkpoint step the run started from (None: fresh)
+    preempted: bool  # stopped early by a signal or a preemption notice (after saving)
+    metrics: dict[str, float]  # last logged metrics
+    eval_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # last eval_fn result (+ seconds)
+
+    @property
+    def state(self) -> TrainingState:
+        return self.carry.learner
+
+
+def make_online_env(config: ml_collections.ConfigDict):
+    """The run's :class:`~mtdistill_jax.envs.multitask.MultiTaskEnv`: ``config.tasks`` x
+    ``config.online.envs_per_task`` envs, episodes of ``config.online.episode_length`` (0: the task set's)."""
+    from mtdistill_jax.configs.online import task_list
+    from mtdistill_jax.configs.tasks import get_task_set
+    from mtdistill_jax.envs.multitask import MultiTaskEnv
+
+    return MultiTaskEnv(task_list(config), config.online.envs_per_task, task_set=get_task_set(config.model.task_set),
+                        episode_length=config.online.episode_length or None)
+
+
+def replay_capacity(config: ml_collections.ConfigDict | dict) -> int:
+    """Replay capacity in transitions of an online config (or its saved JSON): ``min(steps, buffer_size)``."""
+    return min(int(config["steps"]), int(config["online"]["buffer_size"]))
+
+
+def make_online_loop(config: ml_collections.ConfigDict, env=None, *, update_fn: Callable | None = None,
+                     init_state: Callable | None = None, capacity: int | None = None) -> OnlineLoop:
+    """The :class:`OnlineLoop` of an online config (``configs/online.py``): seed steps/updates (-1: official),
+    ``utd``, replay capacity ``min(steps, buffer_size)`` unless ``capacity`` (transitions) is given."""
+    o = config.online
+    return OnlineLoop(config, make_online_env(config) if env is None else env, update_fn=update_fn,
+                      init_state=init_state, seed_steps=None if o.seed_steps < 0 else o.seed_steps,
+                      seed_updates=None if o.seed_updates < 0 else o.seed_updates, utd=o.utd,
+                      capacity=replay_capacity(config) if capacity is None else capacity)
+
+
+def train_online(config: ml_collections.ConfigDict, workdir: str, *, save_every: int = 10_000, keep: int = 3,
+                 async_save: bool = True, handle_signals: bool = True, log_every: int | None = None,
+                 update_fn: Callable | None = None, init_state: Callable | None = None,
+                 eval_every: int | None = None, eval_fn: Callable | None = None, writer=None,
+                 metrics_dir: str | None = None, progress: bool = True,
+                 on_step: Callable[[int, ChunkStats], Any] | None = None) -> OnlineResult:
+    """Run (or resume) online training to ``config.steps`` env steps (an online config, ``configs/online.py``).
+
+    Chunks of up to ``config.online.agent_steps_per_dispatch`` agent steps run as one compiled program (the
+    carry donated); between them the host loop shared with ``train_offline`` checks for NaN/inf (metrics and the
+    learner's params: the run stops before saving, naming them and the last good checkpoint), logs, evaluates
+    and saves. Every count is in env steps (all envs together): ``config.steps``, ``log_every`` (default
+    ``config.log_every``), ``save_every``, ``eval_every``; each must be a multiple of the number of envs.
+
+    Checkpoints (orbax, in ``workdir``) hold the whole run: learner state, key, replay buffer, env and planner
+    states, counters. Started again with the same workdir the run resumes from the latest one and, on CPU,
+    reaches the same final state as an uninterrupted run, bit for bit. A SIGTERM/SIGINT or a preemption notice
+    saves at the end of the chunk and returns with ``preempted=True``.
+
+    Metrics (``writer`` or a :class:`~mtdistill_jax.metrics.MetricsWriter` in ``metrics_dir``), every
+    ``log_every`` env steps: the update metrics (``train/...``, means over the updates since the last log),
+    ``train/episode_return`` (mean return of the episodes that ended since; per task
+    ``train/<task>/episode_return`` when there are several), ``train/updates`` (total so far),
+    ``perf/env_steps_per_second`` and ``perf/updates_per_second`` (evaluation time excluded); ``eval_fn(state,
+    step)`` metrics (e.g. ``eval/<task>/return``, ``eval/score``) at every multiple of ``eval_every`` and at the
+    end. ``update_fn`` / ``init_state``: another learner (e.g. a distillation update), as in ``train_offline``.
+    ``on_step(env_step, stats)`` is called after each chunk with its :class:`ChunkStats` (host values).
+    """
+    from mtdistill_jax.checkpoint.manager import CheckpointManager
+    from mtdistill_jax.configs.online import check_config, num_envs, task_list
+    from mtdistill_jax.tdmpc2.host_loop import HostLoop, check_eval_every
+    from mtdistill_jax.tdmpc2.offline import _write_config_json
+
+    check_config(config)
+    eval_every = check_eval_every(eval_every, eval_fn)
+    if writer is not None and metrics_dir is not None:
+        raise UserError("give a metrics writer or a metrics_dir, not both")
+    log_every = int(log_every or config.log_every)
+    M = num_envs(config)
+    for name, value in (("save_every", save_every), ("log_every", log_every), ("eval_every", eval_every)):
+        if value and value % M:
+            raise UserError(f"{name}={value} is not a multiple of the {M} envs that step together (env steps)")
+    mngr = CheckpointManager(workdir, config, keep=keep, save_every=save_every, async_save=async_save)
+    own_writer = host = None
+    try:
+        capacity = None
+        if mngr.latest_step() is not None:  # the buffer keeps the size it was made with (e.g. a run extended by steps)
+            saved_config = mngr.saved_config()
+            if "online" not in saved_config:
+                raise UserError(f"the checkpoints in {workdir} are of an offline run; give an empty --workdir")
+            saved = replay_capacity(saved_config)
+            if saved != replay_capacity(config):
+                log.warning("replay capacity stays %d transitions as in the checkpoint (min(steps, online.buffer_size) "
+                            "of this config: %d)", saved, replay_capacity(config))
+            capacity = saved
+        loop = make_online_loop(config, update_fn=update_fn, init_state=init_state, capacity=capacity)
+        K = int(config.online.agent_steps_per_dispatch)
+        tasks = task_list(config)
+        log.info("online: %s x %d envs (%d in all), episodes of %d steps, seed phase %d agent steps (%d seed updates), "
+                 "utd %g, replay %d episodes (%.1f MiB)", ", ".join(tasks), config.online.envs_per_task, M, loop.T,
+                 loop.seed_agent_steps, loop.seed_updates, loop.utd, loop.replay.capacity, loop.replay.nbytes() / 2**20)
+        if handle_signals:
+            mngr.handle_signals()
+        key = jax.random.key(config.seed)
+        resumed_from = mngr.latest_step()
+        if resumed_from is None:  # copies: init may hand the same buffer to two leaves, and the carry is donated
+            carry = jax.tree_util.tree_map(lambda x: x.copy(), loop.init(key))
+        else:
+            target = jax.eval_shape(loop.init, key)
+            learner, rng, rest = mngr.restore(target.learner, carry_rest(target), step=resumed_from)
+            carry = OnlineCarry(learner=learner, key=rng, **rest)
+            log.info("resumed from env step %d in %s", resumed_from, workdir)
+        step = int(carry.agent_steps) * M
+        if resumed_from is not None and step != resumed_from:
+            raise UserError(f"checkpoint {resumed_from} in {workdir} holds {int(carry.agent_steps)} agent steps of "
+                            f"{M} envs ({step} env steps): another number of envs than this config's")
+        if jax.process_index() == 0:
+            _write_config_json(workdir, config)
+            if metrics_dir is not None:
+                from mtdistill_jax.metrics import MetricsWriter
+
+                writer = own_writer = MetricsWriter(metrics_dir, start_step=resumed_from or 0)
+        chunk = jax.jit(loop.train_chunk, donate_argnums=0)
+        if step < config.steps:  # compile before the clock starts, so rates and the ETA count training only
+            t_compile = time.perf_counter()
+            chunk = chunk.lower(carry, np.int32(1)).compile()
+            log.info("compiled the online chunk in %.1f s", time.perf_counter() - t_compile)
+        task_of_env = np.repeat(np.arange(len(tasks)), config.online.envs_per_task)
+        totals_so_far = {"updates": int(carry.updates), "episodes": 0}
+
+        def summarize(window, steps, seconds):
+            n, e = window.get("_updates", 0.0), window.get("_episodes", 0.0)
+            row = {k: v / n for k, v in window.items() if not k.startswith("_")} if n else {}
+            if e:
+                row["train/episode_return"] = window["_return_sum"] / e
+            if len(tasks) > 1:
+                for t in tasks:
+                    if window.get(f"_episodes/{t}"):
+                        row[f"train/{t}/episode_return"] = window[f"_return_sum/{t}"] / window[f"_episodes/{t}"]
+            row.update({"train/updates": float(totals_so_far["updates"]),
+                        "perf/env_steps_per_second": steps / seconds, "perf/updates_per_second": n / seconds})
+            return row
+
+        def save(at, force):
+            mngr.save(at, carry.learner, rng=carry.key, data=carry_rest(carry), force=force)
+
+        host = HostLoop(mngr, total=config.steps, step=step, log_every=log_every, save_every=save_every,
+                        eval_every=eval_every, eval_fn=eval_fn, summarize=summarize, writer=writer,
+                        progress=progress, unit="env step")
+        while not host.done:
+            start, end = host.step, host.chunk_end(K * M)
+            carry, stats = chunk(carry, np.int32((end - start) // M))
+            stats = jax.device_get(stats)  # waits for the chunk
+            totals = {k: float(v) for k, v in stats.metrics.items()}
+            host.check(start, end, totals, params_finite=bool(stats.params_finite))
+            totals_so_far["updates"] += int(stats.num_updates)
+            counts = {"_updates": float(stats.num_updates), "_episodes": float(stats.episodes.sum()),
+                      "_return_sum": float(stats.episode_return_sum.sum())}
+            if len(tasks) > 1:
+                for i, t in enumerate(tasks):
+                    counts[f"_episodes/{t}"] = float(stats.episodes[task_of_env == i].sum())
+                    counts[f"_return_sum/{t}"] = float(stats.episode_return_sum[task_of_env == i].sum())
+            if on_step is not None:
+                on_step(end, stats)
+            if host.finish(end, {**totals, **counts}, carry.learner, save):
+                break
+        mngr.wait_until_finished()
+        return OnlineResult(carry=carry, step=host.step, resumed_from=resumed_from, preempted=host.preempted,
+                            metrics=host.metrics, eval_metrics=host.eval_metrics)
+    finally:
+        if host is not None:
+            host.close()
+        if own_writer is not None:
+            own_writer.close()
+        mngr.close()
