@@ -76,3 +76,37 @@ def test_configs_are_locked_and_independent():
     assert get_smoke_config().train.batch_size == 8
     with pytest.raises(ValueError, match="valid"):
         get_model_config(2)
+
+
+def test_online_config_official_defaults_and_checks():
+    from mtdistill_jax.configs import online
+    from mtdistill_jax.errors import UserError
+    from mtdistill_jax.tdmpc2.online import default_seed_steps, replay_capacity
+
+    c = online.get_config()
+    online.check_config(c)
+    # official online trainer: 10M env steps, 5M model, buffer min(steps, 1M), 1 update per env step
+    assert (c.steps, c.model.model_size, c.train.batch_size, c.online.utd) == (10_000_000, 5, 256, 1.0)
+    assert replay_capacity(c) == 1_000_000 and default_seed_steps(500) == 2500
+    assert online.task_list(c) == ["cartpole-balance"] and online.num_envs(c) == 1
+    c.tasks, c.online.envs_per_task = "walker-walk, cup-spin", 2
+    assert online.task_list(c) == ["walker-walk", "cup-spin"] and online.num_envs(c) == 4
+    online.check_config(c)
+    for field, value, match in [("tasks", "walker-wlk", "walker-wlk not in mt30"),
+                                ("tasks", "cup-spin,cup-spin", "names a task twice"),
+                                ("steps", 10, r"steps=10 is not a multiple of the 4 envs"),
+                                ("online.seed_steps", -2, "online.seed_steps must be an int >= 0"),
+                                ("online.utd", 0.0, "online.utd must be > 0"),
+                                ("online.envs_per_task", 0, "online.envs_per_task must be an int >= 1")]:
+        bad = online.get_config()
+        bad.tasks, bad.online.envs_per_task = "walker-walk,cup-spin", 2
+        node, name = (bad.online, field.split(".")[1]) if "." in field else (bad, field)
+        node[name] = value
+        with pytest.raises(UserError, match=match):
+            online.check_config(bad)
+    assert online.resolve(_with_size(online.get_config(), 1)).model.model_size == 1
+
+
+def _with_size(config, size):
+    config.model_size = size
+    return config
