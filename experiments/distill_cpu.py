@@ -379,6 +379,23 @@ def _pooled(results) -> dict:
             "episodes_per_task": int(norm.shape[1])}
 
 
+def _paired_episodes(results, base) -> dict:
+    """Paired t-test over episodes of two agents evaluated on the same initial states (runs of the same seeds):
+    the mean and SE of the per-episode normalized-return difference ``results - base``, its p value, and how many
+    episodes are identical."""
+    from scipy import stats
+
+    from mtdistill_jax.envs.score import normalized_return
+    from mtdistill_jax.evaluate import merge_results
+
+    a, b = (merge_results(list(r)) if len(r) > 1 else list(r)[0] for r in (results, base))
+    x, y = normalized_return(a.returns).ravel(), normalized_return(b.returns).ravel()
+    d = x - y
+    p = float(stats.ttest_rel(x, y).pvalue) if np.any(d != 0) else 1.0
+    return {"mean_diff": float(d.mean()), "se_diff": _se(d), "p": p, "episodes": int(d.size),
+            "identical": int((d == 0).sum())}
+
+
 def _over_seeds(results: dict) -> dict:
     """Per task and overall: mean and SE over seeds of the per-seed mean normalized returns."""
     from mtdistill_jax.envs.score import normalized_return
@@ -535,12 +552,18 @@ def stage_report(args, out: Path) -> None:
     qdir = out / "quant"
     if (qdir / "source.json").exists():
         q = {"source": json.loads((qdir / "source.json").read_text()), "dtypes": {}}
+        loaded = {}
         for dtype in ("float32", *QUANT_DTYPES):
             rs = [EvalResult.load(qdir / f"{dtype}_s{s}.json") for s in args.seeds
                   if (qdir / f"{dtype}_s{s}.json").exists()]
             path = Path(q["source"]["agent"]) if dtype == "float32" else qdir / dtype
             if rs and len(rs) == len(args.seeds):
+                loaded[dtype] = rs
                 q["dtypes"][dtype] = {**_pooled(rs), "bytes": dir_bytes(path)}
+        if "float16" in loaded:
+            for dtype, rs in loaded.items():
+                if dtype != "float16":
+                    q["dtypes"][dtype]["vs_float16"] = _paired_episodes(rs, loaded["float16"])
         if (qdir / "latency.json").exists():
             q["latency"] = json.loads((qdir / "latency.json").read_text())
         if "int8" in q["dtypes"] and "float16" in q["dtypes"]:
@@ -615,9 +638,13 @@ def _markdown(rep: dict, args, out: Path) -> str:
         L += ["## Quantized student", "", f"Source: arm `{q['source']['arm']}`, seed {q['source']['seed']} (best "
               "distilled). Every dtype evaluated on the same tasks, initial states and episodes (all seeds' "
               "evaluation states pooled); SE over episodes.", "",
-              "| stored dtype | size on disk | score |", "|---|---|---|"]
+              "| stored dtype | size on disk | score | − float16, paired over episodes (p; identical episodes) |",
+              "|---|---|---|---|"]
         for dt, v in q["dtypes"].items():
-            L.append(f"| {dt} | {v['bytes'] / 2**20:.2f} MiB | {_fmt(v['score'], v['score_se'])} |")
+            pe = v.get("vs_float16")
+            paired = (f"{pe['mean_diff']:+.2f} ± {pe['se_diff']:.2f} (p = {pe['p']:.2f}; {pe['identical']} of "
+                      f"{pe['episodes']})") if pe else ""
+            L.append(f"| {dt} | {v['bytes'] / 2**20:.2f} MiB | {_fmt(v['score'], v['score_se'])} | {paired} |")
         if "int8_within_float16_se" in q:
             L += ["", f"int8 within float16's standard error: **{q['int8_within_float16_se']}**."]
         if q.get("latency"):
