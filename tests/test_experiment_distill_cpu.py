@@ -98,3 +98,17 @@ def test_report_statistics_and_files(exp, tmp_path):
     assert "| teacher (ceiling) | 3 |" in md and "(b) distilled" in md and "paired over seeds [0, 1, 2]" in md
     assert ("python experiments/distill_cpu.py --out=runs/distill_cpu --teacher=teacher.pt "
             "--tasks=cartpole-balance,reacher-easy --eval_episodes=2\n") in md
+
+
+def test_paired_episodes_of_quantized_students(exp):
+    """Each dtype minus float16, episode by episode over all seeds: mean, SE, p and identical episodes."""
+    base = {s: np.array([[100.0 + s, 300.0], [50.0, 70.0 + 10 * s]]) for s in (0, 1, 2)}
+    shift = {s: np.array([[-10.0 * s, 0.0], [0.0, -20.0]]) for s in (0, 1, 2)}
+    a = [_result(base[s] + shift[s], exp.run_seed(s)) for s in (0, 1, 2)]
+    b = [_result(base[s], exp.run_seed(s)) for s in (0, 1, 2)]
+    got = exp._paired_episodes(a, b)
+    d = np.concatenate([shift[s] for s in (0, 1, 2)], axis=1).ravel() / 10  # normalized: return / 10
+    assert got["episodes"] == 12 and got["identical"] == int((d == 0).sum()) == 7
+    assert got["mean_diff"] == pytest.approx(d.mean()) and got["se_diff"] == pytest.approx(d.std(ddof=1) / np.sqrt(12))
+    assert 0 < got["p"] < 0.1
+    assert exp._paired_episodes(b, b) == {"mean_diff": 0.0, "se_diff": 0.0, "p": 1.0, "episodes": 12, "identical": 12}
