@@ -123,7 +123,8 @@ CASES = [
          r"error: --config=.*/nope\.py: no such config file", "missing-config"),
     case("train", [], 2, r"error: missing required flag --workdir", "missing-workdir"),
     case("train", ["--workdir={tmp}/run"], 2, r"error: missing required flag --data \(an offline config trains on a "
-         r"dataset; --config=mtdistill_jax/configs/online\.py trains online\)", "missing-data-offline"),
+         r"dataset; launch/train\.py with --config=mtdistill_jax/configs/online\.py trains online instead\)",
+         "missing-data-offline"),
     case("train", ["--workdir={tmp}/run", "--config=mtdistill_jax/configs/online.py", "--data={tmp}/x.pt"], 2,
          r"error: --data is given but the config is an online one \(.*\); drop it, or give an offline config",
          "data-with-online"),
@@ -132,6 +133,11 @@ CASES = [
     case("train", ["--workdir={tmp}/run", "--config=mtdistill_jax/configs/online.py",
                    "--config.online.envs_per_task=3", "--config.steps=3000"], 2,
          r"error: --config: config field log_every=1000 is not a multiple of the 3 envs .*", "online-not-multiple"),
+    case("train", ["--workdir={tmp}/run", "--config=mtdistill_jax/configs/online.py",
+                   "--config.online.envs_per_task=3", "--config.steps=3000", "--config.log_every=300"], 2,
+         r"error: --save_every=10000 is not a multiple of the 3 envs of the config .*", "online-save-not-multiple"),
+    case("train", ["--workdir={tmp}/run", "--config=mtdistill_jax/configs/online.py", "--config.model_size=2"], 2,
+         r"error: --config: unknown model size 2; valid: \[1, 5, 19, 48, 317\]", "online-bad-model-size"),
 ]
 
 

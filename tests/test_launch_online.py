@@ -24,11 +24,11 @@ from mtdistill_jax.tdmpc2.online import OnlineCarry, carry_rest, make_online_loo
 ONLINE = ["--config=mtdistill_jax/configs/online.py", "--config.model_size=1", "--config.train.batch_size=8",
           "--config.planner.iterations=2", "--config.planner.num_samples=16", "--config.planner.num_pi_trajs=4",
           "--config.planner.num_elites=4", "--config.online.episode_length=8", "--config.online.seed_steps=3",
-          "--config.online.seed_updates=3", "--config.online.agent_steps_per_dispatch=4", "--config.steps=64",
+          "--config.online.seed_updates=3", "--config.online.agent_steps_per_dispatch=4", "--config.steps=128",
           "--config.log_every=8", "--save_every=16", "--noprogress"]
 
 
-def _config(steps=64):
+def _config(steps=128):
     """The config the ONLINE command line makes (for restore targets)."""
     c = get_smoke_config()
     c.steps, c.log_every = steps, 8
@@ -52,18 +52,18 @@ def _leaves(tree):
 @pytest.mark.slow
 def test_online_kill9_resume_matches_uninterrupted(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    r = launch("train.py", [f"--workdir={full}", *ONLINE, "--eval_every=32", "--eval_policy=prior"], timeout=900)
+    r = launch("train.py", [f"--workdir={full}", *ONLINE, "--eval_every=64", "--eval_policy=prior"], timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "compiled the online chunk" in r.stderr and "done at env step 64" in r.stderr, r.stderr[-2000:]
+    assert "compiled the online chunk" in r.stderr and "done at env step 128" in r.stderr, r.stderr[-2000:]
     rows = read_csv(full / "metrics.csv")
-    assert [int(row["step"]) for row in rows] == list(range(8, 65, 8))
+    assert [int(row["step"]) for row in rows] == list(range(8, 129, 8))
     last = rows[-1]
     for name in ("train/total_loss", "train/episode_return", "train/updates", "perf/env_steps_per_second",
                  "perf/updates_per_second", "eval/cartpole-balance/return", "eval/score"):
         assert np.isfinite(float(last[name])), name
-    # 8 env steps of seeding (a whole episode), 3 pretraining updates at step 8, then 1 per env step: 3 + 55
-    assert float(last["train/updates"]) == 58
-    assert sorted(os.listdir(full / "eval")) == ["step_000000032.json", "step_000000064.json"]
+    # 8 env steps of seeding (a whole episode), 3 pretraining updates at step 8, then 1 per env step: 3 + 119
+    assert float(last["train/updates"]) == 122
+    assert sorted(os.listdir(full / "eval")) == ["step_000000064.json", "step_000000128.json"]
     assert (full / "agent" / "agent.json").is_file()
 
     # the same command (without evaluation), killed with SIGKILL once its first checkpoint is on disk
@@ -81,12 +81,12 @@ def test_online_kill9_resume_matches_uninterrupted(tmp_path):
     assert not (killed / "agent").exists()
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert re.search(r"resumed from env step (16|32|48) ", r.stderr), r.stderr[-2000:]
-    assert "done at env step 64" in r.stderr
+    assert re.search(r"resumed from env step (16|32|48|64|80|96|112) ", r.stderr), r.stderr[-2000:]
+    assert "done at env step 128" in r.stderr
 
     # the whole state at the end (learner, key, replay, envs, planner, counters) is the uninterrupted run's
-    a, b = _restore(full, 64), _restore(killed, 64)
-    assert int(a.agent_steps) == 64 and int(a.updates) == 58
+    a, b = _restore(full, 128), _restore(killed, 128)
+    assert int(a.agent_steps) == 128 and int(a.updates) == 122
     for x, y in zip(_leaves(a), _leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
 
@@ -123,3 +123,22 @@ def test_online_nan_stops_and_keeps_last_checkpoint(tmp_path):
     carry = _restore(tmp_path, 8, config)
     assert int(carry.agent_steps) == 8 and int(carry.updates) == 0
     assert all(np.isfinite(x).all() for x in _leaves(carry.learner.params))
+
+
+def test_resume_with_other_envs_is_refused(tmp_path):
+    """A workdir whose checkpoint was made with other tasks / envs per task / episode length (or offline) is
+    refused before anything is built, naming the fields."""
+    from mtdistill_jax.configs.train import get_smoke_config as offline_smoke
+    from mtdistill_jax.errors import UserError
+
+    with CheckpointManager(tmp_path / "on", _config(), async_save=False) as mngr:
+        mngr.save(8, {"w": jnp.ones(2)}, force=True)
+    other = _config()
+    other.tasks, other.online.envs_per_task = "cartpole-swingup", 2
+    with pytest.raises(UserError, match=r"other envs \(tasks: checkpoint \['cartpole-balance'\] vs config "
+                                        r"\['cartpole-swingup'\]; online.envs_per_task: checkpoint 1 vs config 2\)"):
+        train_online(other, str(tmp_path / "on"), progress=False, handle_signals=False, save_every=8)
+    with CheckpointManager(tmp_path / "off", offline_smoke(), async_save=False) as mngr:
+        mngr.save(8, {"w": jnp.ones(2)}, force=True)
+    with pytest.raises(UserError, match="are of an offline run"):
+        train_online(_config(), str(tmp_path / "off"), progress=False, handle_signals=False, save_every=8)

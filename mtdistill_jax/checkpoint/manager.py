@@ -104,15 +104,22 @@ def _data_target(tree):
 def decode_data(tree, target):
     """Inverse of :func:`encode_data` onto ``target`` (abstract): keys wrapped back in the target's
     implementation, zero-size leaves rebuilt as empty arrays of the target's shape and dtype."""
-    leaves, treedef = jax.tree_util.tree_flatten(target)
-    restored = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: x is None)
+    def none(x):
+        return x is None
+
+    leaves, treedef = jax.tree_util.tree_flatten(target, is_leaf=none)  # None in the target stays None
+    restored = jax.tree_util.tree_leaves(tree, is_leaf=none)
     if len(restored) != len(leaves):
         raise ValueError(f"restored data has {len(restored)} leaves, the target {len(leaves)}")
 
     def leaf(x, t):
+        if t is None:
+            return None
         if _is_empty(t):
             return jnp.zeros(t.shape, t.dtype)
         if _is_key(t):
+            # the key dtype of an abstract target carries its implementation (jax has no public accessor for
+            # a ShapeDtypeStruct; jax.random.key_impl needs a concrete key)
             return jax.random.wrap_key_data(jnp.asarray(x, jnp.uint32), impl=t.dtype._impl)
         return x
 
@@ -189,6 +196,14 @@ class CheckpointManager:
 
     def all_steps(self) -> list[int]:
         return sorted(self._mngr.all_steps())
+
+    def saved_data_shapes(self, step: int | None = None):
+        """The shapes of the data item saved at ``step`` (latest by default): its tree with a shape tuple per
+        array (None for the leaves :func:`encode_data` left out), read from the metadata without loading it."""
+        meta = self._mngr.item_metadata(self._resolve(step))["extra"]
+        data = None if meta is None else meta.get("data")
+        return jax.tree_util.tree_map(lambda m: tuple(m.shape), data,
+                                      is_leaf=lambda m: hasattr(m, "shape") and not isinstance(m, dict))
 
     def saved_config(self, step: int | None = None) -> dict:
         step = self._resolve(step)

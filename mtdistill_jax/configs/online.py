@@ -4,8 +4,9 @@
 trainer's settings (``tdmpc2/config.yaml``: 10M env steps, ``seed_steps = max(1000, 5 * episode_length)`` of
 random actions, then one update per env step, buffer ``min(steps, 1M)``, batch 256, the 5M model) on one task,
 cartpole-balance, with one env. ``--config.tasks=a,b,c`` learns several MT30 tasks in one program,
-``--config.online.envs_per_task=N`` steps N envs of each task in lockstep. ``--config.model_size=N`` picks the
-model size (the MT30 multi-task architecture: padded observations and actions, a task embedding).
+``--config.online.envs_per_task=N`` steps N envs of each task in lockstep (then give ``steps``, ``log_every``,
+``--save_every`` and ``--eval_every`` as multiples of the number of envs, see below). ``--config.model_size=N``
+picks the model size (the MT30 multi-task architecture: padded observations and actions, a task embedding).
 
 Steps are *env steps*, all envs together, as the official ``steps``: ``config.steps``, ``config.log_every`` and
 the launch flags ``--save_every``/``--eval_every`` count env steps and must be multiples of the number of envs
@@ -50,8 +51,8 @@ def get_config(model_size: int = 5, task_set: str = "mt30") -> ml_collections.Co
 
 
 def task_list(config: ml_collections.ConfigDict) -> list[str]:
-    """``config.tasks`` as a list of names (comma-separated string or a list)."""
-    tasks = config.tasks
+    """``config.tasks`` (a config or its saved JSON) as a list of names (comma-separated string or a list)."""
+    tasks = config["tasks"]
     if isinstance(tasks, str):
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
     return list(tasks)

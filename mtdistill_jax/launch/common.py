@@ -142,8 +142,16 @@ def options_from_flags(config: ml_collections.ConfigDict, check: Callable = chec
                 raise cli.UsageError(f"--{name} is given but the config is an online one (it collects its own data "
                                      "in its envs); drop it, or give an offline config")
     elif not FLAGS.data:
-        raise cli.UsageError("missing required flag --data (an offline config trains on a dataset; "
-                             "--config=mtdistill_jax/configs/online.py trains online)")
+        raise cli.UsageError("missing required flag --data (an offline config trains on a dataset; launch/train.py "
+                             "with --config=mtdistill_jax/configs/online.py trains online instead)")
+    if online:
+        from mtdistill_jax.configs.online import num_envs
+
+        m = num_envs(config)
+        for name in ("save_every", "eval_every"):
+            if FLAGS[name].value % m:
+                raise cli.UsageError(f"--{name}={FLAGS[name].value} is not a multiple of the {m} envs of the config "
+                                     "(online runs count env steps, all envs together)")
     cli.check_output_dir(FLAGS.workdir, "workdir")
     if FLAGS.to_torch:
         cli.check_torch_output(FLAGS.to_torch)

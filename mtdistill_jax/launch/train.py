@@ -44,6 +44,7 @@ from __future__ import annotations
 import os
 
 from mtdistill_jax import cli, configs
+from mtdistill_jax.errors import UserError
 from mtdistill_jax.launch import common
 
 _CONFIG = os.path.join(os.path.dirname(os.path.abspath(configs.__file__)), "train.py")
@@ -58,7 +59,10 @@ def main(argv):
     if common.is_online(config):
         from mtdistill_jax.configs import online
 
-        config = online.resolve(config)
+        try:
+            config = online.resolve(config)
+        except UserError as e:
+            raise cli.UsageError(f"--config: {e}") from e
         options = common.options_from_flags(config, check=online.check_config)
         common.run_online(config, options, program="mtdistill-train")
     else:

@@ -382,7 +382,8 @@ def train_offline(config: ml_collections.ConfigDict, episodes: Episodes | Offlin
                 on_step(end, m.last)
             if loop.finish(end, totals, state, save):
                 break
-        step, metrics, eval_metrics, preempted = loop.step, loop.metrics, loop.eval_metrics, loop.preempted
+        step, eval_metrics, preempted = loop.step, loop.eval_metrics, loop.preempted
+        metrics = {k: v for k, v in loop.metrics.items() if not k.startswith("perf/")}  # means of the update metrics
         mngr.wait_until_finished()
         return RunResult(state=state, rng=rng, data_state=data_state, step=step, resumed_from=resumed_from,
                          preempted=preempted, metrics=metrics, eval_metrics=eval_metrics)

@@ -266,6 +266,28 @@ def make_online_loop(config: ml_collections.ConfigDict, env=None, *, update_fn: 
                       capacity=replay_capacity(config) if capacity is None else capacity)
 
 
+RESUME_FIELDS = ("tasks", "online.envs_per_task", "online.episode_length")  # what a resumed run cannot change
+
+
+def _check_resumable(mngr, config: ml_collections.ConfigDict, workdir: str) -> None:
+    """A ``UserError`` when the latest checkpoint in ``workdir`` is of an offline run, or of an online run with
+    other tasks, envs per task or episode length (its env states and buffer would not fit, or silently belong
+    to other tasks)."""
+    from mtdistill_jax.configs.online import task_list
+
+    saved = mngr.saved_config()
+    if "online" not in saved:
+        raise UserError(f"the checkpoints in {workdir} are of an offline run; give another --workdir")
+    now = {"tasks": task_list(config), "online.envs_per_task": config.online.envs_per_task,
+           "online.episode_length": config.online.episode_length}
+    was = {"tasks": task_list(saved), "online.envs_per_task": saved["online"]["envs_per_task"],
+           "online.episode_length": saved["online"]["episode_length"]}
+    diff = [f"{k}: checkpoint {was[k]!r} vs config {now[k]!r}" for k in RESUME_FIELDS if was[k] != now[k]]
+    if diff:
+        raise UserError(f"the checkpoints in {workdir} are of an online run with other envs ({'; '.join(diff)}); "
+                        "resume with the same settings or give another --workdir")
+
+
 def train_online(config: ml_collections.ConfigDict, workdir: str, *, save_every: int = 10_000, keep: int = 3,
                  async_save: bool = True, handle_signals: bool = True, log_every: int | None = None,
                  update_fn: Callable | None = None, init_state: Callable | None = None,
@@ -312,15 +334,14 @@ def train_online(config: ml_collections.ConfigDict, workdir: str, *, save_every:
     own_writer = host = None
     try:
         capacity = None
-        if mngr.latest_step() is not None:  # the buffer keeps the size it was made with (e.g. a run extended by steps)
-            saved_config = mngr.saved_config()
-            if "online" not in saved_config:
-                raise UserError(f"the checkpoints in {workdir} are of an offline run; give an empty --workdir")
-            saved = replay_capacity(saved_config)
-            if saved != replay_capacity(config):
-                log.warning("replay capacity stays %d transitions as in the checkpoint (min(steps, online.buffer_size) "
-                            "of this config: %d)", saved, replay_capacity(config))
-            capacity = saved
+        if mngr.latest_step() is not None:
+            _check_resumable(mngr, config, workdir)
+            # the buffer keeps the size it was made with (e.g. a run extended by --config.steps)
+            slots, frames = mngr.saved_data_shapes()["replay"]["data"]["obs"][:2]
+            capacity = slots * (frames - 1)
+            if capacity != replay_capacity(config):
+                log.info("replay capacity stays %d transitions as in the checkpoint (min(steps, online.buffer_size) "
+                         "of this config: %d)", capacity, replay_capacity(config))
         loop = make_online_loop(config, update_fn=update_fn, init_state=init_state, capacity=capacity)
         K = int(config.online.agent_steps_per_dispatch)
         tasks = task_list(config)
@@ -339,9 +360,6 @@ def train_online(config: ml_collections.ConfigDict, workdir: str, *, save_every:
             carry = OnlineCarry(learner=learner, key=rng, **rest)
             log.info("resumed from env step %d in %s", resumed_from, workdir)
         step = int(carry.agent_steps) * M
-        if resumed_from is not None and step != resumed_from:
-            raise UserError(f"checkpoint {resumed_from} in {workdir} holds {int(carry.agent_steps)} agent steps of "
-                            f"{M} envs ({step} env steps): another number of envs than this config's")
         if jax.process_index() == 0:
             _write_config_json(workdir, config)
             if metrics_dir is not None:
