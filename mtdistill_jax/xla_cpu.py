@@ -12,7 +12,8 @@ Two remedies, both used here:
   of one module per fusion: measured 1.8x fewer mappings for walker-walk + cheetah-run (6,519 -> 3,666) and
   2.9x for pendulum-swingup (1,494 -> 518), with equal rollout speed. :func:`use_fewer_kernels` adds the flag
   to ``XLA_FLAGS``; it must run before JAX creates its CPU client (``launch/evaluate.py`` calls it first).
-* :func:`check_mapping_budget` estimates what a program of K tasks needs and raises a clear error before
+* :func:`check_mapping_budget` estimates what a program of K physics models needs (tasks that share one physics
+  structure, e.g. walker stand/walk/run, count once: ``envs.structure``) and raises a clear error before
   compiling, instead of a crash half an hour into compilation.
 """
 
@@ -24,10 +25,11 @@ from mtdistill_jax.errors import UserError
 
 FEWER_KERNELS_FLAG = "--xla_cpu_use_fusion_emitters=false"
 
-# Memory mappings one MT30 task adds to the evaluation program (reset + step chunk, planner included), per
-# setting of the fusion emitters. Measured on the 2-core CPU with jax 0.10.2 for walker-walk + cheetah-run
-# (among the heaviest MJX graphs): 6,519 mappings with the default emitters, 3,666 with FEWER_KERNELS_FLAG.
-MAPS_PER_TASK = {False: 3300, True: 1850}
+# Memory mappings one MJX physics model (one task, or the tasks of one physics structure) adds to the evaluation
+# program (reset + step chunk, planner included), per setting of the fusion emitters. Measured on the 2-core CPU
+# with jax 0.10.2 for walker-walk + cheetah-run (among the heaviest MJX graphs): 6,519 mappings with the default
+# emitters, 3,666 with FEWER_KERNELS_FLAG.
+MAPS_PER_PHYSICS = {False: 3300, True: 1850}
 
 
 class MappingBudgetError(UserError, RuntimeError):
@@ -69,17 +71,18 @@ def mapping_count() -> int | None:
         return None
 
 
-def estimated_mappings(num_tasks: int, fewer_kernels: bool | None = None) -> int:
-    """Mappings an evaluation program of ``num_tasks`` MJX tasks adds on XLA:CPU (an upper-side estimate)."""
+def estimated_mappings(num_physics: int, fewer_kernels: bool | None = None) -> int:
+    """Mappings an evaluation program of ``num_physics`` MJX physics models adds on XLA:CPU (an upper-side
+    estimate)."""
     if fewer_kernels is None:
         fewer_kernels = fewer_kernels_on()
-    return num_tasks * MAPS_PER_TASK[bool(fewer_kernels)]
+    return num_physics * MAPS_PER_PHYSICS[bool(fewer_kernels)]
 
 
-def check_mapping_budget(num_tasks: int, platform: str, limit: int | None = None, current: int | None = None,
+def check_mapping_budget(num_physics: int, platform: str, limit: int | None = None, current: int | None = None,
                          fewer_kernels: bool | None = None) -> None:
-    """Raise :class:`MappingBudgetError` (a ``RuntimeError``) if compiling ``num_tasks`` MJX tasks on CPU would
-    pass ``vm.max_map_count``."""
+    """Raise :class:`MappingBudgetError` (a ``RuntimeError``) if compiling a program of ``num_physics`` MJX physics
+    models (``len(env.structures)``) on CPU would pass ``vm.max_map_count``."""
     if platform != "cpu":
         return
     limit = max_map_count() if limit is None else limit
@@ -88,7 +91,7 @@ def check_mapping_budget(num_tasks: int, platform: str, limit: int | None = None
         return
     if fewer_kernels is None:
         fewer_kernels = fewer_kernels_on()
-    need = estimated_mappings(num_tasks, fewer_kernels)
+    need = estimated_mappings(num_physics, fewer_kernels)
     if current + need <= limit:
         return
     remedies = ["evaluate fewer tasks per call (e.g. --tasks=...)",
@@ -97,6 +100,7 @@ def check_mapping_budget(num_tasks: int, platform: str, limit: int | None = None
         remedies.insert(0, f"set XLA_FLAGS={FEWER_KERNELS_FLAG} before JAX starts (launch/evaluate.py does; "
                            "in Python call mtdistill_jax.xla_cpu.use_fewer_kernels() before using jax)")
     raise MappingBudgetError(
-        f"compiling {num_tasks} MJX tasks in one XLA:CPU program needs about {need:,} memory mappings; this process "
-        f"holds {current:,} and the kernel allows {limit:,} (vm.max_map_count), so it would crash mid-compile. "
+        f"compiling {num_physics} MJX physics models in one XLA:CPU program needs about {need:,} memory mappings; "
+        f"this process holds {current:,} and the kernel allows {limit:,} (vm.max_map_count), so it would crash "
+        "mid-compile. "
         "Remedies: " + "; ".join(remedies) + ".")

@@ -29,7 +29,7 @@ def test_use_fewer_kernels_adds_flag_once_and_keeps_others():
 
 
 def test_check_mapping_budget():
-    per = xla_cpu.MAPS_PER_TASK
+    per = xla_cpu.MAPS_PER_PHYSICS
     xla_cpu.check_mapping_budget(30, "cpu", limit=65530, current=3000, fewer_kernels=True)  # 30 x 1850 fits
     with pytest.raises(RuntimeError, match="vm.max_map_count") as e:
         xla_cpu.check_mapping_budget(30, "cpu", limit=65530, current=3000, fewer_kernels=False)

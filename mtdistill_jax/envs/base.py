@@ -86,6 +86,27 @@ def flatten_obs(obs: Mapping[str, jax.Array]) -> jax.Array:
     return jnp.concatenate([jnp.ravel(jnp.asarray(v, jnp.float32)) for v in obs.values()])
 
 
+def advance(state: State, ctrl: jax.Array, physics, reward, obs, action_repeat: int) -> State:
+    """One agent step of TD-MPC2 on dm_control: ``action_repeat`` control steps (one ``lax.scan``, so the
+    physics is traced once), the task reward summed over them, the observation after the last one.
+
+    ``physics(data, ctrl) -> (data_pre, data)`` is a control step, ``reward(data, info)`` and
+    ``obs(data, info, data_pre)`` the task's; a single env passes its own methods, a physics structure shared
+    by several tasks (``envs.structure``) passes vmapped ones over all its rows.
+    """
+
+    def body(carry, _):
+        data, _, total = carry
+        data_pre, data = physics(data, ctrl)
+        return (data, data_pre, total + jnp.asarray(reward(data, state.info), jnp.float32)), None
+
+    zero = jnp.zeros(jnp.shape(state.reward), jnp.float32)
+    data = state.data.replace(ctrl=ctrl)  # the control the steps set (also its dtype: float32 under x64 too)
+    (data, data_pre, total), _ = jax.lax.scan(body, (data, data, zero), None, length=action_repeat)
+    info = {**state.info, "step": state.info["step"] + 1}
+    return state.replace(data=data, obs=obs(data, info, data_pre), reward=total, info=info)
+
+
 class DMCEnv(mjx_env.MjxEnv, abc.ABC):
     """Base class of the MT30 tasks (stock and custom) on MJX."""
 
@@ -184,8 +205,9 @@ class DMCEnv(mjx_env.MjxEnv, abc.ABC):
             return mjx.make_data(self._mj_model, impl="warp")
         return mjx.make_data(self._mjx_model)
 
-    def forward(self, data: mjx.Data) -> mjx.Data:
-        return mjx.forward(self._mjx_model, data)
+    def forward(self, data: mjx.Data, model: mjx.Model | None = None) -> mjx.Data:
+        """``mjx.forward`` with the task's model (or ``model``: the same structure with other field values)."""
+        return mjx.forward(self._mjx_model if model is None else model, data)
 
     def scale_action(self, action: jax.Array) -> jax.Array:
         """[-1, 1] -> actuator ctrl range (dm_control action_scale.Wrapper)."""
@@ -208,40 +230,43 @@ class DMCEnv(mjx_env.MjxEnv, abc.ABC):
             obs = self._with_touch(obs, data_pre)
         return flatten_obs(obs)
 
-    def control_step(self, data: mjx.Data, ctrl: jax.Array) -> tuple[mjx.Data, mjx.Data]:
-        """One dm_control control step: ``n_sub_steps`` physics steps with ``ctrl``.
+    def control_step(self, data: mjx.Data, ctrl: jax.Array, model: mjx.Model | None = None
+                     ) -> tuple[mjx.Data, mjx.Data]:
+        """One dm_control control step: ``n_sub_steps`` physics steps with ``ctrl`` (``model``: see ``forward``).
 
         Returns ``(data_pre, data)``: the raw data after the last ``mjx.step`` (its sensors belong to the
         state one physics step earlier, as in dm_control) and the same state forwarded.
         """
+        model = self._mjx_model if model is None else model
         data = data.replace(ctrl=ctrl)
 
         def body(d, _):
-            return mjx.step(self._mjx_model, d), None
+            return mjx.step(model, d), None
 
         data_pre, _ = jax.lax.scan(body, data, None, length=self._n_sub_steps)
-        return data_pre, self.forward(data_pre)
+        return data_pre, self.forward(data_pre, model)
+
+    def finish_reset(self, data: mjx.Data, model: mjx.Model | None = None) -> mjx.Data:
+        """The physics that turns :meth:`initial_state`'s data into the episode's first state (default: forward).
+
+        Kept apart from :meth:`initial_state` so that tasks sharing one physics structure run it once for all
+        of them (``envs.structure``); ``model`` as in :meth:`forward`.
+        """
+        return self.forward(data, model)
 
     def reset(self, rng: jax.Array) -> State:
-        data = self.make_data()
-        data, info = self.initial_state(rng, data)
-        data = self.forward(data)
-        info = dict(info)
-        info["step"] = jnp.zeros((), jnp.int32)
-        obs = self.get_obs(data, info)
+        data, info = self.initial_state(rng, self.make_data())
+        return self.first_state(self.finish_reset(data), info)
+
+    def first_state(self, data: mjx.Data, info: Mapping[str, Any]) -> State:
+        """The :class:`State` that starts an episode at the forwarded ``data``."""
+        info = {**info, "step": jnp.zeros((), jnp.int32)}
         zero = jnp.zeros((), jnp.float32)
-        return State(data=data, obs=obs, reward=zero, done=zero, metrics={}, info=info)
+        return State(data=data, obs=self.get_obs(data, info), reward=zero, done=zero, metrics={}, info=info)
 
     def step(self, state: State, action: jax.Array) -> State:
-        ctrl = self.scale_action(action)
-        data, reward = state.data, jnp.zeros((), jnp.float32)
-        data_pre = data
-        for _ in range(self._config.action_repeat):
-            data_pre, data = self.control_step(data, ctrl)
-            reward = reward + jnp.asarray(self.reward(data, state.info), jnp.float32)
-        info = {**state.info, "step": state.info["step"] + 1}
-        obs = self.get_obs(data, info, data_pre)
-        return state.replace(data=data, obs=obs, reward=reward, info=info)
+        return advance(state, self.scale_action(action), self.control_step, self.reward, self.get_obs,
+                       self._config.action_repeat)
 
     # ----------------------------------------------------------------------------------------------------
     # MjxEnv interface.

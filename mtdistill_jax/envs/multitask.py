@@ -4,7 +4,8 @@ Observations are zero-padded to the task set's width (MT30: 24), actions arrive 
 reads only its first ``action_dim`` entries; every row carries its task id, and rows are task-major (task k
 occupies rows [k*N, (k+1)*N)). The whole thing is one pure,
 jittable pytree function (:class:`~mtdistill_jax.envs.wrappers.BatchedEnv` with one group per task): each
-task's physics model is traced once (a Python loop over *tasks* at trace time, ``vmap`` over the N copies),
+physics structure is traced once (tasks that share one, e.g. cartpole x 4, are one ``vmap`` over all their rows;
+``share_physics=False``: one trace per task),
 episodes last the task set's episode length (MT30: 500 agent steps) and auto-reset; every env carries a
 ``first`` flag and its episode ``step`` (:class:`~mtdistill_jax.envs.wrappers.EnvState`).
 """
@@ -23,13 +24,14 @@ class MultiTaskEnv(BatchedEnv):
     """``num_envs_per_task`` copies of each of ``tasks`` as one batched environment.
 
     ``episode_length``: agent steps per episode for every task (default: each task's length in ``task_set``);
-    ``impl`` / ``impls``: the MJX implementation for all tasks / per task name. Bad arguments raise a
+    ``impl`` / ``impls``: the MJX implementation for all tasks / per task name; ``share_physics``: step tasks of
+    one physics structure together (see :mod:`mtdistill_jax.envs.structure`). Bad arguments raise a
     :class:`~mtdistill_jax.errors.UserError` (a ``ValueError``; unknown names: ``UnknownNameError``).
     """
 
     def __init__(self, tasks: Sequence[str], num_envs_per_task: int = 1, task_set: TaskSet = MT30,
                  impl: str | None = None, episode_length: int | None = None, auto_reset: bool = True,
-                 impls: dict[str, str] | None = None):
+                 impls: dict[str, str] | None = None, share_physics: bool = True):
         if isinstance(tasks, str):
             raise UserError(f"tasks must be a list of task names, got the string {tasks!r}")
         if not tasks:
@@ -58,7 +60,7 @@ class MultiTaskEnv(BatchedEnv):
                 raise AssertionError(f"{t}: env observation size {e.observation_size} != task set's {od}")
         lengths = [episode_length or task_set.episode_lengths[i] for i in task_ids]
         super().__init__(envs, num_envs_per_task, lengths, task_ids, task_set.obs_pad, task_set.action_pad,
-                         auto_reset)
+                         auto_reset, share_physics)
 
     def task_render_states(self, state: EnvState, episode: int = 0) -> tuple[dict, ...]:
         """Per task (in ``tasks`` order), :meth:`render_state` of its copy number ``episode``."""

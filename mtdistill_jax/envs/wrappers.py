@@ -2,13 +2,17 @@
 
 One state type, :class:`EnvState`, and one stepping program, :class:`BatchedEnv`, serve a single task
 (:class:`VectorEnv`: ``N`` copies of one task) and a task set (:class:`~mtdistill_jax.envs.multitask.MultiTaskEnv`:
-``N`` copies of each of ``K`` tasks). Rows are group-major (group ``g`` occupies rows ``[g*N, (g+1)*N)``); each
-group's physics is its task's MJX program vmapped over its ``N`` copies (a Python loop over *groups* at trace
-time). Every env carries its own ``first`` flag and episode ``step``: an actor reads ``first`` to know that
-``obs`` starts an episode (the official ``t0``), so auto-resetting loops need no global step counter.
+``N`` copies of each of ``K`` tasks). Rows are group-major (group ``g`` occupies rows ``[g*N, (g+1)*N)``). The
+physics runs per *structure* (:mod:`mtdistill_jax.envs.structure`): groups whose tasks share one MJX model
+structure (e.g. walker stand/walk/run) are stepped by one physics program vmapped over all their rows, each task
+keeping its own reward, observation and initial-state draw (a Python loop over structures at trace time, so a
+program over all 30 MT30 tasks traces 11 physics models, not 30). Every env carries its own ``first`` flag and
+episode ``step``: an actor reads ``first`` to know that ``obs`` starts an episode (the official ``t0``), so
+auto-resetting loops need no global step counter.
 
-Episodes auto-reset when they reach their group's episode length: the group's fresh random initial states are
-computed inside one ``lax.cond`` (not on other steps) and selected for the envs whose episode ended.
+Episodes auto-reset when they reach their group's episode length: a structure's fresh random initial states are
+computed inside one ``lax.cond`` (not on other steps) and selected for the envs whose episode ended; each group
+draws them from its own key, which advances only when one of its episodes ended.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtdistill_jax.envs.base import DMCEnv, State
+from mtdistill_jax.envs.base import DMCEnv
+from mtdistill_jax.envs.structure import Structure, group_by_structure
 from mtdistill_jax.errors import UserError
 
 
@@ -29,8 +34,8 @@ from mtdistill_jax.errors import UserError
 class EnvState:
     """State of a :class:`BatchedEnv` (B = groups x N rows, group-major).
 
-    physics:   per-group MJX :class:`State` with leading axis N (a tuple, one per group); read it through the
-               env's accessors (:meth:`BatchedEnv.render_state`), not directly
+    physics:   per-structure MJX :class:`State` with leading axis the structure's rows (a tuple, one per
+               structure); read it through the env's accessors (:meth:`BatchedEnv.render_state`), not directly
     obs:       [B, obs_pad] observation to act on (after an auto-reset: the new episode's first one)
     final_obs: [B, obs_pad] the observation the last step produced (equals ``obs`` unless the episode ended)
     reward:    [B] float32 reward of the last step (0 after a reset)
@@ -58,17 +63,21 @@ class BatchedEnv:
     ``obs_pad`` pads observations (zeros) to a common width; ``action_pad`` is the width of the action rows, of
     which group ``g`` reads its first ``action_dims[g]`` entries; ``episode_lengths`` [groups] agent steps per
     episode; ``task_ids`` [groups] the id every row of a group carries in ``EnvState.task``.
+
+    Groups whose tasks share one physics structure (``envs.structure``) are stepped by one vmapped physics
+    program (``share_physics=False``: one per group); rows stay group-major whatever the structures are.
     """
 
     def __init__(self, envs: Sequence[DMCEnv], num_envs_per_group: int, episode_lengths: Sequence[int],
-                 task_ids: Sequence[int], obs_pad: int, action_pad: int, auto_reset: bool = True):
+                 task_ids: Sequence[int], obs_pad: int, action_pad: int, auto_reset: bool = True,
+                 share_physics: bool = True):
         if num_envs_per_group < 1:
             raise UserError(f"num_envs must be >= 1, got {num_envs_per_group}")
         if any(int(L) < 1 for L in episode_lengths):
             raise UserError(f"episode_length must be >= 1, got {list(episode_lengths)}")
         self.envs = tuple(envs)
         self.num_groups = len(self.envs)
-        self.num_envs_per_group = int(num_envs_per_group)
+        self.num_envs_per_group = N = int(num_envs_per_group)
         self.num_envs = self.num_groups * self.num_envs_per_group
         self.episode_lengths = tuple(int(L) for L in episode_lengths)
         self.task_ids = np.asarray(task_ids, np.int32)
@@ -80,6 +89,22 @@ class BatchedEnv:
         for g, ad in enumerate(self.action_dims):
             masks[self._rows(g), :ad] = 1
         self.action_masks = jnp.asarray(masks)  # [B, action_pad]
+        # physics structures: each steps its groups' rows (group after group) in one vmapped program
+        self.structure_groups = (group_by_structure(self.envs) if share_physics
+                                 else [[g] for g in range(self.num_groups)])
+        self.structures = tuple(Structure([self.envs[g] for g in idx], N, self.obs_pad)
+                                for idx in self.structure_groups)
+        order = [g for idx in self.structure_groups for g in idx]  # groups in the structures' row order
+        self._where = {g: (s, k) for s, idx in enumerate(self.structure_groups) for k, g in enumerate(idx)}
+        # row permutations between group-major rows and the structures' rows (None: the same order)
+        to_structures = np.concatenate([np.arange(g * N, (g + 1) * N) for g in order])
+        self._to_structures = None if order == sorted(order) else jnp.asarray(to_structures)
+        self._from_structures = None if self._to_structures is None else jnp.asarray(np.argsort(to_structures))
+        self._structure_rows, start = [], 0
+        for st in self.structures:
+            self._structure_rows.append(slice(start, start + st.num_rows))
+            start += st.num_rows
+        self._lengths = jnp.asarray(np.repeat(np.asarray(self.episode_lengths)[order], N), jnp.int32)
 
     @property
     def episode_length(self) -> int:
@@ -92,59 +117,66 @@ class BatchedEnv:
         N = self.num_envs_per_group
         return slice(g * N, (g + 1) * N)
 
-    def _pad(self, x):
-        return jnp.pad(x, ((0, 0), (0, self.obs_pad - x.shape[-1])))
+    def _structure_order(self, x):
+        return x if self._to_structures is None else x[self._to_structures]
 
-    def _reset_group(self, g: int, key) -> State:
-        return jax.vmap(self.envs[g].reset)(jax.random.split(key, self.num_envs_per_group))
+    def _group_order(self, x):
+        return x if self._from_structures is None else x[self._from_structures]
+
+    def _reset_keys(self, subs):
+        """Per group of a structure, the keys of its rows from the group's reset key."""
+        return [jax.random.split(k, self.num_envs_per_group) for k in subs]
 
     def reset(self, key) -> EnvState:
         keys = jax.random.split(key, self.num_groups)
-        physics, group_keys = [], []
-        for g in range(self.num_groups):
-            k, sub = jax.random.split(keys[g])
-            physics.append(self._reset_group(g, sub))
-            group_keys.append(k)
-        obs = jnp.concatenate([self._pad(p.obs) for p in physics])
+        pairs = [jax.random.split(keys[g]) for g in range(self.num_groups)]  # (next key, this reset's key)
+        physics = tuple(st.reset(self._reset_keys([pairs[g][1] for g in idx]))
+                        for st, idx in zip(self.structures, self.structure_groups, strict=True))
+        obs = self._group_order(jnp.concatenate([p.obs for p in physics]))
         B = self.num_envs
-        return EnvState(physics=tuple(physics), obs=obs, final_obs=obs, reward=jnp.zeros((B,), jnp.float32),
+        return EnvState(physics=physics, obs=obs, final_obs=obs, reward=jnp.zeros((B,), jnp.float32),
                         done=jnp.zeros((B,), bool), first=jnp.ones((B,), bool), step=jnp.zeros((B,), jnp.int32),
-                        task=self.task, key=jnp.stack(group_keys))
+                        task=self.task, key=jnp.stack([p[0] for p in pairs]))
 
     def step(self, state: EnvState, action: jax.Array) -> EnvState:
         """``action``: [B, action_pad] in [-1, 1]; entries beyond a group's action dim are ignored."""
         if action.shape != (self.num_envs, self.action_pad):
             raise UserError(f"action must be [{self.num_envs}, {self.action_pad}] (groups x envs per group, padded "
                             f"action dim), got {action.shape}")
-        physics, obs, final_obs, reward, done, first, step, keys = [], [], [], [], [], [], [], []
-        for g in range(self.num_groups):
-            rows = self._rows(g)
-            p = jax.vmap(self.envs[g].step)(state.physics[g], action[rows, :self.action_dims[g]])
-            t = state.step[rows] + 1
-            d = t >= self.episode_lengths[g]
-            final_obs.append(self._pad(p.obs))
+        action, steps = self._structure_order(action), self._structure_order(state.step)
+        N = self.num_envs_per_group
+        keys = list(state.key)
+        physics, final_obs, obs, reward, done, step = [], [], [], [], [], []
+        for s, (st, idx, rows) in enumerate(zip(self.structures, self.structure_groups, self._structure_rows,
+                                                strict=True)):
+            p = st.step(state.physics[s], action[rows, :st.rep.action_size])
+            t = steps[rows] + 1
+            d = t >= self._lengths[rows]
+            final_obs.append(p.obs)
             reward.append(p.reward)
-            key, f = state.key[g], jnp.zeros_like(d)
             if self.auto_reset:
-                def do_reset(args, g=g, d=d):
-                    p, t, key = args
-                    key, sub = jax.random.split(key)
-                    r = self._reset_group(g, sub)
+                def do_reset(args, st=st, idx=idx, d=d):
+                    p, t, ks = args
+                    pairs = [jax.random.split(k) for k in ks]
+                    r = st.reset(self._reset_keys([q[1] for q in pairs]))
                     p = jax.tree_util.tree_map(
                         lambda new, old: jnp.where(d.reshape(d.shape + (1,) * (new.ndim - 1)), new, old), r, p)
-                    return p, jnp.where(d, 0, t), key
+                    ended = [jnp.any(d[k * N:(k + 1) * N]) for k in range(len(idx))]  # per group: a reset used
+                    ks = [jnp.where(e, q[0], k) for e, q, k in zip(ended, pairs, ks, strict=True)]
+                    return p, jnp.where(d, 0, t), ks
 
-                p, t, key = jax.lax.cond(jnp.any(d), do_reset, lambda args: args, (p, t, key))
-                f = d
+                p, t, ks = jax.lax.cond(jnp.any(d), do_reset, lambda args: args, (p, t, [keys[g] for g in idx]))
+                for g, k in zip(idx, ks, strict=True):
+                    keys[g] = k
             physics.append(p)
-            obs.append(self._pad(p.obs))
+            obs.append(p.obs)
             done.append(d)
-            first.append(f)
             step.append(t)
-            keys.append(key)
-        cat = jnp.concatenate
+        cat = lambda xs: self._group_order(jnp.concatenate(xs))  # noqa: E731
+        done = cat(done)
         return state.replace(physics=tuple(physics), obs=cat(obs), final_obs=cat(final_obs), reward=cat(reward),
-                             done=cat(done), first=cat(first), step=cat(step), key=jnp.stack(keys))
+                             done=done, first=done if self.auto_reset else jnp.zeros_like(done), step=cat(step),
+                             key=jnp.stack(keys))
 
     # ----------------------------------------------------------------------------------------------------
     # Public accessors (what evaluation, rendering and data collection read of a state).
@@ -154,8 +186,8 @@ class BatchedEnv:
         g, i = divmod(int(row), self.num_envs_per_group)
         if not 0 <= g < self.num_groups:
             raise UserError(f"row must be in [0, {self.num_envs}), got {row}")
-        p = jax.tree_util.tree_map(lambda x: x[i], state.physics[g])
-        return {"qpos": p.data.qpos, "qvel": p.data.qvel, "act": p.data.act, "info": p.info}
+        s, k = self._where[g]
+        return self.structures[s].render_state(state.physics[s], k, i)
 
     def group_render_states(self, state: EnvState, index: int = 0) -> tuple[dict[str, Any], ...]:
         """:meth:`render_state` of env ``index`` of every group (per task: its ``index``-th copy)."""

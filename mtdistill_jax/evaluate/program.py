@@ -86,7 +86,7 @@ def make_actor(config: ml_collections.ConfigDict, policy: str = "planner", mode:
 def make_eval_program(config: ml_collections.ConfigDict, tasks: Sequence[str], episodes: int, mode: str = "sample",
                       chunk: int = 10, impls: dict[str, str] | None = None, episode_length: int | None = None,
                       record: bool = False, *, policy: str = "planner", noise: float = 0.0,
-                      transitions: bool = False):
+                      transitions: bool = False, share_physics: bool = True):
     """``(env, init(key) -> EvalCarry, run_chunk(params, carry) -> (carry, recorded))`` for K tasks x ``episodes``.
 
     ``run_chunk`` advances every env by ``chunk`` agent steps inside one compiled ``lax.scan``. With
@@ -94,13 +94,15 @@ def make_eval_program(config: ml_collections.ConfigDict, tasks: Sequence[str], e
     after each step (``env.task_render_states``); with ``transitions`` it holds the
     :class:`~mtdistill_jax.acting.Transition` of every env and step (``[chunk, K*E, ...]``, rows task-major);
     with both, ``(render states, transitions)``; else None. ``policy``/``noise``: :func:`make_actor`.
+    ``share_physics=False`` traces one physics model per task instead of one per physics structure (slower to
+    compile; for comparisons, see ``benchmarks/compile_eval.py``).
     """
     from mtdistill_jax.envs.multitask import MultiTaskEnv  # imports MuJoCo/MJX: only once arguments are checked
 
     tasks = check_eval_args(config.model.task_set, tasks, episodes, mode, chunk, episode_length, policy)
     ts = get_task_set(config.model.task_set)
     env = MultiTaskEnv(tasks, episodes, ts, episode_length=episode_length_of(ts.name, tasks, episode_length),
-                       auto_reset=False, impls=impls)
+                       auto_reset=False, impls=impls, share_physics=share_physics)
     actor = make_actor(config, policy, mode, noise)
 
     def init(key):
@@ -178,6 +180,7 @@ def compiled_program(config: ml_collections.ConfigDict, tasks: Sequence[str], ep
     t = time.perf_counter()
     env, init, run_chunk = make_eval_program(config, list(tasks), episodes, mode, chunk, impls, episode_length,
                                              record, policy=policy, noise=noise, transitions=transitions)
+    check_mapping_budget(len(env.structures), jax.default_backend())  # before compiling: an error, not a crash
     init = jax.jit(init)
     run = jax.jit(run_chunk, donate_argnums=(1,)).lower(params, init(jax.random.key(0))).compile()
     _PROGRAMS[key] = (env, init, run)
@@ -204,7 +207,6 @@ def evaluate(params, config: ml_collections.ConfigDict, tasks: Sequence[str] | N
     (:func:`compiled_program`): evaluating another agent of the same shapes does not compile again."""
     tasks = check_eval_args(config.model.task_set, tasks, episodes, mode, chunk, episode_length, policy)
     episode_length = episode_length_of(config.model.task_set, tasks, episode_length)
-    check_mapping_budget(len(tasks), jax.default_backend())
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
     env, init, run, compile_s = compiled_program(config, tasks, episodes, mode, chunk, episode_length, params=params,
                                                  policy=policy, record=record, impls=impls)

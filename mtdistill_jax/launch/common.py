@@ -236,7 +236,6 @@ def make_eval_fn(config: ml_collections.ConfigDict, tasks: Sequence[str] | None,
     """
     from mtdistill_jax.evaluate import EvalResult, check_eval_args, episode_length_of
     from mtdistill_jax.evaluate.program import compiled_program
-    from mtdistill_jax.xla_cpu import check_mapping_budget
 
     task_set = config.model.task_set
     tasks = check_eval_args(task_set, tasks, episodes, mode, 1, episode_length, policy)
@@ -245,7 +244,6 @@ def make_eval_fn(config: ml_collections.ConfigDict, tasks: Sequence[str] | None,
     keys = world_model_keys(config.model)
 
     def eval_fn(state, step: int) -> dict[str, float]:
-        check_mapping_budget(len(tasks), jax.default_backend())
         params = world_model_params(state.params, config.model, keys)
         params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
         env, init, run, _ = compiled_program(config, tasks, episodes, mode, length, length, params=params,

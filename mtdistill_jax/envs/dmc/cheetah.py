@@ -48,31 +48,38 @@ class _Cheetah(DMCEnv):
     def model_xml(self):
         return dm_cheetah.get_model_and_assets()
 
-    def settle(self, data: mjx.Data, qpos: jax.Array) -> mjx.Data:
+    def settle(self, data: mjx.Data, qpos: jax.Array, model: mjx.Model | None = None) -> mjx.Data:
         """dm_control's settling from ``qpos``, starting at the forwarded default-pose ``data``.
 
         ``data`` must hold ``mj_forward`` of the default pose (what ``Physics.reset`` leaves); the first step
         integrates its accelerations from ``qpos`` (legacy ``mj_step2``), the others are full steps. Time is
-        reset to 0 with the dtype (and strong type) ``data.time`` had.
+        reset to 0 with the dtype (and strong type) ``data.time`` had. ``model``: as in ``forward``.
         """
+        model = self._mjx_model if model is None else model
         time0 = data.time
         n_full = SETTLE_STEPS - 1
         if self._config.impl == "jax":
-            data = mjx.euler(self._mjx_model, data.replace(qpos=qpos))
+            data = mjx.euler(model, data.replace(qpos=qpos))
         else:  # mjx.euler is JAX-only: plain steps (the first one then sees the randomised pose's forces)
             data, n_full = data.replace(qpos=qpos), SETTLE_STEPS
 
         def body(d, _):
-            return mjx.step(self._mjx_model, d), None
+            return mjx.step(model, d), None
 
         data, _ = jax.lax.scan(body, data, None, length=n_full)
         return data.replace(time=jnp.zeros_like(time0))
 
     def initial_state(self, rng, data):
-        # limited joints ~ U[lower, upper] (radians), then SETTLE_STEPS physics steps with zero control
+        # limited joints ~ U[lower, upper] (radians); the settling happens in finish_reset
         angles = jax.random.uniform(rng, self._limited_lo.shape, minval=self._limited_lo, maxval=self._limited_hi)
-        qpos = data.qpos.at[self._limited_qadr].set(angles.astype(data.qpos.dtype))
-        return self.settle(self.forward(data), qpos), {}
+        return data.replace(qpos=data.qpos.at[self._limited_qadr].set(angles.astype(data.qpos.dtype))), {}
+
+    def finish_reset(self, data, model=None):
+        # SETTLE_STEPS physics steps with zero control from the drawn pose, starting at the forwarded default
+        # pose (make_data's qpos is the model's qpos0), then the forward of the settled state
+        model = self._mjx_model if model is None else model
+        default = self.forward(data.replace(qpos=jnp.asarray(model.qpos0, data.qpos.dtype)), model)
+        return self.forward(self.settle(default, data.qpos, model), model)
 
     def speed(self, data):
         """Horizontal speed of the torso subtree (dm_control ``Physics.speed``)."""

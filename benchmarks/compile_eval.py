@@ -1,0 +1,80 @@
+"""Benchmark: compile time, peak memory and memory mappings of the evaluation program over many MT30 tasks.
+
+Builds the batched evaluation program (``evaluate.program``: the MJX tasks x episodes and the planner in one
+``lax.scan`` chunk) for the 1M model, compiles its reset and its step chunk from an empty cache (the persistent
+compilation cache is off here), runs one chunk, and prints compile seconds, peak RSS and the process's memory
+mappings. ``--noshare_physics`` traces one physics model per task (the layout before tasks of one physics
+structure shared theirs), for a before/after comparison.
+
+Usage: ``python benchmarks/compile_eval.py [--tasks all|walker-stand,walker-walk] [--episodes 1]
+[--noshare_physics] [--policy planner|prior] [--default_kernels]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", default="all", help="comma-separated MT30 tasks, or 'all'")
+    p.add_argument("--episodes", type=int, default=1, help="episodes (envs) per task")
+    p.add_argument("--policy", choices=("planner", "prior"), default="planner")
+    p.add_argument("--noshare_physics", action="store_true", help="one physics trace per task")
+    p.add_argument("--default_kernels", action="store_true",
+                   help="XLA's default fusion emitters (more memory mappings; launch/evaluate.py uses fewer)")
+    args = p.parse_args(argv)
+
+    from mtdistill_jax.xla_cpu import mapping_count, max_map_count, use_fewer_kernels
+
+    fewer = False if args.default_kernels else use_fewer_kernels()  # before JAX starts, as launch/evaluate.py
+    import jax
+
+    jax.config.update("jax_enable_compilation_cache", False)
+    from benchmarks.common import header
+    from mtdistill_jax.configs import MT30, get_config
+    from mtdistill_jax.evaluate.program import make_eval_program
+    from mtdistill_jax.nn import init_params
+    from mtdistill_jax.tdmpc2.planner import Planner
+
+    tasks = list(MT30.tasks) if args.tasks == "all" else args.tasks.split(",")
+    config = get_config(1, "mt30")
+    params = init_params(Planner(config).model, jax.random.key(0))
+    print(header(), f"| {len(tasks)} tasks x {args.episodes} episodes, {args.policy}, fewer kernels {fewer}, "
+          f"share physics {not args.noshare_physics}", flush=True)
+    t = time.perf_counter()
+    env, init, run_chunk = make_eval_program(config, tasks, args.episodes, mode="mean", policy=args.policy,
+                                             share_physics=not args.noshare_physics)
+    build_s = time.perf_counter() - t
+    print(f"build (MJX models, {len(env.structures)} physics structures): {build_s:.1f} s", flush=True)
+    t = time.perf_counter()
+    init_c = jax.jit(init).lower(jax.random.key(0)).compile()
+    reset_s = time.perf_counter() - t
+    carry = init_c(jax.random.key(0))
+    print(f"reset compiled: {reset_s:.1f} s, peak RSS {_rss_gib():.2f} GiB", flush=True)
+    t = time.perf_counter()
+    run = jax.jit(run_chunk).lower(params, carry).compile()
+    step_s = time.perf_counter() - t
+    print(f"step chunk compiled: {step_s:.1f} s, peak RSS {_rss_gib():.2f} GiB", flush=True)
+    t = time.perf_counter()
+    carry, _ = run(params, carry)
+    jax.block_until_ready(carry)
+    chunk_s = time.perf_counter() - t
+    print(f"one chunk (10 agent steps x {env.num_envs} envs): {chunk_s:.1f} s", flush=True)
+    print(f"total compile {reset_s + step_s:.1f} s ({(reset_s + step_s) / 60:.1f} min); peak RSS "
+          f"{_rss_gib():.2f} GiB; memory mappings {mapping_count()} (vm.max_map_count {max_map_count()})",
+          flush=True)
+
+
+if __name__ == "__main__":
+    main()
