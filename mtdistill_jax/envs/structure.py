@@ -91,16 +91,19 @@ class Structure:
 
     ``model`` is the first task's MJX model with the fields that differ between the tasks stacked per row
     (``in_axes`` 0 in :attr:`model_axes`, None elsewhere); :meth:`reset` and :meth:`step` work on a
-    :class:`State` whose leaves lead with the structure's rows and whose ``obs`` is zero-padded to ``obs_pad``.
+    :class:`State` whose leaves lead with the structure's rows and whose ``obs`` is zero-padded to
+    :attr:`obs_width`, the widest of its tasks' observations (a single task's state is then the same as the
+    vmapped task's own, which keeps checkpoints of one-task structures loadable across versions).
     """
 
-    def __init__(self, envs: Sequence[DMCEnv], copies: int, obs_pad: int):
+    def __init__(self, envs: Sequence[DMCEnv], copies: int):
         self.envs = tuple(envs)
         self.rep = self.envs[0]
         for e in self.envs[1:]:
             if not same_structure(self.rep, e):
                 raise ValueError(f"{e.name} does not share {self.rep.name}'s physics structure")
-        self.copies, self.obs_pad = int(copies), int(obs_pad)
+        self.copies = int(copies)
+        self.obs_width = max(e.observation_size for e in self.envs)
         self.num_rows = len(self.envs) * self.copies
         self.slices = [slice(k * self.copies, (k + 1) * self.copies) for k in range(len(self.envs))]
         models = [self.rep.mjx_model] + [_canonical(e.mjx_model, self.rep.mjx_model) for e in self.envs[1:]]
@@ -130,7 +133,7 @@ class Structure:
         return _cat([fn(e, *(_rows(t, sl) for t in trees)) for e, sl in zip(self.envs, self.slices, strict=True)])
 
     def _pad(self, obs):
-        return jnp.pad(obs, ((0, 0), (0, self.obs_pad - obs.shape[-1])))
+        return jnp.pad(obs, ((0, 0), (0, self.obs_width - obs.shape[-1])))
 
     def _obs(self, data, info, data_pre=None):
         if data_pre is None:

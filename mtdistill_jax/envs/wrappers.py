@@ -92,8 +92,7 @@ class BatchedEnv:
         # physics structures: each steps its groups' rows (group after group) in one vmapped program
         self.structure_groups = (group_by_structure(self.envs) if share_physics
                                  else [[g] for g in range(self.num_groups)])
-        self.structures = tuple(Structure([self.envs[g] for g in idx], N, self.obs_pad)
-                                for idx in self.structure_groups)
+        self.structures = tuple(Structure([self.envs[g] for g in idx], N) for idx in self.structure_groups)
         order = [g for idx in self.structure_groups for g in idx]  # groups in the structures' row order
         self._where = {g: (s, k) for s, idx in enumerate(self.structure_groups) for k, g in enumerate(idx)}
         # row permutations between group-major rows and the structures' rows (None: the same order)
@@ -123,6 +122,11 @@ class BatchedEnv:
     def _group_order(self, x):
         return x if self._from_structures is None else x[self._from_structures]
 
+    def _obs_rows(self, physics) -> jax.Array:
+        """[B, obs_pad] observations of the structures' states, in group-major row order."""
+        obs = [jnp.pad(p.obs, ((0, 0), (0, self.obs_pad - p.obs.shape[-1]))) for p in physics]
+        return self._group_order(jnp.concatenate(obs))
+
     def _reset_keys(self, subs):
         """Per group of a structure, the keys of its rows from the group's reset key."""
         return [jax.random.split(k, self.num_envs_per_group) for k in subs]
@@ -132,7 +136,7 @@ class BatchedEnv:
         pairs = [jax.random.split(keys[g]) for g in range(self.num_groups)]  # (next key, this reset's key)
         physics = tuple(st.reset(self._reset_keys([pairs[g][1] for g in idx]))
                         for st, idx in zip(self.structures, self.structure_groups, strict=True))
-        obs = self._group_order(jnp.concatenate([p.obs for p in physics]))
+        obs = self._obs_rows(physics)
         B = self.num_envs
         return EnvState(physics=physics, obs=obs, final_obs=obs, reward=jnp.zeros((B,), jnp.float32),
                         done=jnp.zeros((B,), bool), first=jnp.ones((B,), bool), step=jnp.zeros((B,), jnp.int32),
@@ -146,13 +150,13 @@ class BatchedEnv:
         action, steps = self._structure_order(action), self._structure_order(state.step)
         N = self.num_envs_per_group
         keys = list(state.key)
-        physics, final_obs, obs, reward, done, step = [], [], [], [], [], []
+        physics, final, reward, done, step = [], [], [], [], []
         for s, (st, idx, rows) in enumerate(zip(self.structures, self.structure_groups, self._structure_rows,
                                                 strict=True)):
             p = st.step(state.physics[s], action[rows, :st.rep.action_size])
             t = steps[rows] + 1
             d = t >= self._lengths[rows]
-            final_obs.append(p.obs)
+            final.append(p)
             reward.append(p.reward)
             if self.auto_reset:
                 def do_reset(args, st=st, idx=idx, d=d):
@@ -169,12 +173,12 @@ class BatchedEnv:
                 for g, k in zip(idx, ks, strict=True):
                     keys[g] = k
             physics.append(p)
-            obs.append(p.obs)
             done.append(d)
             step.append(t)
         cat = lambda xs: self._group_order(jnp.concatenate(xs))  # noqa: E731
         done = cat(done)
-        return state.replace(physics=tuple(physics), obs=cat(obs), final_obs=cat(final_obs), reward=cat(reward),
+        return state.replace(physics=tuple(physics), obs=self._obs_rows(physics), final_obs=self._obs_rows(final),
+                             reward=cat(reward),
                              done=done, first=done if self.auto_reset else jnp.zeros_like(done), step=cat(step),
                              key=jnp.stack(keys))
 
