@@ -30,8 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("train", "report")
 
-# TD-MPC2's published evaluation returns (official repository, results/<task>.csv: 1M-step single-task runs of the
-# 5M model, 3 seeds, evaluated with the planner every 100k env steps); the points within the first 200k steps.
+# TD-MPC2's published evaluation returns (official repository, results/<task>.csv: single-task runs with the
+# official defaults, 3 seeds, evaluated every 100k env steps); the points within the first 200k steps.
 OFFICIAL = {
     "cartpole-balance": {0: (124.3, 313.1, 270.6), 100_000: (997.9, 997.0, 998.4), 200_000: (998.9, 989.4, 998.4)},
 }
@@ -101,17 +101,21 @@ def read_evals(workdir: Path, task: str) -> list[dict]:
 
 def summarize(args, rows: list[dict], evals: list[dict]) -> dict:
     last = rows[-1] if rows else {}
-    learning = [r for r in rows if r.get("train/updates", 0) > 0 and "perf/env_steps_per_second" in r]
-    n = len(learning)
+    # throughput after the seed phase: the metric windows after the one holding the pretraining updates
+    learning = [r for r in rows if r.get("train/updates", 0) > 0 and "perf/env_steps_per_second" in r][1:]
+
+    def median(key):
+        xs = sorted(r[key] for r in learning)
+        return (xs[len(xs) // 2] + xs[(len(xs) - 1) // 2]) / 2 if xs else None
+
     return {
         "task": args.task, "command": "python " + " ".join(train_command(args, Path("."))[1:]),
         "env_steps_done": int(last.get("step", 0)), "env_steps_planned": args.steps,
         "updates": int(last.get("train/updates", 0)), "wall_seconds": last.get("wall_time"),
         "envs_per_task": args.envs_per_task, "utd": args.utd, "model_size": args.model_size,
         "eval_policy": args.eval_policy, "eval_episodes": args.eval_episodes,
-        # throughput after the seed phase (the rows whose window holds updates), mean of the windows' rates
-        "env_steps_per_second": sum(r["perf/env_steps_per_second"] for r in learning) / n if n else None,
-        "updates_per_second": sum(r["perf/updates_per_second"] for r in learning) / n if n else None,
+        "env_steps_per_second": median("perf/env_steps_per_second"),  # median over the metric windows
+        "updates_per_second": median("perf/updates_per_second"),
         "evaluations": evals,
         "best_eval": max((e["mean"] for e in evals), default=None),
         "official": {str(k): list(v) for k, v in OFFICIAL.get(args.task, {}).items()},
@@ -127,14 +131,15 @@ def plot(args, rows: list[dict], evals: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     train = [(r["step"], r["train/episode_return"]) for r in rows if "train/episode_return" in r]
     if train:
-        ax.plot(*zip(*train, strict=True), color="0.6", lw=1, label="ours: training episodes (window mean)")
+        ax.plot(*zip(*train, strict=True), ".-", color="0.6", lw=1, label="ours: training episodes (window mean)")
     if evals:
         xs = [e["step"] for e in evals]
         ax.plot(xs, [e["mean"] for e in evals], "o-", color="C0", label=f"ours: evaluation ({args.eval_policy}, "
                 f"{args.eval_episodes} episodes)")
         for e in evals:
             ax.scatter([e["step"]] * len(e["returns"]), e["returns"], s=8, color="C0", alpha=0.35)
-    official = OFFICIAL.get(args.task, {})
+    # the published points up to 100k env steps (their first after step 0) or the run's length
+    official = {k: v for k, v in OFFICIAL.get(args.task, {}).items() if k <= max(args.steps, 100_000)}
     if official:
         xs = [s for s in official for _ in official[s]]
         ys = [v for s in official for v in official[s]]
@@ -142,7 +147,7 @@ def plot(args, rows: list[dict], evals: list[dict], path: Path) -> None:
     ax.set_xlabel("env steps")
     ax.set_ylabel("episode return")
     ax.set_ylim(0, 1050)
-    ax.set_xlim(-1000, max([args.steps] + [s for s in official if s <= 2 * args.steps]) * 1.03)
+    ax.set_xlim(-0.02 * max([args.steps, *official]), max([args.steps, *official]) * 1.03)
     ax.set_title(f"Online TD-MPC2 on {args.task}, {args.model_size}M model, {args.envs_per_task} envs, CPU")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
@@ -172,11 +177,13 @@ def report(args) -> dict:
              f"Runs: `{summary['command']}`", "",
              f"{args.model_size}M MT30 model, {args.envs_per_task} envs in lockstep, {args.utd} update(s) per env "
              f"step after the seed phase. Env steps: {summary['env_steps_done']:,}; updates: {summary['updates']:,}; "
-             f"wall time {fmt((summary['wall_seconds'] or 0) / 60)} min; after the seed phase "
-             f"{fmt(summary['env_steps_per_second'], 2)} env steps/s, {fmt(summary['updates_per_second'], 2)} "
-             "updates/s.", "",
+             f"wall time {fmt((summary['wall_seconds'] or 0) / 60)} min (the run's `wall_time`); after the seed phase "
+             f"{fmt(summary['env_steps_per_second'], 2)} env steps/s and {fmt(summary['updates_per_second'], 2)} "
+             "updates/s (medians over the metric windows, evaluations excluded).", "",
              "| env steps | evaluation return (mean) | episodes |", "|---|---|---|"]
     lines += [f"| {e['step']:,} | {e['mean']:.1f} | {', '.join(f'{r:.0f}' for r in e['returns'])} |" for e in evals]
+    if not evals:
+        lines.append(f"| (none yet: the first is at {args.eval_every:,}) | | |")
     official = OFFICIAL.get(args.task)
     if official:
         lines += ["", "TD-MPC2 published (official repository `results/" + args.task + ".csv`, 3 seeds): "
