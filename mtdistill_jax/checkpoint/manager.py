@@ -45,6 +45,49 @@ class ConfigMismatchError(UserError):
     """The checkpoint was written for a different model (names the config fields that differ)."""
 
 
+class DataMismatchError(UserError):
+    """The checkpoint's data item (cursor, replay, env states, ...) does not fit this run's (names the arrays)."""
+
+
+def _path_names(path) -> tuple[str, ...]:
+    """A pytree key path as plain names, the same for a target tree and orbax's saved metadata tree."""
+    out = []
+    for k in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                out.append(str(getattr(k, attr)))
+                break
+        else:
+            out.append(str(k))
+    return tuple(out)
+
+
+def _metadata_shapes(meta):
+    """Shape tuples of a saved item's metadata tree (None for the leaves :func:`encode_data` left out)."""
+    return jax.tree_util.tree_map(lambda m: tuple(m.shape), meta,
+                                  is_leaf=lambda m: hasattr(m, "shape") and not isinstance(m, dict))
+
+
+def check_data_fits(saved_shapes, target, where: str) -> None:
+    """Raise :class:`DataMismatchError` naming the arrays whose saved shapes (``saved_shapes``: see
+    :meth:`CheckpointManager.saved_data_shapes`) are not those of ``target`` (abstract, after :func:`_data_target`),
+    or that only one of them has; ``where`` says which checkpoint."""
+    def flat(tree, is_leaf):
+        return {_path_names(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]}
+
+    saved = flat(saved_shapes, lambda x: x is None or isinstance(x, tuple))
+    want = {k: None if v is None else tuple(v.shape) for k, v in flat(target, lambda x: x is None).items()}
+    bad = [f"{'/'.join(k)}: saved {saved[k]}, this run {want[k]}" for k in sorted(set(saved) & set(want))
+           if saved[k] != want[k]]
+    bad += [f"{'/'.join(k)}: only in the checkpoint" for k in sorted(set(saved) - set(want))]
+    bad += [f"{'/'.join(k)}: not in the checkpoint" for k in sorted(set(want) - set(saved))]
+    if bad:
+        more = f" (and {len(bad) - 6} more)" if len(bad) > 6 else ""
+        raise DataMismatchError(
+            f"{where} holds data that does not fit this run: {'; '.join(bad[:6])}{more}. It was written with other "
+            "settings or by another version of mtdistill-jax; resume it with those, or give another workdir")
+
+
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(d, dict):
         out: dict[str, Any] = {}
@@ -201,9 +244,7 @@ class CheckpointManager:
         """The shapes of the data item saved at ``step`` (latest by default): its tree with a shape tuple per
         array (None for the leaves :func:`encode_data` left out), read from the metadata without loading it."""
         meta = self._mngr.item_metadata(self._resolve(step))["extra"]
-        data = None if meta is None else meta.get("data")
-        return jax.tree_util.tree_map(lambda m: tuple(m.shape), data,
-                                      is_leaf=lambda m: hasattr(m, "shape") and not isinstance(m, dict))
+        return _metadata_shapes(None if meta is None else meta.get("data"))
 
     def saved_config(self, step: int | None = None) -> dict:
         step = self._resolve(step)
@@ -246,6 +287,9 @@ class CheckpointManager:
         if data_target is not None:
             extra_target["data"] = _data_target(data_target)
         saved_extra = self._mngr.item_metadata(step)["extra"]
+        if data_target is not None and saved_extra is not None and saved_extra.get("data") is not None:
+            check_data_fits(_metadata_shapes(saved_extra["data"]), extra_target["data"],
+                            f"checkpoint step {step} in {self.directory}")
         extra_target = {k: v for k, v in extra_target.items() if saved_extra is None or k in saved_extra}
         out = self._mngr.restore(step, args=args.Composite(
             state=args.StandardRestore(_with_sharding(state_target)),

@@ -142,3 +142,27 @@ def test_data_with_typed_keys_and_empty_arrays_round_trips(tmp_path):
     np.testing.assert_array_equal(jax.random.key_data(back["key"]), jax.random.key_data(data["key"]))
     assert back["empty"].shape == (2, 0) and back["x"][1].shape == (0,) and back["x"][1].dtype == jnp.int32
     np.testing.assert_array_equal(back["x"][0], np.arange(3))
+
+
+def test_restoring_data_of_another_layout_names_the_arrays(tmp_path):
+    """Data saved with other settings (or by another version) is refused before orbax reads it, naming the arrays
+    whose shapes differ and those only one side has, instead of orbax's shape error deep in a thread."""
+    import jax.numpy as jnp
+
+    from mtdistill_jax.checkpoint.manager import DataMismatchError
+
+    config = get_smoke_config()
+    state = {"w": jnp.ones(2)}
+    data = {"env": {"obs": jnp.zeros((4, 5)), "key": jax.random.key(1)}, "replay": (jnp.zeros((3, 7)),)}
+    with CheckpointManager(tmp_path, config, async_save=False) as mngr:
+        mngr.save(1, state, rng=jax.random.key(0), data=data, force=True)
+    other = {"env": {"obs": jnp.zeros((4, 24)), "key": jax.random.key(1), "first": jnp.zeros(4, bool)},
+             "replay": (jnp.zeros((3, 7)),)}
+    with CheckpointManager(tmp_path, config) as mngr:
+        with pytest.raises(DataMismatchError) as e:
+            mngr.restore(jax.eval_shape(lambda: state), jax.eval_shape(lambda: other))
+        _, _, back = mngr.restore(jax.eval_shape(lambda: state), jax.eval_shape(lambda: data))  # the same layout
+    msg = str(e.value)
+    assert "env/obs: saved (4, 5), this run (4, 24)" in msg and "env/first: not in the checkpoint" in msg
+    assert "replay" not in msg and "key" not in msg and isinstance(e.value, ValueError)
+    np.testing.assert_array_equal(back["replay"][0], np.zeros((3, 7)))
