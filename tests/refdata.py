@@ -72,3 +72,13 @@ def load_update_case(name: str):
     d = reference_dir()
     cfg = json.loads((d / f"update_{name}_config.json").read_text())
     return cfg, dict(np.load(d / f"update_{name}.npz"))
+
+
+def load_experiment(name: str):
+    """The module of ``experiments/<name>.py`` (experiment scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -3,25 +3,20 @@ its stages write, on synthetic results (the stages themselves are the library's 
 tested elsewhere; the whole experiment runs for hours)."""
 
 import csv
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from refdata import load_experiment
 
 from mtdistill_jax.evaluate import EvalResult
 
-ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["cartpole-balance", "reacher-easy"]
 
 
 @pytest.fixture(scope="module")
 def exp():
-    spec = importlib.util.spec_from_file_location("distill_cpu", ROOT / "experiments" / "distill_cpu.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_experiment("distill_cpu")
 
 
 def _result(returns, seed):

@@ -1,25 +1,20 @@
 """experiments/online_learning.py: arguments, the launch command and the report from a run's files (synthetic
 metrics and evaluations; the run itself is launch/train.py's online path, tested elsewhere)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from refdata import load_experiment
 
 from mtdistill_jax.evaluate import EvalResult
 from mtdistill_jax.metrics import MetricsWriter
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def exp():
-    spec = importlib.util.spec_from_file_location("online_learning", ROOT / "experiments" / "online_learning.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_experiment("online_learning")
 
 
 def test_arguments_and_command(exp):
