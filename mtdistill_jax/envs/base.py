@@ -144,7 +144,7 @@ class DMCEnv(mjx_env.MjxEnv, abc.ABC):
             if sid < 0:
                 raise ValueError(f"{self.name}: no sensor named {s!r}")
             self._touch_adr.append((int(model.sensor_adr[sid]), int(model.sensor_dim[sid])))
-        self._obs_size = None
+        self._reset_shape = None
 
     # ----------------------------------------------------------------------------------------------------
     # What a task defines.
@@ -256,10 +256,7 @@ class DMCEnv(mjx_env.MjxEnv, abc.ABC):
 
     def reset(self, rng: jax.Array) -> State:
         data, info = self.initial_state(rng, self.make_data())
-        return self.first_state(self.finish_reset(data), info)
-
-    def first_state(self, data: mjx.Data, info: Mapping[str, Any]) -> State:
-        """The :class:`State` that starts an episode at the forwarded ``data``."""
+        data = self.finish_reset(data)
         info = {**info, "step": jnp.zeros((), jnp.int32)}
         zero = jnp.zeros((), jnp.float32)
         return State(data=data, obs=self.get_obs(data, info), reward=zero, done=zero, metrics={}, info=info)
@@ -281,9 +278,14 @@ class DMCEnv(mjx_env.MjxEnv, abc.ABC):
 
     @property
     def observation_size(self) -> int:
-        if self._obs_size is None:
-            self._obs_size = int(jax.eval_shape(self.reset, jax.random.key(0)).obs.shape[-1])
-        return self._obs_size
+        return int(self.reset_shape.obs.shape[-1])
+
+    @property
+    def reset_shape(self) -> State:
+        """The abstract :class:`State` a reset returns (``jax.eval_shape``; traced once, then remembered)."""
+        if self._reset_shape is None:
+            self._reset_shape = jax.eval_shape(self.reset, jax.random.key(0))
+        return self._reset_shape
 
     @property
     def episode_length(self) -> int:

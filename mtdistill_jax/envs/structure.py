@@ -39,11 +39,8 @@ def _canonical(model: mjx.Model, like: mjx.Model) -> mjx.Model:
 
 
 def _info_layout(env: DMCEnv):
-    """Shapes and dtypes of a task's per-episode ``info`` (traced once per env, then remembered)."""
-    if not hasattr(env, "_info_layout"):
-        info = jax.eval_shape(env.reset, jax.random.key(0)).info
-        env._info_layout = jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), info)
-    return env._info_layout
+    """Shapes and dtypes of a task's per-episode ``info``."""
+    return jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), env.reset_shape.info)
 
 
 def _physics_key(env: DMCEnv) -> tuple:
