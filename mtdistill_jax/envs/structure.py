@@ -133,8 +133,6 @@ class Structure:
         return jnp.pad(obs, ((0, 0), (0, self.obs_width - obs.shape[-1])))
 
     def _obs(self, data, info, data_pre=None):
-        if data_pre is None:
-            return self._per_task(lambda e, d, i: self._pad(jax.vmap(e.get_obs)(d, i)), data, info)
         return self._per_task(lambda e, d, i, p: self._pad(jax.vmap(e.get_obs)(d, i, p)), data, info, data_pre)
 
     def _reward(self, data, info):
