@@ -136,15 +136,14 @@ def options_from_flags(config: ml_collections.ConfigDict, check: Callable = chec
     except UserError as e:
         raise cli.UsageError(f"--config: {e}") from e
     online = is_online(config)
+    if not online and not FLAGS.data:
+        raise cli.UsageError("missing required flag --data (an offline config trains on a dataset; launch/train.py "
+                             "with --config=mtdistill_jax/configs/online.py trains online instead)")
     if online:
         for name in ("data", "data_in_memory"):
             if FLAGS[name].present:
                 raise cli.UsageError(f"--{name} is given but the config is an online one (it collects its own data "
                                      "in its envs); drop it, or give an offline config")
-    elif not FLAGS.data:
-        raise cli.UsageError("missing required flag --data (an offline config trains on a dataset; launch/train.py "
-                             "with --config=mtdistill_jax/configs/online.py trains online instead)")
-    if online:
         from mtdistill_jax.configs.online import num_envs
 
         m = num_envs(config)

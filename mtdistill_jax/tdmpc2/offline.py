@@ -192,6 +192,21 @@ def _write_config_json(workdir: str, config: ml_collections.ConfigDict) -> None:
     os.replace(path + ".tmp", path)
 
 
+def start_run_outputs(workdir: str, config: ml_collections.ConfigDict, metrics_dir: str | None,
+                      start_step: int):
+    """A run's outputs on the main process (others: nothing, None): ``workdir/config.json`` and, with
+    ``metrics_dir``, the :class:`~mtdistill_jax.metrics.MetricsWriter` the run owns (resumed at ``start_step``),
+    else None. Shared by the offline and the online loop."""
+    if jax.process_index() != 0:
+        return None
+    _write_config_json(workdir, config)
+    if metrics_dir is None:
+        return None
+    from mtdistill_jax.metrics import MetricsWriter
+
+    return MetricsWriter(metrics_dir, start_step=start_step)
+
+
 def train_offline(config: ml_collections.ConfigDict, episodes: Episodes | OfflineData | NativeDataset,
                   workdir: str, *,
                   save_every: int = 1000, keep: int = 3, async_save: bool = True, mesh=None,
@@ -347,13 +362,8 @@ def train_offline(config: ml_collections.ConfigDict, episodes: Episodes | Offlin
                                              (K, log_every, save_every, eval_every), K, put_batches, prefetch)
         else:
             validate_batch(jax.eval_shape(sampler.sample, data, data_state)[0], config, check_values=False)
-        primary = jax.process_index() == 0
-        if primary:
-            _write_config_json(workdir, config)
-            if metrics_dir is not None:
-                from mtdistill_jax.metrics import MetricsWriter
-
-                writer = own_writer = MetricsWriter(metrics_dir, start_step=resumed_from or 0)
+        own_writer = start_run_outputs(workdir, config, metrics_dir, resumed_from or 0)
+        writer = writer if own_writer is None else own_writer
         chunk_args = () if aux is None else (aux,)
         if step < config.steps:  # compile before the clock starts, so rates and the ETA count training only
             t_compile = time.perf_counter()

@@ -319,7 +319,7 @@ def train_online(config: ml_collections.ConfigDict, workdir: str, *, save_every:
     from mtdistill_jax.checkpoint.manager import CheckpointManager
     from mtdistill_jax.configs.online import check_config, num_envs, task_list
     from mtdistill_jax.tdmpc2.host_loop import HostLoop, check_eval_every
-    from mtdistill_jax.tdmpc2.offline import _write_config_json
+    from mtdistill_jax.tdmpc2.offline import start_run_outputs
 
     check_config(config)
     eval_every = check_eval_every(eval_every, eval_fn)
@@ -360,19 +360,14 @@ def train_online(config: ml_collections.ConfigDict, workdir: str, *, save_every:
             carry = OnlineCarry(learner=learner, key=rng, **rest)
             log.info("resumed from env step %d in %s", resumed_from, workdir)
         step = int(carry.agent_steps) * M
-        if jax.process_index() == 0:
-            _write_config_json(workdir, config)
-            if metrics_dir is not None:
-                from mtdistill_jax.metrics import MetricsWriter
-
-                writer = own_writer = MetricsWriter(metrics_dir, start_step=resumed_from or 0)
+        own_writer = start_run_outputs(workdir, config, metrics_dir, resumed_from or 0)
+        writer = writer if own_writer is None else own_writer
         chunk = jax.jit(loop.train_chunk, donate_argnums=0)
         if step < config.steps:  # compile before the clock starts, so rates and the ETA count training only
             t_compile = time.perf_counter()
             chunk = chunk.lower(carry, np.int32(1)).compile()
             log.info("compiled the online chunk in %.1f s", time.perf_counter() - t_compile)
         task_of_env = np.repeat(np.arange(len(tasks)), config.online.envs_per_task)
-        totals_so_far = {"updates": int(carry.updates), "episodes": 0}
 
         def summarize(window, steps, seconds):
             n, e = window.get("_updates", 0.0), window.get("_episodes", 0.0)
@@ -383,7 +378,7 @@ def train_online(config: ml_collections.ConfigDict, workdir: str, *, save_every:
                 for t in tasks:
                     if window.get(f"_episodes/{t}"):
                         row[f"train/{t}/episode_return"] = window[f"_return_sum/{t}"] / window[f"_episodes/{t}"]
-            row.update({"train/updates": float(totals_so_far["updates"]),
+            row.update({"train/updates": float(carry.updates),  # the carry after the window's last chunk
                         "perf/env_steps_per_second": steps / seconds, "perf/updates_per_second": n / seconds})
             return row
 
@@ -399,7 +394,6 @@ def train_online(config: ml_collections.ConfigDict, workdir: str, *, save_every:
             stats = jax.device_get(stats)  # waits for the chunk
             totals = {k: float(v) for k, v in stats.metrics.items()}
             host.check(start, end, totals, params_finite=bool(stats.params_finite))
-            totals_so_far["updates"] += int(stats.num_updates)
             counts = {"_updates": float(stats.num_updates), "_episodes": float(stats.episodes.sum()),
                       "_return_sum": float(stats.episode_return_sum.sum())}
             if len(tasks) > 1:

@@ -10,7 +10,6 @@ import pytest
 from mtdistill_jax import envs
 from mtdistill_jax.configs import MT30
 from mtdistill_jax.envs.multitask import MultiTaskEnv
-from mtdistill_jax.envs.render import frame_is_blank, render_frames, rollout, save_video
 from mtdistill_jax.envs.score import normalized_score
 from mtdistill_jax.envs.wrappers import VectorEnv
 
@@ -157,12 +156,32 @@ def test_normalized_score():
         normalized_score({"mw-reach": [1.0]})
 
 
+RENDER_SCRIPT = """
+import sys
+import numpy as np, jax
+from mtdistill_jax import envs
+from mtdistill_jax.envs.render import frame_is_blank, render_frames, rollout, save_video
+env = envs.make("cartpole-swingup")
+traj = rollout(env, jax.random.key(0), steps=5)
+assert traj.obs.shape == (6, 5), traj.obs.shape
+frames = render_frames(env, traj, height=64, width=96)
+assert len(frames) == 6 and frames[0].shape == (64, 96, 3) and frames[0].dtype == np.uint8
+assert not frame_is_blank(frames[0])
+print(save_video(frames, sys.argv[1] + "/ep.mp4", fps=1 / env.dt))
+"""
+
+
 def test_render_frames_and_video(tmp_path):
-    env = envs.make("cartpole-swingup")
-    traj = rollout(env, jax.random.key(0), steps=5)
-    assert traj.obs.shape == (6, 5)
-    frames = render_frames(env, traj, height=64, width=96)
-    assert len(frames) == 6 and frames[0].shape == (64, 96, 3) and frames[0].dtype == np.uint8
-    assert not frame_is_blank(frames[0])
-    path = save_video(frames, tmp_path / "ep.mp4", fps=1 / env.dt)
-    assert (tmp_path / "ep.mp4").stat().st_size > 1000 and path.endswith("ep.mp4")
+    """Rendering and the video file, in a fresh process: under ``pytest -n 2`` EGL has failed to load GL
+    (``gladLoadGL error``) in a worker that had run the structure tests before; a fresh process keeps this test
+    about rendering."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", RENDER_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ep.mp4")
+    assert (tmp_path / "ep.mp4").stat().st_size > 1000
+
+
