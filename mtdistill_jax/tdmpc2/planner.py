@@ -56,6 +56,32 @@ class PlannerState:
     prev_mean: jax.Array
 
 
+def make_value_estimator(model: WorldModel, config: ml_collections.ConfigDict) -> Callable:
+    """The planner's trajectory value (official ``_estimate_value``) with its noise given:
+    ``estimate_value(params, z [n, D], actions [H, n, A], task [n], gamma [n, 1], eps [n, A], heads [2]) -> [n, 1]``,
+    ``G = sum_t gamma^t r_t + gamma^H Q_avg(z_H, pi(z_H, eps))`` with the Q heads ``heads`` (official
+    ``randperm(num_q)[:2]``). The planner draws ``eps`` and ``heads`` from its keys; given, they make the value
+    comparable with the official code's on the same draws (``benchmarks/compare_official.py``)."""
+    mc = config.model
+
+    def apply(params, *args, method):
+        return model.apply({"params": params}, *args, method=method)
+
+    def estimate_value(params, z, actions, task, gamma, eps, heads):
+        G, disc = 0.0, 1.0
+        for t in range(actions.shape[0]):
+            r = tdmath.two_hot_inv(apply(params, z, actions[t], task, method=WorldModel.reward),
+                                   mc.num_bins, mc.vmin, mc.vmax)
+            z = apply(params, z, actions[t], task, method=WorldModel.next)
+            G = G + disc * r
+            disc = disc * gamma
+        a = apply(params, z, task, eps, method=WorldModel.pi)[0]
+        q = q_value(apply(params, z, a, task, method=WorldModel.Q), None, mc, "avg", heads=heads)
+        return G + disc * q
+
+    return estimate_value
+
+
 def make_planner(model: WorldModel, config: ml_collections.ConfigDict) -> Callable:
     """Pure batched MPPI ``plan`` function for ``model`` with ``config.planner`` settings (see module doc)."""
     pc, mc = config.planner, config.model
@@ -77,19 +103,14 @@ def make_planner(model: WorldModel, config: ml_collections.ConfigDict) -> Callab
         eps = jax.random.normal(key, z.shape[:-1] + (A,), z.dtype)
         return apply(params, z, task, eps, method=WorldModel.pi)[0]
 
+    value_of = make_value_estimator(model, config)
+
     def estimate_value(params, z, actions, task, gamma, key):
-        """G = sum_t gamma^t r_t + gamma^H Q_avg(z_H, pi(z_H)); z [n, D], actions [H, n, A] -> [n, 1]."""
-        G, disc = 0.0, 1.0
-        for t in range(H):
-            r = tdmath.two_hot_inv(apply(params, z, actions[t], task, method=WorldModel.reward),
-                                   mc.num_bins, mc.vmin, mc.vmax)
-            z = apply(params, z, actions[t], task, method=WorldModel.next)
-            G = G + disc * r
-            disc = disc * gamma
+        """:func:`make_value_estimator`'s value, its policy noise and Q heads drawn from ``key``."""
         k_pi, k_q = jax.random.split(key)
-        a = policy(params, z, task, k_pi)
-        q = q_value(apply(params, z, a, task, method=WorldModel.Q), k_q, mc, "avg")
-        return G + disc * q
+        eps = jax.random.normal(k_pi, z.shape[:-1] + (A,), z.dtype)
+        heads = jax.random.permutation(k_q, mc.num_q)[:2]
+        return value_of(params, z, actions, task, gamma, eps, heads)
 
     def plan_one(params, obs, task, prev_mean, t0, key, mode):
         mask = masks_all[task]

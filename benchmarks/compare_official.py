@@ -1,0 +1,643 @@
+"""Side by side with the official PyTorch TD-MPC2: the same weights and batches, checked equal, then timed.
+
+    python benchmarks/compare_official.py --tdmpc2_repo=PATH [--quick] [--threads=1,2] [--sizes=1,5]
+        [--repeats=20] [--out=benchmarks/results/compare_official_cpu.md]
+
+``--tdmpc2_repo`` is a checkout of github.com/nicklashansen/tdmpc2 that you provide (tested at e9f5932). Nothing
+of it is part of this project: its files are read at run time, and three literal ``'cuda:0'`` device strings
+(``tdmpc2.py``, ``common/scale.py``) are replaced by ``'cpu'`` before they are executed; torch's Adam is told
+that CPU tensors may be ``capturable`` (the official optimisers ask for it). It needs torch and tensordict
+(``pip install -e '.[official]'``); hydra/omegaconf are not needed (the official config is built from its
+``config.yaml`` the way its ``parse_cfg`` does for MT30).
+
+Each thread setting (``--threads``: 1 = one core for both frameworks, by CPU affinity, ``torch.set_num_threads(1)``
+and XLA's Eigen pool off; 2 = two cores) runs in its own process:
+
+1. **Equality first** (dropout off, the same weights: our initialisation with N(0, 0.02^2) noise on every leaf and
+   the target Qs' own noise, loaded into the official agent through our ``.pt`` exporter's state dict): for
+   model size 1, the official ``_td_target`` and one official ``_update`` (its four random draws replayed from
+   torch's generator and given to our update as :class:`~mtdistill_jax.tdmpc2.losses.Draws`) against ours:
+   TD targets, the losses and grad norms, and every parameter after the step; and the planner's trajectory
+   values (official ``_estimate_value`` vs our :func:`~mtdistill_jax.tdmpc2.planner.make_value_estimator`) for
+   the same 512 action samples and noise, with the same top-64 elites. A difference past float32 round-off
+   stops the run (exit 1) before anything is timed.
+2. **Timing rows**, medians and p10-p90 of ``--repeats`` calls after warm-up, the two sides interleaved twice
+   (official half, ours half, official half, ours half); the first call (ours: compile) apart:
+   update step (MT30, batch 256, horizon 3, sizes ``--sizes``, dropout 0.01 as official); planning for one env
+   (official ``act``: 6 MPPI iterations of 512 samples); planning for 30 envs (official: 30 ``act`` calls in a
+   loop, each env's warm-start mean swapped in; ours: one batched call). Float32 matmul throughput of both
+   frameworks is measured in the same process, and each row's share of it is given from the FLOPs XLA counts
+   for our program (the same arithmetic on both sides).
+
+The markdown table (speed-up = official ms / ours ms, > 1 means ours is faster) goes to ``--out`` with the command,
+the CPU model, core count and versions. ``--quick`` (2 threads, repeats 6, 3 for the 30-env rows) finishes in a few
+minutes on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TESTED_COMMIT = "e9f5932"
+PATCHES = {  # file -> (old, new, expected count): the official code's hard-coded CUDA device
+    "common/scale.py": [("torch.device('cuda:0')", "torch.device('cpu')", 2)],
+    "tdmpc2.py": [("torch.device('cuda:0')", "torch.device('cpu')", 1), ("device='cuda:0'", "device='cpu'", 1)],
+}
+NEEDS = ("tdmpc2/tdmpc2.py", "tdmpc2/common/world_model.py", "tdmpc2/common/scale.py", "tdmpc2/config.yaml")
+PLAN_SAMPLES_CHECKED = 512
+VALUE_ATOL = 1e-5  # planner values: absolute (values near 0 make relative errors meaningless)
+TD_ATOL = 1e-5
+SCALAR_RTOL = 1e-4  # losses and grad norms after one update (as the update-parity tests)
+PARAM_ATOL = 3e-5  # params after one Adam step, where |grad| >= GRAD_FLOOR (as the update-parity tests)
+GRAD_FLOOR = 1e-6  # 100 x Adam's eps: below it the first step's size is round-off-sensitive (bounded by 2 lr)
+
+
+class MismatchError(RuntimeError):
+    """The two implementations disagree on the same input: nothing is timed."""
+
+
+def check_repo(path: str | None) -> Path:
+    """The official checkout's root, or SystemExit with what is missing."""
+    if not path:
+        raise SystemExit("compare_official: --tdmpc2_repo=PATH is required: a checkout of "
+                         f"https://github.com/nicklashansen/tdmpc2 (tested at {TESTED_COMMIT}), e.g. "
+                         "git clone https://github.com/nicklashansen/tdmpc2 /tmp/tdmpc2 && "
+                         "python benchmarks/compare_official.py --tdmpc2_repo=/tmp/tdmpc2")
+    root = Path(path).expanduser().resolve()
+    missing = [f for f in NEEDS if not (root / f).is_file()]
+    if missing:
+        raise SystemExit(f"compare_official: {root} is not a TD-MPC2 checkout: missing {', '.join(missing)}")
+    return root
+
+
+# ---------------------------------------------------------------------------------------------------- official
+
+
+class Official:
+    """The official agent's modules from a checkout, on CPU (see the module doc for what is patched)."""
+
+    def __init__(self, root: Path):
+        try:
+            import tensordict  # noqa: F401
+            import torch
+            import yaml  # noqa: F401
+        except ImportError as e:
+            raise SystemExit(f"compare_official: the official code needs {e.name}: pip install -e '.[official]'") from e
+        import torch.optim.adam as adam
+
+        self.root, self.torch = root / "tdmpc2", torch
+        if "common" in sys.modules and not str(getattr(sys.modules["common"], "__file__", "")).startswith(
+                str(self.root)):
+            raise SystemExit("compare_official: a module named 'common' other than the official one is imported")
+        sys.path.insert(0, str(self.root))
+        import common  # the official package (MODEL_SIZE, TASK_SET)
+
+        supported = adam._get_capturable_supported_devices
+        if "cpu" not in supported():
+            adam._get_capturable_supported_devices = lambda supports_xla=True: [*supported(supports_xla), "cpu"]
+        common.scale = self._exec_patched("common.scale", "common/scale.py")
+        self.common = common
+        self.TDMPC2 = self._exec_patched("tdmpc2_official", "tdmpc2.py").TDMPC2
+        from common import math as off_math
+        from common.world_model import WorldModel
+
+        self.math, self.WorldModel = off_math, WorldModel
+
+    def _exec_patched(self, name: str, rel: str) -> types.ModuleType:
+        path = self.root / rel
+        src = path.read_text()
+        for old, new, count in PATCHES[rel]:
+            if src.count(old) != count:
+                raise SystemExit(f"compare_official: expected {count} x {old!r} in {path}, found {src.count(old)}; "
+                                 f"this checkout differs from the tested commit {TESTED_COMMIT}")
+            src = src.replace(old, new)
+        mod = types.ModuleType(name)
+        mod.__file__ = str(path)
+        sys.modules[name] = mod
+        exec(compile(src, str(path), "exec"), mod.__dict__)  # noqa: S102 - the user's checkout, as its train.py runs
+        return mod
+
+    def cfg(self, size: int, *, batch_size: int = 256, horizon: int = 3, dropout: float | None = None):
+        """The official config for MT30 at ``size``: ``config.yaml``, the model-size preset and what ``parse_cfg``
+        and ``make_env`` derive (task_dim 96 for sizes 1 and 317, else 64; obs padded to 24, actions to 6)."""
+        import dataclasses
+
+        import yaml
+
+        from mtdistill_jax.configs.tasks import get_task_set
+
+        d = yaml.safe_load((self.root / "config.yaml").read_text())
+        d.pop("defaults", None)
+        for k, v in d.items():  # YAML 1.1 reads 3e-4 as a string; OmegaConf (official) as a float
+            if isinstance(v, str):
+                with contextlib.suppress(ValueError):
+                    d[k] = float(v)
+        d.update(task="mt30", model_size=size, compile=False, batch_size=batch_size, horizon=horizon,
+                 multitask=True, **self.common.MODEL_SIZE[size])
+        d["task_dim"] = 96 if size in (1, 317) else 64
+        d["tasks"] = list(self.common.TASK_SET["mt30"])
+        d["bin_size"] = (d["vmax"] - d["vmin"]) / (d["num_bins"] - 1)
+        ts = get_task_set("mt30")
+        if list(ts.tasks) != d["tasks"]:
+            raise SystemExit("compare_official: the checkout's MT30 task order differs from ours")
+        d.update(obs_shape={"state": (ts.obs_pad,)}, action_dim=ts.action_pad, action_dims=list(ts.action_dims),
+                 episode_lengths=list(ts.episode_lengths), episode_length=max(ts.episode_lengths),
+                 obs_shapes=list(ts.obs_dims), task_title="MT30")
+        if dropout is not None:
+            d["dropout"] = dropout
+        cls = dataclasses.make_dataclass("OfficialConfig", [(k, object, dataclasses.field(default=None)) for k in d])
+        cls.get = lambda self, k, default=None: getattr(self, k, default)
+        return cls(**d)
+
+    def agent(self, size: int, config, params, target_q_params, **cfg_kw):
+        """A fresh official agent of model ``size`` with our weights (``params`` and ``target_q_params`` of our
+        ``config``, through ``params_to_state_dict`` into the official ``load``); ``cfg_kw`` go to :meth:`cfg`."""
+        import io
+
+        import numpy as np
+
+        from mtdistill_jax.checkpoint.tdmpc2_torch import params_to_state_dict
+
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints the 30 discounts
+            agent = self.TDMPC2(self.cfg(size, **cfg_kw))
+        sd = params_to_state_dict(config.model, params, target_q_params)
+        torch = self.torch
+        sd = {k: None if v is None else torch.Size(v) if isinstance(v, tuple) else torch.from_numpy(np.array(v))
+              for k, v in sd.items()}
+        agent.load({"model": sd})
+        return agent
+
+
+@functools.cache
+def load_official(path: str) -> Official:
+    """The official modules of the checkout at ``path`` (loaded once per process)."""
+    return Official(check_repo(path))
+
+
+# ---------------------------------------------------------------------------------------------------- ours
+
+
+def our_config(size: int, batch_size: int, dropout: float | None = None):
+    from mtdistill_jax.configs import get_config
+
+    config = get_config(size, "mt30")
+    config.train.batch_size = batch_size
+    config.train.task_emb_policy_grad = "head"  # the official HEAD code's task-embedding gradient
+    if dropout is not None:
+        config.model.dropout = dropout
+    return config
+
+
+def same_weights(config, seed: int = 0):
+    """Our initialisation with N(0, 0.02^2) on every leaf (reward/Q output layers start at zero, which would make
+    values and TD targets trivial) and independent noise on the target Qs."""
+    import jax
+
+    from mtdistill_jax.nn import init_params, make_world_model
+
+    def perturb(tree, key):
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        keys = jax.random.split(key, len(leaves))
+        noisy = [x + 0.02 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)]
+        return treedef.unflatten(noisy)
+
+    params = perturb(init_params(make_world_model(config.model), jax.random.key(seed)), jax.random.key(seed + 1))
+    return params, perturb(params["Qs"], jax.random.key(seed + 2))
+
+
+def random_batch(rng, B: int, H: int):
+    from benchmarks.update_step import random_batch as batch_of
+
+    return batch_of(rng, B, H)
+
+
+def torch_batch(torch, batch):
+    import numpy as np
+
+    return (torch.from_numpy(np.asarray(batch.obs)), torch.from_numpy(np.asarray(batch.action)),
+            torch.from_numpy(np.asarray(batch.reward)), torch.zeros(np.asarray(batch.reward).shape),
+            torch.from_numpy(np.asarray(batch.task, np.int64)))
+
+
+# ---------------------------------------------------------------------------------------------------- equality
+
+
+def _max_abs(a, b) -> float:
+    import numpy as np
+
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def check_update(off: Official, size: int = 1, batch_size: int = 16, seed: int = 7001) -> dict:
+    """One update from the same weights and batch, dropout off, the official random draws given to ours: TD
+    targets, losses, grad norms and every parameter after the step. Returns the measured differences; raises
+    :class:`MismatchError` past the tolerances."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from mtdistill_jax.checkpoint.tdmpc2_torch import state_dict_to_params
+    from mtdistill_jax.nn import make_world_model
+    from mtdistill_jax.tdmpc2.losses import PI_KEY, Draws
+    from mtdistill_jax.tdmpc2.train import init_training_state, make_update_fn
+
+    torch = off.torch
+    config = our_config(size, batch_size, dropout=0.0)
+    params, target = same_weights(config)
+    agent = off.agent(size, config, params, target, batch_size=batch_size, dropout=0.0)
+    H, B, A, nq = config.train.horizon, batch_size, agent.cfg.action_dim, config.model.num_q
+    batch = random_batch(np.random.default_rng(seed), B, H)
+    obs, action, reward, terminated, task = torch_batch(torch, batch)
+    with torch.no_grad():  # TD targets first: the update moves the params
+        next_z = agent.model.encode(obs[1:], task)
+        torch.manual_seed(seed)
+        td_official = agent._td_target(next_z, reward, terminated, task).numpy()
+    torch.manual_seed(seed)  # the update's four draws, in its order (dropout off: nothing else draws)
+    td_eps, td_perm = torch.randn(H, B, A), torch.randperm(nq)
+    pi_eps, pi_perm = torch.randn(H + 1, B, A), torch.randperm(nq)
+    torch.manual_seed(seed)
+    info = agent._update(obs, action, reward, terminated, task=task)
+    draws = Draws(td_eps=jnp.asarray(td_eps.numpy()), td_heads=jnp.asarray(td_perm[:2].numpy(), jnp.int32),
+                  pi_eps=jnp.asarray(pi_eps.numpy()), pi_heads=jnp.asarray(pi_perm[:2].numpy(), jnp.int32))
+    update = jax.jit(make_update_fn(make_world_model(config.model), config, return_intermediates=True))
+    state = init_training_state(config, params=params, target_q_params=target)
+    new_state, metrics, inter = update(state, jax.device_put(batch), jax.random.key(0), draws)
+    out = {"td_targets_max_abs": _max_abs(inter["td_targets"], td_official)}
+    bad = [f"TD targets differ by {out['td_targets_max_abs']:.2e} (> {TD_ATOL})"] if out[
+        "td_targets_max_abs"] > TD_ATOL else []
+    for name in ("consistency_loss", "reward_loss", "value_loss", "total_loss", "grad_norm", "pi_loss",
+                 "pi_grad_norm"):
+        o, m = float(info[name]), float(metrics["train/" + name])
+        rel = abs(o - m) / max(abs(o), 1e-12)
+        out[name + "_rel"] = rel
+        if rel > SCALAR_RTOL:
+            bad.append(f"{name}: official {o:.7g}, ours {m:.7g} (rel {rel:.2e} > {SCALAR_RTOL})")
+    # params after the step, where the gradient is well above Adam's eps: the first Adam step moves a parameter by
+    # lr * g / (|g| + eps), so where |g| is near eps float32 round-off in g moves it by up to lr on either side
+    official_sd = {k: v.detach().numpy() if hasattr(v, "numpy") else v for k, v in agent.model.state_dict().items()}
+    official_after = state_dict_to_params(official_sd, config.model)
+    grads = dict(jax.tree_util.tree_flatten_with_path({**inter["wm_grads"], PI_KEY: inter["pi_grads"]})[0])
+    lr = float(config.train.lr)
+    worst = {"steep": (0.0, None), "flat": (0.0, None)}
+    pairs = [(p, a, b, grads.get(p)) for (p, a), b in zip(jax.tree_util.tree_flatten_with_path(new_state.params)[0],
+                                                          jax.tree_util.tree_leaves(official_after.params),
+                                                          strict=True)]
+    pairs += [(("target",) + p, a, b, None) for (p, a), b in zip(
+        jax.tree_util.tree_flatten_with_path(new_state.target_q_params)[0],
+        jax.tree_util.tree_leaves(official_after.target_q_params), strict=True)]
+    for path, a, b, g in pairs:
+        d = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+        steep = np.ones(d.shape, bool) if g is None else np.abs(np.asarray(g)) >= GRAD_FLOOR
+        for kind, sel in (("steep", steep), ("flat", ~steep)):
+            if sel.any() and d[sel].max() > worst[kind][0]:
+                worst[kind] = (float(d[sel].max()), jax.tree_util.keystr(path))
+    out["params_after_max_abs"], out["params_after_worst"] = worst["steep"]
+    out["params_after_flat_grad_max_abs"] = worst["flat"][0]
+    if worst["steep"][0] > PARAM_ATOL:
+        bad.append(f"params after the step: {worst['steep'][1]} differs by {worst['steep'][0]:.2e} (> {PARAM_ATOL}) "
+                   f"where |grad| >= {GRAD_FLOOR}")
+    if worst["flat"][0] > 2 * lr:
+        bad.append(f"params after the step: {worst['flat'][1]} differs by {worst['flat'][0]:.2e} (> 2 lr = {2 * lr})")
+    if bad:
+        raise MismatchError(f"update step, size {size}: " + "; ".join(bad))
+    return out
+
+
+def check_values(off: Official, size: int = 1, task_id: int = 3, seed: int = 5) -> dict:
+    """The planner's trajectory values for the same 512 action samples, policy noise and Q heads (official
+    ``_estimate_value`` vs ours), and the top-64 elite sets they select. Raises :class:`MismatchError`."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from mtdistill_jax.configs.tasks import get_task_set, task_discounts
+    from mtdistill_jax.nn import make_world_model
+    from mtdistill_jax.nn.world_model import WorldModel, action_masks
+    from mtdistill_jax.tdmpc2.planner import make_value_estimator
+
+    torch = off.torch
+    config = our_config(size, 256, dropout=0.0)
+    params, target = same_weights(config)
+    agent = off.agent(size, config, params, target, dropout=0.0)
+    ts = get_task_set("mt30")
+    H, N, A, nq, E = config.planner.horizon, config.planner.num_samples, ts.action_pad, config.model.num_q, \
+        config.planner.num_elites
+    if agent.cfg.num_samples != N or agent.cfg.horizon != H or agent.cfg.num_elites != E:
+        raise MismatchError(f"planner settings differ: official samples/horizon/elites {agent.cfg.num_samples}/"
+                            f"{agent.cfg.horizon}/{agent.cfg.num_elites}, ours {N}/{H}/{E}")
+    rng = np.random.default_rng(seed)
+    obs = rng.normal(size=(ts.obs_pad,)).astype(np.float32)
+    obs[ts.obs_dims[task_id]:] = 0
+    actions = (np.clip(rng.normal(size=(H, N, A)), -1, 1) * action_masks("mt30")[task_id]).astype(np.float32)
+    task_t = torch.tensor([task_id])
+    with torch.no_grad():
+        z_off = agent.model.encode(torch.from_numpy(obs)[None], task_t).repeat(N, 1)
+        torch.manual_seed(seed)
+        eps, perm = torch.randn(N, A), torch.randperm(nq)
+        torch.manual_seed(seed)
+        v_off = agent._estimate_value(z_off, torch.from_numpy(actions), task_t).numpy()[:, 0]
+    model = make_world_model(config.model)
+    z = model.apply({"params": params}, jnp.asarray(obs)[None], jnp.asarray([task_id]), method=WorldModel.encode)
+    gamma = jnp.full((N, 1), task_discounts(config)[task_id], jnp.float32)
+    value = jax.jit(make_value_estimator(model, config))
+    v_ours = np.asarray(value(params, jnp.broadcast_to(z, (N, z.shape[-1])), jnp.asarray(actions),
+                              jnp.full((N,), task_id, jnp.int32), gamma, jnp.asarray(eps.numpy()),
+                              jnp.asarray(perm[:2].numpy(), jnp.int32)))[:, 0]
+    out = {"encode_max_abs": _max_abs(z[0], z_off[0].numpy()), "values_max_abs": _max_abs(v_ours, v_off),
+           "values_abs_range": [float(np.abs(v_off).min()), float(np.abs(v_off).max())]}
+    out["same_elites"] = set(np.argsort(-v_off)[:E].tolist()) == set(np.argsort(-v_ours)[:E].tolist())
+    if out["values_max_abs"] > VALUE_ATOL or not out["same_elites"]:
+        raise MismatchError(f"planner values, size {size}: max abs difference {out['values_max_abs']:.2e} "
+                            f"(> {VALUE_ATOL}?), same top-{E} elites: {out['same_elites']}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- timing
+
+
+def _stats(times: list[float]) -> dict:
+    import numpy as np
+
+    t = np.asarray(times) * 1e3
+    return {"median_ms": float(np.median(t)), "p10_ms": float(np.percentile(t, 10)),
+            "p90_ms": float(np.percentile(t, 90)), "n": len(times)}
+
+
+def interleaved(official_call, our_call, repeats: int) -> tuple[dict, dict]:
+    """Each side's first call timed apart (ours compiles there), one warm-up, then ``repeats`` calls each, in two
+    rounds: official half, ours half, official half, ours half."""
+    first = {}
+    for name, call in (("official", official_call), ("ours", our_call)):
+        t = time.perf_counter()
+        call()
+        first[name] = time.perf_counter() - t
+        call()
+    times = {"official": [], "ours": []}
+    halves = (repeats // 2, repeats - repeats // 2)
+    for n in halves:
+        for name, call in (("official", official_call), ("ours", our_call)):
+            for _ in range(n):
+                t = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - t)
+    return ({**_stats(times["official"]), "first_s": first["official"]},
+            {**_stats(times["ours"]), "first_s": first["ours"]})
+
+
+def _flops(jitted, *args) -> float | None:
+    """FLOPs of ``jitted`` on ``args`` as XLA counts them (the lowered program's cost analysis), or None."""
+    try:
+        cost = jitted.lower(*args).cost_analysis()
+        cost = cost[0] if isinstance(cost, list | tuple) else cost
+        return float(cost["flops"])
+    except Exception:  # noqa: BLE001 - a backend without cost analysis: the column stays empty
+        return None
+
+
+def torch_matmul_gflops(torch, n: int = 2048, repeats: int = 10) -> float:
+    a = torch.ones(n, n)
+    a @ a
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ a
+    return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9
+
+
+def time_update(off: Official, size: int, repeats: int, batch_size: int = 256) -> dict:
+    import jax
+    import numpy as np
+
+    from mtdistill_jax.nn import make_world_model
+    from mtdistill_jax.tdmpc2.train import Learner, make_update_fn
+
+    config = our_config(size, batch_size)
+    params, target = same_weights(config)
+    agent = off.agent(size, config, params, target, batch_size=batch_size)
+    batch = random_batch(np.random.default_rng(0), batch_size, config.train.horizon)
+    tb = torch_batch(off.torch, batch)
+    learner = Learner(config, donate=False)
+    state = learner.init(params=params, target_q_params=target)
+    batch_d = jax.device_put(batch)
+    keys = iter(jax.random.split(jax.random.key(0), 4 * repeats + 8))
+
+    def official():
+        agent._update(*tb[:4], task=tb[4])
+
+    def ours():
+        jax.block_until_ready(learner.update_jit(state, batch_d, next(keys)))
+
+    o, m = interleaved(official, ours, repeats)
+    return {"row": f"update MT30 {size}M, B {batch_size}, H {config.train.horizon}", "official": o, "ours": m,
+            "flops": _flops(jax.jit(make_update_fn(make_world_model(config.model), config)), state, batch_d,
+                            jax.random.key(0))}
+
+
+def time_act(off: Official, size: int, envs: int, repeats: int) -> dict:
+    """Planning (official ``act``, training mode) for ``envs`` envs: official one call per env in a loop with each
+    env's warm-start mean swapped in, ours one batched call."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from mtdistill_jax.configs.tasks import get_task_set
+    from mtdistill_jax.tdmpc2.planner import Planner
+
+    torch = off.torch
+    config = our_config(size, 256)
+    params, target = same_weights(config)
+    agent = off.agent(size, config, params, target)
+    ts = get_task_set("mt30")
+    rng = np.random.default_rng(1)
+    task = np.arange(envs) % ts.num_tasks
+    obs = rng.normal(size=(envs, ts.obs_pad)).astype(np.float32)
+    for b, t in enumerate(task):
+        obs[b, ts.obs_dims[t]:] = 0
+    obs_t = torch.from_numpy(obs)
+    prev = [torch.zeros_like(agent._prev_mean) for _ in range(envs)]
+
+    def official():
+        for e in range(envs):
+            agent._prev_mean.copy_(prev[e])
+            agent.act(obs_t[e], t0=False, eval_mode=False, task=int(task[e]))
+            prev[e] = agent._prev_mean.clone()
+
+    planner = Planner(config)
+    state = planner.init(envs)
+    obs_j, task_j, t0 = jnp.asarray(obs), jnp.asarray(task, jnp.int32), jnp.zeros((envs,), bool)
+    keys = iter(jax.random.split(jax.random.key(0), 4 * repeats + 8))
+    mean = [state.prev_mean]
+
+    def ours():
+        action, mean[0] = planner.plan_jit(params, obs_j, task_j, mean[0], t0, next(keys), mode="sample")
+        jax.block_until_ready(action)
+
+    o, m = interleaved(official, ours, repeats)
+    flops = _flops(jax.jit(lambda *a: planner.plan(*a, mode="sample")), params, obs_j, task_j, state.prev_mean, t0,
+                   jax.random.key(0))
+    return {"row": f"act, {envs} env{'s' * (envs > 1)} ({size}M, {config.planner.iterations}x"
+                   f"{config.planner.num_samples} MPPI)", "official": o, "ours": m, "flops": flops}
+
+
+def measure(args) -> dict:
+    """One thread setting (this process): versions, matmul throughput, equality checks, timing rows."""
+    import jax
+    import torch
+
+    torch.set_num_threads(args.threads)
+    with contextlib.suppress(RuntimeError):  # already set in this process
+        torch.set_num_interop_threads(1)
+    import warnings
+
+    warnings.filterwarnings("ignore", message="To copy construct")  # official planner, every iteration
+    off = load_official(args.tdmpc2_repo)
+    from benchmarks.common import matmul_peak_gflops
+
+    result = {"threads": args.threads, "jax": jax.__version__, "torch": torch.__version__,
+              "matmul_gflops": {"jax": matmul_peak_gflops(), "torch": torch_matmul_gflops(torch)},
+              "loadavg_start": os.getloadavg()}
+    print(f"[{args.threads} thread(s)] float32 matmul GFLOP/s: jax {result['matmul_gflops']['jax']:.0f}, torch "
+          f"{result['matmul_gflops']['torch']:.0f}", flush=True)
+    result["checks"] = {"update": check_update(off), "values": check_values(off)}
+    print(f"[{args.threads} thread(s)] equal on the same input: {json.dumps(result['checks'])}", flush=True)
+    rows = [lambda s=s: time_update(off, s, args.repeats) for s in args.sizes]
+    rows += [lambda: time_act(off, 1, 1, args.repeats), lambda: time_act(off, 1, 30, args.act30_repeats)]
+    result["rows"] = []
+    for row in rows:
+        r = row()
+        result["rows"].append(r)
+        print(f"[{args.threads} thread(s)] {r['row']}: official {r['official']['median_ms']:.1f} ms, ours "
+              f"{r['ours']['median_ms']:.1f} ms", flush=True)
+    result["loadavg_end"] = os.getloadavg()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def cpu_model() -> str:
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def table(results: list[dict], command: str) -> str:
+    lines = ["# Ours vs the official PyTorch TD-MPC2, same run, CPU", "", "```bash", command, "```", "",
+             f"CPU: {cpu_model()}, {os.cpu_count()} logical cores; jax {results[0]['jax']}, torch "
+             f"{results[0]['torch']} (eager, compile=False); official code at {TESTED_COMMIT} or the checkout given.",
+             "", "Speed-up = official ms / ours ms (> 1: ours is faster). Times: median (p10-p90) after warm-up; "
+             "'first' is the first call (ours: XLA compile, persistent cache as found). '% peak': the FLOPs XLA "
+             "counts for our program over the time, against each framework's float32 matmul throughput measured in "
+             "the same process.", ""]
+    for res in results:
+        g = res["matmul_gflops"]
+        lines += [f"## {res['threads']} thread(s)", "",
+                  f"float32 matmul (2048^2): jax {g['jax']:.0f} GFLOP/s, torch {g['torch']:.0f} GFLOP/s; load "
+                  f"average {res['loadavg_start'][0]:.2f} at start, {res['loadavg_end'][0]:.2f} at end.", "",
+                  "| row | official ms | ours ms | speed-up | first call: official / ours s | "
+                  "% peak: official / ours |",
+                  "|---|---|---|---|---|---|"]
+        for r in res["rows"]:
+            o, m = r["official"], r["ours"]
+            peak = ""
+            if r.get("flops"):
+                po = r["flops"] / (o["median_ms"] / 1e3) / 1e9 / g["torch"] * 100
+                pm = r["flops"] / (m["median_ms"] / 1e3) / 1e9 / g["jax"] * 100
+                peak = f"{po:.0f} / {pm:.0f}"
+            lines.append(f"| {r['row']} | {o['median_ms']:,.1f} ({o['p10_ms']:,.0f}-{o['p90_ms']:,.0f}) | "
+                         f"{m['median_ms']:,.1f} ({m['p10_ms']:,.0f}-{m['p90_ms']:,.0f}) | "
+                         f"{o['median_ms'] / m['median_ms']:.2f} | {o['first_s']:.1f} / {m['first_s']:.1f} | {peak} |")
+        c = res["checks"]
+        lines += ["", f"Equality before timing (size 1, dropout 0, same weights and draws): TD targets within "
+                  f"{c['update']['td_targets_max_abs']:.1e}, losses and grad norms within "
+                  f"{max(v for k, v in c['update'].items() if k.endswith('_rel')):.1e} relative, parameters after one "
+                  f"update within {c['update']['params_after_max_abs']:.1e}; planner values of 512 samples within "
+                  f"{c['values']['values_max_abs']:.1e} (|value| {c['values']['values_abs_range'][0]:.2g}-"
+                  f"{c['values']['values_abs_range'][1]:.2g}), same top-64 elites: {c['values']['same_elites']}.", ""]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tdmpc2_repo", default=None, help="a checkout of github.com/nicklashansen/tdmpc2")
+    p.add_argument("--quick", action="store_true", help="2 threads, repeats 6 (3 for 30 envs)")
+    p.add_argument("--threads", default=None, help="comma-separated thread settings, of 1 and 2 (default 1,2)")
+    p.add_argument("--sizes", default="1,5", help="model sizes of the update rows")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per side (default 20)")
+    p.add_argument("--act30_repeats", type=int, default=None, help="timed calls per side, 30 envs (default 20)")
+    p.add_argument("--out", default=str(REPO / "benchmarks/results/compare_official_cpu.md"))
+    p.add_argument("--child_json", default=None, help=argparse.SUPPRESS)  # one thread setting, in a subprocess
+    args = p.parse_args(argv)
+    args.threads = args.threads or ("2" if args.quick else "1,2")
+    args.repeats = args.repeats or (6 if args.quick else 20)
+    args.act30_repeats = args.act30_repeats or (3 if args.quick else 20)
+    try:
+        args.sizes = [int(s) for s in str(args.sizes).split(",") if s]
+        threads = [int(t) for t in str(args.threads).split(",") if t]
+    except ValueError:
+        p.error(f"--sizes and --threads are comma-separated integers, got {args.sizes!r}, {args.threads!r}")
+    bad = [s for s in args.sizes if s not in (1, 5, 19, 48, 317)]
+    if bad:
+        p.error(f"--sizes: {bad} not among 1, 5, 19, 48, 317")
+    if args.child_json is None:
+        if not threads or any(t < 1 or t > (os.cpu_count() or 1) for t in threads):
+            p.error(f"--threads: each between 1 and this machine's {os.cpu_count()} cores, got {args.threads}")
+        args.threads = threads
+    else:
+        args.threads = threads[0]
+    if args.repeats < 2 or args.act30_repeats < 2:
+        p.error("--repeats and --act30_repeats must be >= 2 (two interleaved halves)")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    check_repo(args.tdmpc2_repo)  # a clear message before anything starts
+    if args.child_json is not None:  # one thread setting: this process, pinned to its cores
+        if hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, set(range(args.threads)))
+        Path(args.child_json).write_text(json.dumps(measure(args)))
+        return
+    results = []
+    for t in args.threads:
+        out = Path(args.out).with_suffix(f".threads{t}.json")
+        env = dict(os.environ)
+        if t == 1:  # XLA's Eigen thread pool off; affinity keeps both frameworks on one core
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+        cmd = [sys.executable, str(Path(__file__).resolve()), f"--tdmpc2_repo={args.tdmpc2_repo}",
+               f"--threads={t}", f"--sizes={','.join(map(str, args.sizes))}", f"--repeats={args.repeats}",
+               f"--act30_repeats={args.act30_repeats}", f"--child_json={out}"]
+        proc = subprocess.run(cmd, env=env, cwd=REPO)
+        if proc.returncode:
+            raise SystemExit(proc.returncode)
+        results.append(json.loads(out.read_text()))
+        out.unlink()
+    command = "python benchmarks/compare_official.py " + " ".join(a for a in (argv or sys.argv[1:]))
+    text = table(results, command)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    try:
+        main()
+    except MismatchError as e:
+        raise SystemExit(f"compare_official: the two implementations differ on the same input, nothing was timed: "
+                         f"{e}") from None
