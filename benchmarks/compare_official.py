@@ -19,13 +19,17 @@ and XLA's Eigen pool off; 2 = two cores) runs in its own process:
    torch's generator and given to our update as :class:`~mtdistill_jax.tdmpc2.losses.Draws`) against ours:
    TD targets, the losses and grad norms, and every parameter after the step; and the planner's trajectory
    values (official ``_estimate_value`` vs our :func:`~mtdistill_jax.tdmpc2.planner.make_value_estimator`) for
-   the same 512 action samples and noise, with the same top-64 elites. A difference past float32 round-off
+   the same 512 action samples and noise, with the same top-64 elites; and one distillation step per teacher
+   size (``--teachers``: ours fused vs the two-pass PyTorch version below). A difference past float32 round-off
    stops the run (exit 1) before anything is timed.
 2. **Timing rows**, medians and p10-p90 of ``--repeats`` calls after warm-up, the two sides interleaved twice
    (official half, ours half, official half, ours half); the first call (ours: compile) apart:
    update step (MT30, batch 256, horizon 3, sizes ``--sizes``, dropout 0.01 as official); planning for one env
    (official ``act``: 6 MPPI iterations of 512 samples); planning for 30 envs (official: 30 ``act`` calls in a
-   loop, each env's warm-start mean swapped in; ours: one batched call). Float32 matmul throughput of both
+   loop, each env's warm-start mean swapped in; ours: one batched call); a distillation step, teacher
+   ``--teachers`` (5M) + student 1M (ours: one fused program; PyTorch: the teacher's reward prediction under
+   ``no_grad``, then the student's reward-MSE term backpropagated before the unchanged official ``_update``, as
+   td-mpc-opt adds it). Float32 matmul throughput of both
    frameworks is measured in the same process, and each row's share of it is given from the FLOPs XLA counts
    for our program (the same arithmetic on both sides).
 
@@ -165,18 +169,20 @@ class Official:
         ``config``, through ``params_to_state_dict`` into the official ``load``); ``cfg_kw`` go to :meth:`cfg`."""
         import io
 
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints the 30 discounts
+            agent = self.TDMPC2(self.cfg(size, **cfg_kw))
+        agent.load({"model": self.state_dict(config.model, params, target_q_params)})
+        return agent
+
+    def state_dict(self, model_config, params, target_q_params) -> dict:
+        """Our weights as the official ``WorldModel.state_dict()`` (torch tensors), through our exporter's layout."""
         import numpy as np
 
         from mtdistill_jax.checkpoint.tdmpc2_torch import params_to_state_dict
 
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints the 30 discounts
-            agent = self.TDMPC2(self.cfg(size, **cfg_kw))
-        sd = params_to_state_dict(config.model, params, target_q_params)
         torch = self.torch
-        sd = {k: None if v is None else torch.Size(v) if isinstance(v, tuple) else torch.from_numpy(np.array(v))
-              for k, v in sd.items()}
-        agent.load({"model": sd})
-        return agent
+        return {k: None if v is None else torch.Size(v) if isinstance(v, tuple) else torch.from_numpy(np.array(v))
+                for k, v in params_to_state_dict(model_config, params, target_q_params).items()}
 
 
 @functools.cache
@@ -188,10 +194,18 @@ def load_official(path: str) -> Official:
 # ---------------------------------------------------------------------------------------------------- ours
 
 
-def our_config(size: int, batch_size: int, dropout: float | None = None):
+def our_config(size: int, batch_size: int, dropout: float | None = None, distill: bool = False):
+    """Our training config (``distill``: the distillation config, the paper's reward term) for MT30 at ``size``,
+    with the official HEAD code's task-embedding gradient."""
     from mtdistill_jax.configs import get_config
+    from mtdistill_jax.configs.distill import get_config as get_distill_config
 
-    config = get_config(size, "mt30")
+    config = (get_distill_config if distill else get_config)(size, "mt30")
+    if distill:
+        d = config.distill
+        if (d.reward_loss, d.steps, d.q_weight, d.policy_weight, d.latent_weight, d.schedule) != (
+                "mse", "first", 0.0, 0.0, 0.0, "constant"):
+            raise ValueError("the PyTorch two-pass side implements the paper's term only: reward MSE at step 0")
     config.train.batch_size = batch_size
     config.train.task_emb_policy_grad = "head"  # the official HEAD code's task-embedding gradient
     if dropout is not None:
@@ -199,9 +213,9 @@ def our_config(size: int, batch_size: int, dropout: float | None = None):
     return config
 
 
-def same_weights(config, seed: int = 0):
-    """Our initialisation with N(0, 0.02^2) on every leaf (reward/Q output layers start at zero, which would make
-    values and TD targets trivial) and independent noise on the target Qs."""
+def same_weights(model_config, seed: int = 0):
+    """Our initialisation of a model (``model_config``) with N(0, 0.02^2) on every leaf (reward/Q output layers start
+    at zero, which would make values and TD targets trivial) and independent noise on the target Qs."""
     import jax
 
     from mtdistill_jax.nn import init_params, make_world_model
@@ -212,7 +226,7 @@ def same_weights(config, seed: int = 0):
         noisy = [x + 0.02 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)]
         return treedef.unflatten(noisy)
 
-    params = perturb(init_params(make_world_model(config.model), jax.random.key(seed)), jax.random.key(seed + 1))
+    params = perturb(init_params(make_world_model(model_config), jax.random.key(seed)), jax.random.key(seed + 1))
     return params, perturb(params["Qs"], jax.random.key(seed + 2))
 
 
@@ -239,10 +253,12 @@ def _max_abs(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
-def check_update(off: Official, size: int = 1, batch_size: int = 16, seed: int = 7001) -> dict:
+def check_update(off: Official, size: int = 1, batch_size: int = 16, seed: int = 7001,
+                 teacher_size: int | None = None) -> dict:
     """One update from the same weights and batch, dropout off, the official random draws given to ours: TD
-    targets, losses, grad norms and every parameter after the step. Returns the measured differences; raises
-    :class:`MismatchError` past the tolerances."""
+    targets, losses, grad norms and every parameter after the step. With ``teacher_size`` it is a distillation
+    step (ours fused; official: the two-pass version of :func:`time_distill`, checked by its reward-MSE term too).
+    Returns the measured differences; raises :class:`MismatchError` past the tolerances."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -253,8 +269,8 @@ def check_update(off: Official, size: int = 1, batch_size: int = 16, seed: int =
     from mtdistill_jax.tdmpc2.train import init_training_state, make_update_fn
 
     torch = off.torch
-    config = our_config(size, batch_size, dropout=0.0)
-    params, target = same_weights(config)
+    config = our_config(size, batch_size, dropout=0.0, distill=teacher_size is not None)
+    params, target = same_weights(config.model)
     agent = off.agent(size, config, params, target, batch_size=batch_size, dropout=0.0)
     H, B, A, nq = config.train.horizon, batch_size, agent.cfg.action_dim, config.model.num_q
     batch = random_batch(np.random.default_rng(seed), B, H)
@@ -266,18 +282,29 @@ def check_update(off: Official, size: int = 1, batch_size: int = 16, seed: int =
     torch.manual_seed(seed)  # the update's four draws, in its order (dropout off: nothing else draws)
     td_eps, td_perm = torch.randn(H, B, A), torch.randperm(nq)
     pi_eps, pi_perm = torch.randn(H + 1, B, A), torch.randperm(nq)
-    torch.manual_seed(seed)
-    info = agent._update(obs, action, reward, terminated, task=task)
     draws = Draws(td_eps=jnp.asarray(td_eps.numpy()), td_heads=jnp.asarray(td_perm[:2].numpy(), jnp.int32),
                   pi_eps=jnp.asarray(pi_eps.numpy()), pi_heads=jnp.asarray(pi_perm[:2].numpy(), jnp.int32))
-    update = jax.jit(make_update_fn(make_world_model(config.model), config, return_intermediates=True))
-    state = init_training_state(config, params=params, target_q_params=target)
-    new_state, metrics, inter = update(state, jax.device_put(batch), jax.random.key(0), draws)
+    if teacher_size is None:
+        torch.manual_seed(seed)
+        info = agent._update(obs, action, reward, terminated, task=task)
+        update = jax.jit(make_update_fn(make_world_model(config.model), config, return_intermediates=True))
+        state = init_training_state(config, params=params, target_q_params=target)
+        new_state, metrics, inter = update(state, jax.device_put(batch), jax.random.key(0), draws)
+    else:
+        from mtdistill_jax.distill.step import init_distill_state, make_distill_update
+
+        teacher, teacher_config, t_params = official_teacher(off, teacher_size, batch_size, dropout=0.0)
+        torch.manual_seed(seed)
+        info = dict(two_pass_distill_step(off, agent, teacher, config, (obs, action, reward, terminated, task)))
+        update = jax.jit(make_distill_update(config, teacher_config, return_intermediates=True))
+        state = init_distill_state(config, teacher_config, params=params, target_q_params=target)
+        new_state, metrics, inter = update(state, jax.device_put(batch), jax.random.key(0), draws, t_params)
+        metrics = {**metrics, "train/distill_loss": metrics["distill/reward_mse"]}
     out = {"td_targets_max_abs": _max_abs(inter["td_targets"], td_official)}
     bad = [f"TD targets differ by {out['td_targets_max_abs']:.2e} (> {TD_ATOL})"] if out[
         "td_targets_max_abs"] > TD_ATOL else []
-    for name in ("consistency_loss", "reward_loss", "value_loss", "total_loss", "grad_norm", "pi_loss",
-                 "pi_grad_norm"):
+    names = ["consistency_loss", "reward_loss", "value_loss", "total_loss", "grad_norm", "pi_loss", "pi_grad_norm"]
+    for name in names + (["distill_loss"] if teacher_size is not None else []):
         o, m = float(info[name]), float(metrics["train/" + name])
         rel = abs(o - m) / max(abs(o), 1e-12)
         out[name + "_rel"] = rel
@@ -310,7 +337,8 @@ def check_update(off: Official, size: int = 1, batch_size: int = 16, seed: int =
     if worst["flat"][0] > 2 * lr:
         bad.append(f"params after the step: {worst['flat'][1]} differs by {worst['flat'][0]:.2e} (> 2 lr = {2 * lr})")
     if bad:
-        raise MismatchError(f"update step, size {size}: " + "; ".join(bad))
+        what = "update step" if teacher_size is None else f"distillation step (teacher {teacher_size}M)"
+        raise MismatchError(f"{what}, size {size}: " + "; ".join(bad))
     return out
 
 
@@ -328,7 +356,7 @@ def check_values(off: Official, size: int = 1, task_id: int = 3, seed: int = 5) 
 
     torch = off.torch
     config = our_config(size, 256, dropout=0.0)
-    params, target = same_weights(config)
+    params, target = same_weights(config.model)
     agent = off.agent(size, config, params, target, dropout=0.0)
     ts = get_task_set("mt30")
     H, N, A, nq, E = config.planner.horizon, config.planner.num_samples, ts.action_pad, config.model.num_q, \
@@ -422,7 +450,7 @@ def time_update(off: Official, size: int, repeats: int, batch_size: int = 256) -
     from mtdistill_jax.tdmpc2.train import Learner, make_update_fn
 
     config = our_config(size, batch_size)
-    params, target = same_weights(config)
+    params, target = same_weights(config.model)
     agent = off.agent(size, config, params, target, batch_size=batch_size)
     batch = random_batch(np.random.default_rng(0), batch_size, config.train.horizon)
     tb = torch_batch(off.torch, batch)
@@ -455,7 +483,7 @@ def time_act(off: Official, size: int, envs: int, repeats: int) -> dict:
 
     torch = off.torch
     config = our_config(size, 256)
-    params, target = same_weights(config)
+    params, target = same_weights(config.model)
     agent = off.agent(size, config, params, target)
     ts = get_task_set("mt30")
     rng = np.random.default_rng(1)
@@ -489,6 +517,73 @@ def time_act(off: Official, size: int, envs: int, repeats: int) -> dict:
                    f"{config.planner.num_samples} MPPI)", "official": o, "ours": m, "flops": flops}
 
 
+def official_teacher(off: Official, size: int, batch_size: int, dropout: float | None = None):
+    """(the frozen official ``WorldModel`` of ``size`` with our teacher weights, our teacher model config, those
+    weights): our initialisation with noise, seed 10 (the student's is 0)."""
+    from mtdistill_jax.configs.model_sizes import get_model_config
+
+    teacher_config = get_model_config(size, "mt30")
+    t_params, t_target = same_weights(teacher_config, seed=10)
+    teacher = off.WorldModel(off.cfg(size, batch_size=batch_size, dropout=dropout))
+    teacher.load_state_dict(off.state_dict(teacher_config, t_params, t_target))
+    teacher.eval().requires_grad_(False)
+    return teacher, teacher_config, t_params
+
+
+def two_pass_distill_step(off: Official, agent, teacher, config, batch) -> dict:
+    """The PyTorch two-pass distillation step (td-mpc-opt's term on the official update): the teacher's decoded
+    reward at step 0 under ``no_grad``, the student's reward MSE to it times ``d_coef`` backpropagated, then the
+    official ``_update``, which adds its own loss's gradients to these before clipping and its Adam step. Returns
+    the official update's info plus ``distill_loss``."""
+    import torch.nn.functional as F
+
+    torch, m = off.torch, off.math
+    obs, action, reward, terminated, task = batch
+    with torch.no_grad():
+        t_r = m.two_hot_inv(teacher.reward(teacher.encode(obs[0], task), action[0], task), agent.cfg)
+    s_r = m.two_hot_inv(agent.model.reward(agent.model.encode(obs[0], task), action[0], task), agent.cfg)
+    dl = F.mse_loss(s_r, t_r)
+    (float(config.distill.d_coef) * float(config.distill.reward_weight) * dl).backward()
+    return {**agent._update(obs, action, reward, terminated, task=task), "distill_loss": dl.detach()}
+
+
+def time_distill(off: Official, teacher_size: int, repeats: int, student_size: int = 1,
+                 batch_size: int = 256) -> dict:
+    """One distillation step: ours fused (teacher forward + student update + the paper's reward term in one
+    program) vs a faithful two-pass PyTorch version as td-mpc-opt does it: the frozen teacher's reward prediction
+    under ``no_grad``, then the student's reward-MSE term backpropagated into the gradients that the unchanged
+    official ``_update`` accumulates into before its clip and Adam step (it zeroes them only after stepping)."""
+    import jax
+    import numpy as np
+
+    from mtdistill_jax.distill.step import init_distill_state, make_distill_step, make_distill_update
+
+    torch = off.torch
+    config = our_config(student_size, batch_size, distill=True)
+    params, target = same_weights(config.model)
+    agent = off.agent(student_size, config, params, target, batch_size=batch_size)
+    teacher, teacher_config, t_params = official_teacher(off, teacher_size, batch_size)
+    batch = random_batch(np.random.default_rng(2), batch_size, config.train.horizon)
+    tb = torch_batch(torch, batch)
+
+    def official():
+        two_pass_distill_step(off, agent, teacher, config, tb)
+
+    state = init_distill_state(config, teacher_config, params=params, target_q_params=target)
+    step = make_distill_step(config, teacher_config, donate=False)
+    teacher_d, batch_d = jax.device_put(t_params), jax.device_put(batch)
+    keys = iter(jax.random.split(jax.random.key(0), 4 * repeats + 8))
+
+    def ours():
+        jax.block_until_ready(step(state, teacher_d, batch_d, next(keys)))
+
+    o, m = interleaved(official, ours, repeats)
+    flops = _flops(jax.jit(make_distill_update(config, teacher_config)), state, batch_d, jax.random.key(0), None,
+                   teacher_d)
+    return {"row": f"distill step, teacher {teacher_size}M + student {student_size}M, B {batch_size}", "official": o,
+            "ours": m, "flops": flops}
+
+
 def measure(args) -> dict:
     """One thread setting (this process): versions, matmul throughput, equality checks, timing rows."""
     import jax
@@ -509,9 +604,12 @@ def measure(args) -> dict:
     print(f"[{args.threads} thread(s)] float32 matmul GFLOP/s: jax {result['matmul_gflops']['jax']:.0f}, torch "
           f"{result['matmul_gflops']['torch']:.0f}", flush=True)
     result["checks"] = {"update": check_update(off), "values": check_values(off)}
+    for t in args.teachers:
+        result["checks"][f"distill_{t}"] = check_update(off, teacher_size=t)
     print(f"[{args.threads} thread(s)] equal on the same input: {json.dumps(result['checks'])}", flush=True)
     rows = [lambda s=s: time_update(off, s, args.repeats) for s in args.sizes]
     rows += [lambda: time_act(off, 1, 1, args.repeats), lambda: time_act(off, 1, 30, args.act30_repeats)]
+    rows += [lambda t=t: time_distill(off, t, args.repeats) for t in args.teachers]
     result["rows"] = []
     for row in rows:
         r = row()
@@ -567,7 +665,14 @@ def table(results: list[dict], command: str) -> str:
                   f"{max(v for k, v in c['update'].items() if k.endswith('_rel')):.1e} relative, parameters after one "
                   f"update within {c['update']['params_after_max_abs']:.1e}; planner values of 512 samples within "
                   f"{c['values']['values_max_abs']:.1e} (|value| {c['values']['values_abs_range'][0]:.2g}-"
-                  f"{c['values']['values_abs_range'][1]:.2g}), same top-64 elites: {c['values']['same_elites']}.", ""]
+                  f"{c['values']['values_abs_range'][1]:.2g}), same top-64 elites: {c['values']['same_elites']}."]
+        for name, d in c.items():
+            if name.startswith("distill_"):
+                lines[-1] += (f" Distillation step (teacher {name.split('_')[1]}M, the two-pass PyTorch version): "
+                              f"reward-MSE term within {d['distill_loss_rel']:.1e} relative, losses and grad norms "
+                              f"within {max(v for k, v in d.items() if k.endswith('_rel')):.1e}, parameters within "
+                              f"{d['params_after_max_abs']:.1e}.")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -578,6 +683,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="2 threads, repeats 6 (3 for 30 envs)")
     p.add_argument("--threads", default=None, help="comma-separated thread settings, of 1 and 2 (default 1,2)")
     p.add_argument("--sizes", default="1,5", help="model sizes of the update rows")
+    p.add_argument("--teachers", default="5", help="teacher sizes of the distillation rows (student 1M)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per side (default 20)")
     p.add_argument("--act30_repeats", type=int, default=None, help="timed calls per side, 30 envs (default 20)")
     p.add_argument("--out", default=str(REPO / "benchmarks/results/compare_official_cpu.md"))
@@ -588,12 +694,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.act30_repeats = args.act30_repeats or (3 if args.quick else 20)
     try:
         args.sizes = [int(s) for s in str(args.sizes).split(",") if s]
+        args.teachers = [int(s) for s in str(args.teachers).split(",") if s]
         threads = [int(t) for t in str(args.threads).split(",") if t]
     except ValueError:
         p.error(f"--sizes and --threads are comma-separated integers, got {args.sizes!r}, {args.threads!r}")
-    bad = [s for s in args.sizes if s not in (1, 5, 19, 48, 317)]
-    if bad:
-        p.error(f"--sizes: {bad} not among 1, 5, 19, 48, 317")
+    for name in ("sizes", "teachers"):
+        bad = [s for s in getattr(args, name) if s not in (1, 5, 19, 48, 317)]
+        if bad:
+            p.error(f"--{name}: {bad} not among 1, 5, 19, 48, 317")
     if args.child_json is None:
         if not threads or any(t < 1 or t > (os.cpu_count() or 1) for t in threads):
             p.error(f"--threads: each between 1 and this machine's {os.cpu_count()} cores, got {args.threads}")
@@ -620,7 +728,8 @@ def main(argv=None) -> None:
         if t == 1:  # XLA's Eigen thread pool off; affinity keeps both frameworks on one core
             env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
         cmd = [sys.executable, str(Path(__file__).resolve()), f"--tdmpc2_repo={args.tdmpc2_repo}",
-               f"--threads={t}", f"--sizes={','.join(map(str, args.sizes))}", f"--repeats={args.repeats}",
+               f"--threads={t}", f"--sizes={','.join(map(str, args.sizes))}",
+               f"--teachers={','.join(map(str, args.teachers))}", f"--repeats={args.repeats}",
                f"--act30_repeats={args.act30_repeats}", f"--child_json={out}"]
         proc = subprocess.run(cmd, env=env, cwd=REPO)
         if proc.returncode:

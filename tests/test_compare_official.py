@@ -24,10 +24,10 @@ def test_without_a_checkout_it_says_what_to_give(tmp_path):
 
 def test_arguments():
     args = co.parse_args(["--tdmpc2_repo=x", "--quick"])
-    assert (args.threads, args.repeats, args.act30_repeats, args.sizes) == ([2], 6, 3, [1, 5])
+    assert (args.threads, args.repeats, args.act30_repeats, args.sizes, args.teachers) == ([2], 6, 3, [1, 5], [5])
     args = co.parse_args(["--tdmpc2_repo=x", "--threads=1", "--sizes=5", "--repeats=4"])
     assert (args.threads, args.repeats, args.act30_repeats, args.sizes) == ([1], 4, 20, [5])
-    for bad in (["--sizes=2"], ["--threads=0"], ["--repeats=1"], ["--sizes=a"]):
+    for bad in (["--sizes=2"], ["--teachers=3"], ["--threads=0"], ["--repeats=1"], ["--sizes=a"]):
         with pytest.raises(SystemExit):
             co.parse_args(["--tdmpc2_repo=x", *bad])
 
@@ -60,6 +60,11 @@ def official():
 def test_update_equals_the_official_one(official):
     out = co.check_update(official, size=1, batch_size=8)
     assert out["td_targets_max_abs"] <= co.TD_ATOL and out["params_after_max_abs"] <= co.PARAM_ATOL
+
+
+def test_distillation_step_equals_the_two_pass_official_one(official):
+    out = co.check_update(official, size=1, batch_size=8, teacher_size=1)
+    assert out["distill_loss_rel"] <= co.SCALAR_RTOL and out["params_after_max_abs"] <= co.PARAM_ATOL
 
 
 def test_planner_values_equal_the_official_ones(official):
