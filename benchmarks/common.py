@@ -46,3 +46,17 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
     for _ in range(repeats):
         jax.block_until_ready(f(a))
     return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9
+
+
+def cost_flops(program) -> float | None:
+    """``cost_analysis()['flops']`` of a lowered or compiled program (a dict, or a list of one per device in
+    older jax); None where the backend gives none."""
+    try:
+        ca = program.cost_analysis()
+    except Exception:  # noqa: BLE001 - backends without cost analysis raise various errors
+        return None
+    if isinstance(ca, list | tuple):
+        ca = ca[0] if ca else None
+    if not ca or "flops" not in ca:
+        return None
+    return float(ca["flops"])

@@ -425,12 +425,9 @@ def interleaved(official_call, our_call, repeats: int) -> tuple[dict, dict]:
 
 def _flops(jitted, *args) -> float | None:
     """FLOPs of ``jitted`` on ``args`` as XLA counts them (the lowered program's cost analysis), or None."""
-    try:
-        cost = jitted.lower(*args).cost_analysis()
-        cost = cost[0] if isinstance(cost, list | tuple) else cost
-        return float(cost["flops"])
-    except Exception:  # noqa: BLE001 - a backend without cost analysis: the column stays empty
-        return None
+    from benchmarks.common import cost_flops
+
+    return cost_flops(jitted.lower(*args))
 
 
 def torch_matmul_gflops(torch, n: int = 2048, repeats: int = 10) -> float:

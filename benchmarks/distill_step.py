@@ -62,7 +62,7 @@ if "--layout_devices" in " ".join(sys.argv) and "xla_force_host_platform_device_
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import header, time_jitted  # noqa: E402
+from benchmarks.common import cost_flops, header, time_jitted  # noqa: E402
 from benchmarks.update_step import random_batch  # noqa: E402
 from mtdistill_jax.checkpoint import transforms  # noqa: E402
 from mtdistill_jax.configs import get_model_config  # noqa: E402
@@ -85,20 +85,6 @@ def peak_bytes(compiled) -> int | None:
     if m is None:
         return None
     return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
-
-
-def flops(compiled) -> float | None:
-    """``cost_analysis()['flops']`` of a compiled executable (a dict, or a list of one per device in older
-    jax); None when unavailable."""
-    try:
-        ca = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001
-        return None
-    if isinstance(ca, (list, tuple)):
-        ca = ca[0] if ca else None
-    if not ca or "flops" not in ca:
-        return None
-    return float(ca["flops"])
 
 
 def fmt_mib(b: int | None) -> str:
@@ -172,7 +158,7 @@ def main():
             return state, teacher_params, batches[i % len(batches)], jax.random.key(i)
 
         c, f_med, f_p10, f_p90, f_comp = time_jitted(step, fused_args, args.repeats, return_compiled=True)
-        f_peak, f_flops = peak_bytes(f_comp), flops(f_comp)
+        f_peak, f_flops = peak_bytes(f_comp), cost_flops(f_comp)
         del f_comp
 
         forward = jax.jit(make_teacher_forward(teacher, config))
