@@ -508,8 +508,9 @@ def time_act(off: Official, size: int, envs: int, repeats: int) -> dict:
         jax.block_until_ready(action)
 
     o, m = interleaved(official, ours, repeats)
-    flops = _flops(jax.jit(lambda *a: planner.plan(*a, mode="sample")), params, obs_j, task_j, state.prev_mean, t0,
-                   jax.random.key(0))
+    from benchmarks.plan import plan_flops
+
+    flops = envs * plan_flops(config)  # XLA's cost analysis counts the MPPI loop's body once, not per iteration
     return {"row": f"act, {envs} env{'s' * (envs > 1)} ({size}M, {config.planner.iterations}x"
                    f"{config.planner.num_samples} MPPI)", "official": o, "ours": m, "flops": flops}
 
@@ -633,11 +634,13 @@ def cpu_model() -> str:
 def table(results: list[dict], command: str) -> str:
     lines = ["# Ours vs the official PyTorch TD-MPC2, same run, CPU", "", "```bash", command, "```", "",
              f"CPU: {cpu_model()}, {os.cpu_count()} logical cores; jax {results[0]['jax']}, torch "
-             f"{results[0]['torch']} (eager, compile=False); official code at {TESTED_COMMIT} or the checkout given.",
+             f"{results[0]['torch']} (eager, compile=False); official code: the checkout given (tested at "
+             f"{TESTED_COMMIT}).",
              "", "Speed-up = official ms / ours ms (> 1: ours is faster). Times: median (p10-p90) after warm-up; "
-             "'first' is the first call (ours: XLA compile, persistent cache as found). '% peak': the FLOPs XLA "
-             "counts for our program over the time, against each framework's float32 matmul throughput measured in "
-             "the same process.", ""]
+             "'first' is the first call (ours: XLA compile, persistent cache as found). '% peak': the row's FLOPs "
+             "over its time, against each framework's float32 matmul throughput measured in the same process; "
+             "update and distillation FLOPs as XLA's cost analysis counts our program, planning FLOPs as "
+             "`benchmarks/plan.py` counts the planner's matmuls (XLA counts the MPPI loop's body once).", ""]
     for res in results:
         g = res["matmul_gflops"]
         lines += [f"## {res['threads']} thread(s)", "",
@@ -733,7 +736,9 @@ def main(argv=None) -> None:
             raise SystemExit(proc.returncode)
         results.append(json.loads(out.read_text()))
         out.unlink()
-    command = "python benchmarks/compare_official.py " + " ".join(a for a in (argv or sys.argv[1:]))
+    # the checkout's path is the user's: the command shows it as PATH
+    command = "python benchmarks/compare_official.py " + " ".join(
+        "--tdmpc2_repo=PATH" if a.startswith("--tdmpc2_repo=") else a for a in (argv or sys.argv[1:]))
     text = table(results, command)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text + "\n")
