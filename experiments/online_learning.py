@@ -230,6 +230,7 @@ def report(args) -> dict:
     fmt = lambda x, p=1: "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:,.{p}f}"  # noqa: E731
     done = summary["env_steps_done"] >= args.steps
     n = len(args.tasks)
+    per_task = f" ({summary['env_steps_done'] // n:,} per task)" if n > 1 else ""
     compile_text = (f"compile of the fused program: {', '.join(f'{c:.0f}' for c in summary['compile_seconds'])} s "
                     "(each start of the run, from `train.log`); " if summary["compile_seconds"] else "")
     lines = [f"# Online TD-MPC2 on {', '.join(args.tasks)} (CPU{', one program' if n > 1 else ''})", "",
@@ -242,7 +243,8 @@ def report(args) -> dict:
              f"Runs: `{summary['command']}`", "",
              f"{args.model_size}M MT30 model, {args.envs_per_task} envs {'per task ' if n > 1 else ''}in lockstep "
              f"({n * args.envs_per_task} in all), {args.utd} update(s) per env step after the seed phase. Env steps "
-             f"(all envs together): {summary['env_steps_done']:,}; updates: {summary['updates']:,}; wall time "
+             f"(all envs together): {summary['env_steps_done']:,}{per_task}; updates: {summary['updates']:,}; "
+             "wall time "
              f"{fmt((summary['wall_seconds'] or 0) / 60)} min (the run's `wall_time`); {compile_text}after the seed "
              f"phase {fmt(summary['env_steps_per_second'], 2)} env steps/s and {fmt(summary['updates_per_second'], 2)}"
              " updates/s (medians over the metric windows, evaluations excluded).", ""]

@@ -102,5 +102,5 @@ def test_report_of_several_tasks(exp, tmp_path):
     assert summary["per_task"]["finger-spin"]["official"]["100000"] == [919.6, 937.3, 985.6]
     text = (res / "README.md").read_text()
     assert "Partial" not in text and "## finger-spin" in text and "| 3,600 | 500.0 | 400, 600 |" in text
-    assert "compile of the fused program: 200 s" in text and "(12 in all)" in text
+    assert "compile of the fused program: 200 s" in text and "(12 in all)" in text and "3,600 (1,200 per task)" in text
     assert (res / "curve.png").stat().st_size > 10_000
