@@ -7,9 +7,11 @@ from mtdistill_jax.nn.world_model import (
     count_params,
     init_params,
     make_world_model,
+    q_reduce,
     q_value,
     renorm_rows,
 )
 
 __all__ = ["WorldModel", "abstract_params", "action_masks", "count_params", "init_params",
-           "make_world_model", "q_value", "renorm_rows"]
+           "make_world_model", "q_reduce", "q_value",
+           "renorm_rows"]

@@ -144,11 +144,16 @@ class EnsembleLinear(nn.Module):
     zero_init: bool = False
 
     @nn.compact
-    def __call__(self, x, deterministic: bool = True):
+    def __call__(self, x, deterministic: bool = True, heads=None):
+        """``heads`` (int array [k]): evaluate only those members (output ``[k, ..., out]``), e.g. the 2 heads a
+        Q average or minimum reads; the parameters stay whole."""
         m, h = self.members, self.features
         init = nn.initializers.zeros if self.zero_init else nn.initializers.normal(INIT_STD)
         kernel = self.param("kernel", init, (m, x.shape[-1], h))
         bias = self.param("bias", nn.initializers.zeros, (m, h))
+        pick = (lambda p: p) if heads is None else (lambda p: jnp.take(p, heads, axis=0))
+        kernel, bias = pick(kernel), pick(bias)
+        m = kernel.shape[0]
         if self.shared_input:
             # One batched matmul over members on the broadcast input (as torch.vmap does), not a single
             # contraction over (members x out): the latter's backward transposes the [members, .., out]
@@ -161,8 +166,8 @@ class EnsembleLinear(nn.Module):
             return x
         if self.dropout > 0:
             x = nn.Dropout(self.dropout, deterministic=deterministic)(x)
-        ln_scale = self.param("ln_scale", nn.initializers.ones, (m, h))
-        ln_bias = self.param("ln_bias", nn.initializers.zeros, (m, h))
+        ln_scale = pick(self.param("ln_scale", nn.initializers.ones, (self.members, h)))
+        ln_bias = pick(self.param("ln_bias", nn.initializers.zeros, (self.members, h)))
         return mish(layer_norm(x, ln_scale.reshape(bshape), ln_bias.reshape(bshape)))
 
 
@@ -180,9 +185,10 @@ class EnsembleMLP(nn.Module):
     zero_init_out: bool = True
 
     @nn.compact
-    def __call__(self, x, deterministic: bool = True):
+    def __call__(self, x, deterministic: bool = True, heads=None):
+        """``heads``: only those members (see :class:`EnsembleLinear`)."""
         for i, h in enumerate(self.hidden):
             x = EnsembleLinear(self.members, h, shared_input=(i == 0), dropout=self.dropout if i == 0 else 0.0,
-                               name=f"layer{i}")(x, deterministic)
+                               name=f"layer{i}")(x, deterministic, heads)
         return EnsembleLinear(self.members, self.out, shared_input=not self.hidden, normed=False,
-                              zero_init=self.zero_init_out, name=f"layer{len(self.hidden)}")(x)
+                              zero_init=self.zero_init_out, name=f"layer{len(self.hidden)}")(x, True, heads)

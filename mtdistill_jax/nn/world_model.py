@@ -4,7 +4,8 @@ Shapes (B batch, T optional leading time axis, A = padded action dim, D = latent
 - ``task``: int ``[B]`` task ids; embeddings broadcast over a leading T axis of the other input.
 - ``encode(obs [.., B, obs_pad], task) -> z [.., B, D]``
 - ``next(z, a [.., B, A], task) -> z'``; ``reward(z, a, task) -> logits [.., B, K]``
-- ``Q(z, a, task) -> logits [num_q, .., B, K]`` (every head; pick heads with :func:`q_value`)
+- ``Q(z, a, task, deterministic, heads) -> logits [num_q, .., B, K]`` (every head, or only ``heads``; reduce two
+  heads with :func:`q_value` / :func:`q_reduce`)
 - ``pi(z, task, eps [.., B, A]) -> (action, info)`` with the official masked, squashed Gaussian.
 
 Input concatenation orders are the official ones: encoder ``[obs, emb]``; dynamics, reward and Q
@@ -114,9 +115,11 @@ class WorldModel(nn.Module):
         """Reward logits over the two-hot bins."""
         return self.reward_head(jnp.concatenate([self._with_emb(z, task), a], axis=-1))
 
-    def Q(self, z, a, task, deterministic: bool = True):
-        """Logits of every Q head, ``[num_q, .., B, num_bins]``; dropout on the first layer when training."""
-        return self.Qs(jnp.concatenate([self._with_emb(z, task), a], axis=-1), deterministic)
+    def Q(self, z, a, task, deterministic: bool = True, heads=None):
+        """Logits of every Q head, ``[num_q, .., B, num_bins]``, or of the heads ``heads`` only (``[len(heads),
+        ..]``: the same values as those rows of the full output, without computing the others); dropout on the
+        first layer when training."""
+        return self.Qs(jnp.concatenate([self._with_emb(z, task), a], axis=-1), deterministic, heads)
 
     def pi(self, z, task, eps):
         """Official policy prior with given standard-normal noise ``eps`` (same shape as the action).
@@ -198,7 +201,14 @@ def q_value(logits, key, config, reduce: str = "min", heads=None):
     """
     if heads is None:
         heads = jax.random.permutation(key, logits.shape[0])[:2]
-    q = tdmath.two_hot_inv(logits[heads], config.num_bins, config.vmin, config.vmax)
+    return q_reduce(logits[heads], config, reduce)
+
+
+def q_reduce(logits, config, reduce: str = "min"):
+    """Min or mean of the 2 Q heads whose logits ``[2, .., K]`` are given (e.g. ``Q(..., heads=heads)``)."""
+    if logits.shape[0] != 2:
+        raise ValueError(f"q_reduce takes the logits of 2 heads, got {logits.shape[0]}")
+    q = tdmath.two_hot_inv(logits, config.num_bins, config.vmin, config.vmax)
     if reduce == "min":
         return jnp.min(q, axis=0)
     if reduce == "avg":

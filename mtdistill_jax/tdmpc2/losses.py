@@ -31,7 +31,7 @@ import ml_collections
 
 from mtdistill_jax import math as tdmath
 from mtdistill_jax.configs.tasks import get_task_set, task_discounts
-from mtdistill_jax.nn.world_model import WorldModel, q_value
+from mtdistill_jax.nn.world_model import WorldModel, q_reduce
 from mtdistill_jax.types import Batch
 
 __all__ = ["WM_KEYS", "PI_KEY", "Rollout", "PolicyOutputs", "Draws", "Losses", "make_losses", "sample_draws",
@@ -171,8 +171,8 @@ def make_losses(model: WorldModel, config: ml_collections.ConfigDict) -> Losses:
         """
         params, next_z = jax.lax.stop_gradient(params), jax.lax.stop_gradient(next_z)
         action, _ = apply(params, next_z, task, eps, method=WorldModel.pi)
-        logits = apply({**params, "Qs": target_q}, next_z, action, task, method=WorldModel.Q)
-        q = q_value(logits, None, mc, "min", heads=heads)
+        logits = apply({**params, "Qs": target_q}, next_z, action, task, True, heads, method=WorldModel.Q)
+        q = q_reduce(logits, mc, "min")
         return jax.lax.stop_gradient((reward + discounts[task][:, None] * q, {"td_action": action, "td_q": q}))
 
     def consistency_loss(ro: Rollout):
@@ -217,8 +217,8 @@ def make_losses(model: WorldModel, config: ml_collections.ConfigDict) -> Losses:
         full = {**jax.lax.stop_gradient(params), **trainable}
         zs = jax.lax.stop_gradient(zs)
         action, info = apply(full, zs, task, eps, method=WorldModel.pi)
-        logits = apply(full, zs, action, task, False, method=WorldModel.Q, rngs={"dropout": key})
-        q = q_value(logits, None, mc, "avg", heads=heads)  # [T, B, 1]
+        logits = apply(full, zs, action, task, False, heads, method=WorldModel.Q, rngs={"dropout": key})
+        q = q_reduce(logits, mc, "avg")  # [T, B, 1]
         return PolicyOutputs(action=action, mean=info["mean"], mean_presquash=info["mean_presquash"],
                              log_std=info["log_std"], entropy=info["entropy"],
                              scaled_entropy=info["scaled_entropy"], q=q)

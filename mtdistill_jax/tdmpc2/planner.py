@@ -43,7 +43,7 @@ import numpy as np
 
 from mtdistill_jax import math as tdmath
 from mtdistill_jax.configs.tasks import get_task_set, task_discounts
-from mtdistill_jax.nn.world_model import WorldModel, action_masks, make_world_model, q_value
+from mtdistill_jax.nn.world_model import WorldModel, action_masks, make_world_model, q_reduce
 
 MODES = ("sample", "elite", "mean")  # planner action: official act (noise) / official eval_mode=True / MPPI mean
 PRIOR_MODES = ("sample", "mean")  # policy prior: official act / official eval_mode=True (the tanh of the mean)
@@ -76,7 +76,7 @@ def make_value_estimator(model: WorldModel, config: ml_collections.ConfigDict) -
             G = G + disc * r
             disc = disc * gamma
         a = apply(params, z, task, eps, method=WorldModel.pi)[0]
-        q = q_value(apply(params, z, a, task, method=WorldModel.Q), None, mc, "avg", heads=heads)
+        q = q_reduce(apply(params, z, a, task, True, heads, method=WorldModel.Q), mc, "avg")
         return G + disc * q
 
     return estimate_value

@@ -15,7 +15,7 @@ from refdata import load_case, reference_dir, world_model_cases
 
 from mtdistill_jax import math as tm
 from mtdistill_jax.checkpoint.tdmpc2_torch import load_tdmpc2_checkpoint
-from mtdistill_jax.nn import WorldModel, count_params, make_world_model, q_value
+from mtdistill_jax.nn import WorldModel, count_params, make_world_model, q_reduce, q_value
 
 CASES = world_model_cases()
 if not CASES:
@@ -92,6 +92,14 @@ def test_q_reductions_and_target(case):
     close(tm.two_hot_inv(t_logits, c.num_bins, c.vmin, c.vmax), io["target_q_all"], c)
     close(q_value(t_logits, None, c, "min", heads=jnp.asarray([0, 1])), io["target_q_min_h01"], c)
     close(q_value(t_logits, None, c, "avg", heads=jnp.asarray([0, 1])), io["target_q_avg_h01"], c)
+    # Q(..., heads=...) computes only the chosen heads: the same values as those rows of every head's logits
+    for heads in ([0, 1], list(io["q_min_official_heads"]), [c.num_q - 1, 0]):
+        h = jnp.asarray(heads)
+        some = model.apply({"params": imp.params}, io["z"], io["action"], task, True, h, method=WorldModel.Q)
+        assert some.shape == (2,) + q_logits.shape[1:]
+        np.testing.assert_allclose(np.asarray(some), np.asarray(q_logits)[np.asarray(heads)], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(q_reduce(some, c, "min")),
+                                   np.asarray(q_value(q_logits, None, c, "min", heads=h)), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("seq", ["", "_seq"])
