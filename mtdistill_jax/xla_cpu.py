@@ -15,6 +15,13 @@ Two remedies, both used here:
 * :func:`check_mapping_budget` estimates what a program of K physics models needs (tasks that share one physics
   structure, e.g. walker stand/walk/run, count once: ``envs.structure``) and raises a clear error before
   compiling, instead of a crash half an hour into compilation.
+
+Speed: :func:`tune_for_cpu` (run when ``mtdistill_jax`` is imported) turns off XLA:CPU's YNNPACK fusions
+(``--xla_cpu_experimental_ynn_fusion_type=``), which jax 0.10.2 enables by default. They fuse whole MLPs
+(matmuls, LayerNorm, Mish) into one library call but feed it every bias and LayerNorm parameter broadcast to
+the full activation shape; measured on the 2-core Xeon, 1 thread: planning for 30 envs 7.13 -> 5.19 s, for one
+env 127 -> 112 ms, the 1M update 156 -> 144 ms, the 5M update 408 -> 394 ms. XLA's own dot and loop fusions
+are used instead.
 """
 
 from __future__ import annotations
@@ -24,6 +31,11 @@ import os
 from mtdistill_jax.errors import UserError
 
 FEWER_KERNELS_FLAG = "--xla_cpu_use_fusion_emitters=false"
+# Flags tune_for_cpu adds (each only where XLA_FLAGS does not already name it), and the jaxlib version they were
+# measured on: an XLA that does not know a flag aborts the process, so older jaxlibs are left alone.
+SPEED_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
+SPEED_FLAGS_MIN_JAXLIB = (0, 10, 2)
+TUNING_ENV = "MTDISTILL_XLA_CPU_TUNING"  # "0" turns tune_for_cpu off
 
 # Memory mappings one MJX physics model (one task, or the tasks of one physics structure) adds to the evaluation
 # program (reset + step chunk, planner included), per setting of the fusion emitters. Measured on the 2-core CPU
@@ -51,6 +63,36 @@ def use_fewer_kernels(environ=os.environ) -> bool:
     if "--xla_cpu_use_fusion_emitters" not in flags:
         environ["XLA_FLAGS"] = (flags + " " + FEWER_KERNELS_FLAG).strip()
     return fewer_kernels_on(environ)
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    out = []
+    for part in v.split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
+def tune_for_cpu(environ=os.environ, jaxlib_version: str | None = None) -> list[str]:
+    """Add :data:`SPEED_FLAGS` to ``XLA_FLAGS`` (those whose name the user's ``XLA_FLAGS`` does not mention) and
+    return the flags added. Nothing is added with ``MTDISTILL_XLA_CPU_TUNING=0`` or a jaxlib older than
+    :data:`SPEED_FLAGS_MIN_JAXLIB`. Like every XLA flag they take effect only if set before JAX creates its CPU
+    client; they do not touch GPU/TPU backends.
+    """
+    if environ.get(TUNING_ENV, "1") == "0":
+        return []
+    if jaxlib_version is None:
+        try:
+            from jaxlib.version import __version__ as jaxlib_version
+        except ImportError:
+            return []
+    if _version_tuple(jaxlib_version) < SPEED_FLAGS_MIN_JAXLIB:
+        return []
+    flags = environ.get("XLA_FLAGS", "")
+    added = [f for f in SPEED_FLAGS if f.split("=")[0] not in flags]
+    if added:
+        environ["XLA_FLAGS"] = " ".join([flags, *added]).strip()
+    return added
 
 
 def max_map_count() -> int | None:

@@ -77,3 +77,27 @@ def test_fewer_kernels_flag_cuts_mappings():
 
     default, fewer = added(""), added(xla_cpu.FEWER_KERNELS_FLAG)
     assert fewer * 2 < default, (default, fewer)
+
+
+def test_tune_for_cpu_adds_speed_flags_once_respects_the_user_and_old_jaxlibs():
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    assert xla_cpu.tune_for_cpu(env, "0.10.2") == list(xla_cpu.SPEED_FLAGS)
+    assert env["XLA_FLAGS"] == " ".join(["--xla_force_host_platform_device_count=8", *xla_cpu.SPEED_FLAGS])
+    assert xla_cpu.tune_for_cpu(env, "0.10.2") == [] and env["XLA_FLAGS"].count("ynn_fusion_type") == 1
+    user = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}  # the user's own value wins
+    assert xla_cpu.tune_for_cpu(user, "0.10.2") == [] and user["XLA_FLAGS"].endswith("=dot")
+    old = {}
+    assert xla_cpu.tune_for_cpu(old, "0.9.0") == [] and "XLA_FLAGS" not in old
+    off = {xla_cpu.TUNING_ENV: "0"}
+    assert xla_cpu.tune_for_cpu(off, "0.10.2") == [] and "XLA_FLAGS" not in off
+
+
+def test_importing_the_package_tunes_a_fresh_process():
+    code = "import os, mtdistill_jax, jax; print(os.environ.get('XLA_FLAGS', '')); print(jax.numpy.ones(3).sum())"
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_cpu.TUNING_ENV)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, check=True)
+    from jaxlib.version import __version__ as jaxlib_version
+
+    expected = xla_cpu._version_tuple(jaxlib_version) >= xla_cpu.SPEED_FLAGS_MIN_JAXLIB
+    assert (xla_cpu.SPEED_FLAGS[0] in out.stdout) == expected
+    assert "3.0" in out.stdout  # XLA accepted the flags and computes
