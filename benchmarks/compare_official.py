@@ -584,6 +584,7 @@ def time_distill(off: Official, teacher_size: int, repeats: int, student_size: i
 
 def measure(args) -> dict:
     """One thread setting (this process): versions, matmul throughput, equality checks, timing rows."""
+    import mtdistill_jax  # noqa: F401  (adds its XLA:CPU flags before jax starts its backend)
     import jax
     import torch
 
@@ -598,7 +599,7 @@ def measure(args) -> dict:
 
     result = {"threads": args.threads, "jax": jax.__version__, "torch": torch.__version__,
               "matmul_gflops": {"jax": matmul_peak_gflops(), "torch": torch_matmul_gflops(torch)},
-              "loadavg_start": os.getloadavg()}
+              "loadavg_start": os.getloadavg(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
     print(f"[{args.threads} thread(s)] float32 matmul GFLOP/s: jax {result['matmul_gflops']['jax']:.0f}, torch "
           f"{result['matmul_gflops']['torch']:.0f}", flush=True)
     result["checks"] = {"update": check_update(off), "values": check_values(off)}
@@ -645,7 +646,8 @@ def table(results: list[dict], command: str) -> str:
         g = res["matmul_gflops"]
         lines += [f"## {res['threads']} thread(s)", "",
                   f"float32 matmul (2048^2): jax {g['jax']:.0f} GFLOP/s, torch {g['torch']:.0f} GFLOP/s; load "
-                  f"average {res['loadavg_start'][0]:.2f} at start, {res['loadavg_end'][0]:.2f} at end.", "",
+                  f"average {res['loadavg_start'][0]:.2f} at start, {res['loadavg_end'][0]:.2f} at end; our "
+                  f"XLA_FLAGS: `{res.get('xla_flags') or '(none)'}`.", "",
                   "| row | official ms | ours ms | speed-up | first call: official / ours s | "
                   "% peak: official / ours |",
                   "|---|---|---|---|---|---|"]
