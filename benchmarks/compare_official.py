@@ -150,6 +150,8 @@ class Official:
         d.update(task="mt30", model_size=size, compile=False, batch_size=batch_size, horizon=horizon,
                  multitask=True, **self.common.MODEL_SIZE[size])
         d["task_dim"] = 96 if size in (1, 317) else 64
+        if size == 19:  # the released MT30 19M checkpoints have latent 512, not the preset's 768; ours follows them
+            d["latent_dim"] = 512
         d["tasks"] = list(self.common.TASK_SET["mt30"])
         d["bin_size"] = (d["vmax"] - d["vmin"]) / (d["num_bins"] - 1)
         ts = get_task_set("mt30")
