@@ -586,9 +586,10 @@ def time_distill(off: Official, teacher_size: int, repeats: int, student_size: i
 
 def measure(args) -> dict:
     """One thread setting (this process): versions, matmul throughput, equality checks, timing rows."""
-    import mtdistill_jax  # noqa: F401  (adds its XLA:CPU flags before jax starts its backend)
     import jax
     import torch
+
+    import mtdistill_jax  # noqa: F401  (adds its XLA:CPU flags before jax starts its backend)
 
     torch.set_num_threads(args.threads)
     with contextlib.suppress(RuntimeError):  # already set in this process

@@ -27,7 +27,7 @@ def test_matmul_values_and_gradients_match_autodiff(x_shape, k_shape, spec):
     ours = jax.grad(loss(matmul), argnums=(0, 1))(x, k)
     plain = jax.grad(loss(lambda x, k: jnp.einsum(spec, x, k)), argnums=(0, 1))(x, k)
     np.testing.assert_allclose(np.asarray(matmul(x, k)), np.asarray(jnp.einsum(spec, x, k)), rtol=1e-6, atol=1e-6)
-    for a, b in zip(ours, plain):
+    for a, b in zip(ours, plain, strict=False):
         assert a.shape == b.shape
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
     # second order (the backward is itself differentiable)
