@@ -49,7 +49,7 @@ def _matmul_bwd(res, g):
         dx = jnp.einsum("m...o,mio->m...i", g, kernel)
         dk = jnp.einsum("mro,mri->moi", g.reshape(m, -1, g.shape[-1]), x.reshape(m, -1, x.shape[-1]))
         dk = jnp.swapaxes(dk, 1, 2)
-    return dx, dk
+    return dx.astype(x.dtype), dk.astype(kernel.dtype)  # cotangents in the primals' dtypes (mixed inputs)
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)

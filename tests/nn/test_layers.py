@@ -34,3 +34,11 @@ def test_matmul_values_and_gradients_match_autodiff(x_shape, k_shape, spec):
     hv = jax.grad(lambda x: jnp.sum(jax.grad(loss(matmul), argnums=1)(x, k) ** 2))(x)
     hv_plain = jax.grad(lambda x: jnp.sum(jax.grad(loss(lambda x, k: jnp.einsum(spec, x, k)), argnums=1)(x, k) ** 2))(x)
     np.testing.assert_allclose(np.asarray(hv), np.asarray(hv_plain), rtol=1e-4, atol=1e-4)
+
+
+def test_matmul_mixed_dtypes_give_cotangents_in_the_inputs_dtypes():
+    x = jnp.ones((4, 3), jnp.float32)
+    k = jnp.ones((3, 2), jnp.bfloat16)
+    dx, dk = jax.grad(lambda x, k: jnp.sum(matmul(x, k)), argnums=(0, 1))(x, k)
+    assert dx.dtype == jnp.float32 and dk.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(dk, np.float32), np.full((3, 2), 4.0))
