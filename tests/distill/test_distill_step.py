@@ -67,7 +67,11 @@ def student_state(config, teacher_config):
 
 
 # ------------------------------------------------------------------------------------------------ the step
-def test_zero_d_coef_is_the_plain_update_bit_for_bit():
+def test_zero_d_coef_is_the_plain_update():
+    """d_coef = 0: the fused step gives the plain update's state and metrics, to float32 round-off. Not bit for
+    bit: the two are different XLA programs (the fused one adds 0 x the term's gradient), and XLA:CPU's loop
+    fusions may sum a bias gradient in another order (measured: 2 of 101 reward-bias entries 1 ulp apart with
+    YNNPACK fusions off, bit-identical with them on)."""
     config = smoke(d_coef=0.0)
     params, teacher = models()
     batch, key = random_batch(0), jax.random.key(5)
@@ -78,8 +82,8 @@ def test_zero_d_coef_is_the_plain_update_bit_for_bit():
     s1, m1 = jax.device_get(fused(student_state(config, config.model), batch, key, draws, teacher))
     assert float(m1["distill/reward_mse"]) > 0  # the term was computed, with weight 0
     assert float(m1.pop("train/wm_objective")) == float(m1["train/total_loss"])
-    chex.assert_trees_all_equal(s1, s0)
-    chex.assert_trees_all_equal({k: v for k, v in m1.items() if k in m0}, m0)
+    chex.assert_trees_all_close(s1, s0, rtol=1e-6, atol=1e-8)
+    chex.assert_trees_all_close({k: v for k, v in m1.items() if k in m0}, m0, rtol=1e-6, atol=1e-8)
 
 
 def test_teacher_params_are_unchanged_not_donated_and_traced_once():
