@@ -59,10 +59,19 @@ def use_fewer_kernels(environ=os.environ) -> bool:
     Returns whether the flag is now in effect. Call before JAX initialises its backends (first
     ``jax.devices()`` or computation); afterwards XLA has already read its flags.
     """
-    flags = environ.get("XLA_FLAGS", "")
-    if "--xla_cpu_use_fusion_emitters" not in flags:
-        environ["XLA_FLAGS"] = (flags + " " + FEWER_KERNELS_FLAG).strip()
+    add_flags((FEWER_KERNELS_FLAG,), environ)
     return fewer_kernels_on(environ)
+
+
+def add_flags(flags, environ=os.environ) -> list[str]:
+    """Append each ``--name=value`` of ``flags`` to ``XLA_FLAGS`` unless ``XLA_FLAGS`` already names ``--name``
+    (the user's own setting wins, whatever its value). Returns the flags added."""
+    current = environ.get("XLA_FLAGS", "")
+    named = {f.split("=")[0] for f in current.split()}
+    added = [f for f in flags if f.split("=")[0] not in named]
+    if added:
+        environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
+    return added
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:
@@ -88,11 +97,7 @@ def tune_for_cpu(environ=os.environ, jaxlib_version: str | None = None) -> list[
             return []
     if _version_tuple(jaxlib_version) < SPEED_FLAGS_MIN_JAXLIB:
         return []
-    flags = environ.get("XLA_FLAGS", "")
-    added = [f for f in SPEED_FLAGS if f.split("=")[0] not in flags]
-    if added:
-        environ["XLA_FLAGS"] = " ".join([flags, *added]).strip()
-    return added
+    return add_flags(SPEED_FLAGS, environ)
 
 
 def max_map_count() -> int | None:

@@ -101,3 +101,12 @@ def test_importing_the_package_tunes_a_fresh_process():
     expected = xla_cpu._version_tuple(jaxlib_version) >= xla_cpu.SPEED_FLAGS_MIN_JAXLIB
     assert (xla_cpu.SPEED_FLAGS[0] in out.stdout) == expected
     assert "3.0" in out.stdout  # XLA accepted the flags and computes
+
+
+def test_add_flags_respects_the_users_flag_by_name_not_by_prefix():
+    env = {"XLA_FLAGS": "--xla_a=1 --xla_b_long=2"}
+    assert xla_cpu.add_flags(("--xla_a=0", "--xla_b=3", "--xla_c"), env) == ["--xla_b=3", "--xla_c"]
+    assert env["XLA_FLAGS"] == "--xla_a=1 --xla_b_long=2 --xla_b=3 --xla_c"
+    assert xla_cpu.add_flags(("--xla_c=true",), env) == []  # named without a value counts as named
+    empty = {}
+    assert xla_cpu.add_flags(("--xla_d=1",), empty) == ["--xla_d=1"] and empty["XLA_FLAGS"] == "--xla_d=1"
