@@ -50,7 +50,9 @@ EXTRAS = {
     # unpinned torch pulls the CUDA build (gigabytes); 2.13.0 resolves to the local CPU build.
     "torch": ["torch==2.13.0"],
     # benchmarks/compare_official.py runs the official PyTorch TD-MPC2 (a checkout the user gives) beside ours
-    "official": ["torch==2.13.0", "tensordict==0.8.3", "pyyaml>=6,<7"],
+    # (gymnasium: the official dm_control wrappers of the evaluation row, gym.Wrapper around a non-gym env with
+    # 4-tuple steps, run on 0.29.1, the release the official environment file names)
+    "official": ["torch==2.13.0", "tensordict==0.8.3", "pyyaml>=6,<7", "gymnasium==0.29.1"],
     # nbclient/nbformat/ipykernel execute experiments/*.ipynb in the test suite
     "dev": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "ruff>=0.6,<1", "nbclient>=0.10,<1", "nbformat>=5.10,<6",
             "ipykernel>=6.29,<8"],

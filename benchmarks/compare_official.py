@@ -29,7 +29,11 @@ and XLA's Eigen pool off; 2 = two cores) runs in its own process:
    loop, each env's warm-start mean swapped in; ours: one batched call); a distillation step, teacher
    ``--teachers`` (5M) + student 1M (ours: one fused program; PyTorch: the teacher's reward prediction under
    ``no_grad``, then the student's reward-MSE term backpropagated before the unchanged official ``_update``, as
-   td-mpc-opt adds it). Float32 matmul throughput of both
+   td-mpc-opt adds it); evaluation throughput (``--eval_steps``, default 10, 0 skips it): every call resets the 30
+   MT30 tasks' envs (one episode each) and runs that many agent steps, official: its evaluation loop in dm_control
+   (the checkout's ``envs``, needs gymnasium), task after task; ours: the batched MJX + planner evaluation program,
+   in a process of its own (XLA:CPU's fewer-kernel emitters, as ``launch/evaluate.py`` compiles it); its first
+   call is its warm-up (no separate one), ``--eval_repeats`` (2) timed calls. Float32 matmul throughput of both
    frameworks is measured in the same process, and each row's share of it is given from the FLOPs XLA counts
    for our program (the same arithmetic on both sides).
 
@@ -404,15 +408,17 @@ def _stats(times: list[float]) -> dict:
             "p90_ms": float(np.percentile(t, 90)), "n": len(times)}
 
 
-def interleaved(official_call, our_call, repeats: int) -> tuple[dict, dict]:
-    """Each side's first call timed apart (ours compiles there), one warm-up, then ``repeats`` calls each, in two
-    rounds: official half, ours half, official half, ours half."""
+def interleaved(official_call, our_call, repeats: int, warmup: bool = True) -> tuple[dict, dict]:
+    """Each side's first call timed apart (ours compiles there), one warm-up (unless ``warmup`` is False: for calls
+    long enough that the first one warms up), then ``repeats`` calls each, in two rounds: official half, ours half,
+    official half, ours half."""
     first = {}
     for name, call in (("official", official_call), ("ours", our_call)):
         t = time.perf_counter()
         call()
         first[name] = time.perf_counter() - t
-        call()
+        if warmup:
+            call()
     times = {"official": [], "ours": []}
     halves = (repeats // 2, repeats - repeats // 2)
     for n in halves:
@@ -584,6 +590,73 @@ def time_distill(off: Official, teacher_size: int, repeats: int, student_size: i
             "ours": m, "flops": flops}
 
 
+def official_mt30_env(off: Official, tasks: list[str], seed: int = 1):
+    """The official multi-task env (``envs.make_env`` for MT30: dm_control with the checkout's custom tasks, action
+    repeat 2, the ``MultitaskWrapper``'s padding) over ``tasks``. Needs gymnasium (the ``[official]`` extra)."""
+    import io
+
+    if "envs" in sys.modules and not str(getattr(sys.modules["envs"], "__file__", "")).startswith(str(off.root)):
+        raise SystemExit("compare_official: a module named 'envs' other than the official one is imported")
+    try:
+        import gymnasium  # noqa: F401
+    except ImportError as e:
+        raise SystemExit("compare_official: the official envs need gymnasium: pip install -e '.[official]'") from e
+    from envs import make_env
+
+    cfg = off.cfg(1)
+    cfg.tasks, cfg.obs, cfg.seed = list(tasks), "state", seed
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints the task list
+        return make_env(cfg)
+
+
+def time_eval(off: Official, steps: int, repeats: int, tasks: list[str] | None = None, size: int = 1) -> dict:
+    """Evaluation throughput, one episode per task: every call resets each task's env and runs ``steps`` agent
+    steps of the planner (mean action, as evaluations use). Official: its evaluation loop (``offline_trainer.eval``:
+    task by task, ``env.reset(task_idx)``, then ``act(eval_mode=True)`` and ``env.step`` in dm_control); ours: the
+    batched evaluation program (``evaluate.program``: all tasks' MJX envs and the planner, the ``steps`` agent steps
+    in one compiled ``lax.scan``). Same weights; the envs' initial states differ (dm_control's and MJX's random
+    draws), the work per agent step is the same."""
+    import jax
+
+    from mtdistill_jax.configs import MT30
+    from mtdistill_jax.evaluate.program import make_eval_program
+
+    torch = off.torch
+    tasks = list(MT30.tasks) if tasks is None else list(tasks)
+    config = our_config(size, 256)
+    params, target = same_weights(config.model)
+    agent = off.agent(size, config, params, target)
+    env = official_mt30_env(off, tasks)
+    task_ids = [MT30.tasks.index(t) for t in tasks]
+
+    def padded(obs):  # the wrapper pads to the largest of the tasks given; the MT30 model reads MT30.obs_pad
+        return torch.nn.functional.pad(obs, (0, MT30.obs_pad - obs.shape[0]))
+
+    def official():
+        for idx, task_id in enumerate(task_ids):
+            obs = padded(env.reset(idx))
+            for t in range(steps):
+                obs, _, _, _ = env.step(agent.act(obs, t0=t == 0, eval_mode=True, task=task_id))
+                obs = padded(obs)
+
+    _, init, run_chunk = make_eval_program(config, tasks, 1, mode="mean", chunk=steps)
+    init_j, run_j = jax.jit(init), jax.jit(run_chunk)
+    keys = iter(jax.random.split(jax.random.key(0), 2 * repeats + 4))
+
+    def ours():
+        carry, _ = run_j(params, init_j(next(keys)))
+        jax.block_until_ready(carry)
+
+    o, m = interleaved(official, ours, repeats, warmup=False)
+    agent_steps = steps * len(tasks)
+    for side in (o, m):
+        side["agent_steps_per_s"] = agent_steps / (side["median_ms"] / 1e3)
+    from benchmarks.plan import plan_flops
+
+    return {"row": f"evaluation, {len(tasks)} tasks x 1 episode, {steps} agent steps ({size}M planner)",
+            "official": o, "ours": m, "flops": agent_steps * plan_flops(config), "agent_steps": agent_steps}
+
+
 def measure(args) -> dict:
     """One thread setting (this process): versions, matmul throughput, equality checks, timing rows."""
     import jax
@@ -605,6 +678,11 @@ def measure(args) -> dict:
               "loadavg_start": os.getloadavg(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
     print(f"[{args.threads} thread(s)] float32 matmul GFLOP/s: jax {result['matmul_gflops']['jax']:.0f}, torch "
           f"{result['matmul_gflops']['torch']:.0f}", flush=True)
+    if args.child_part == "eval":
+        r = time_eval(off, args.eval_steps, args.eval_repeats, args.eval_tasks)
+        print(f"[{args.threads} thread(s)] {r['row']}: official {r['official']['agent_steps_per_s']:.2f}, ours "
+              f"{r['ours']['agent_steps_per_s']:.2f} agent steps/s", flush=True)
+        return {**result, "rows": [r], "loadavg_end": os.getloadavg()}
     result["checks"] = {"update": check_update(off), "values": check_values(off)}
     for t in args.teachers:
         result["checks"][f"distill_{t}"] = check_update(off, teacher_size=t)
@@ -664,6 +742,13 @@ def table(results: list[dict], command: str) -> str:
             lines.append(f"| {r['row']} | {o['median_ms']:,.1f} ({o['p10_ms']:,.0f}-{o['p90_ms']:,.0f}) | "
                          f"{m['median_ms']:,.1f} ({m['p10_ms']:,.0f}-{m['p90_ms']:,.0f}) | "
                          f"{o['median_ms'] / m['median_ms']:.2f} | {o['first_s']:.1f} / {m['first_s']:.1f} | {peak} |")
+        for r in res["rows"]:
+            if "agent_steps" in r:
+                lines += ["", f"Evaluation row: official {r['official']['agent_steps_per_s']:.2f} agent steps/s "
+                          f"(dm_control + its act loop, one task after another), ours "
+                          f"{r['ours']['agent_steps_per_s']:.2f} (one MJX + planner program, all tasks batched); "
+                          f"every call resets the envs and runs {r['agent_steps']} agent steps; first call: ours "
+                          f"compiles the program. That process's XLA_FLAGS: `{res.get('eval_xla_flags', '')}`."]
         c = res["checks"]
         lines += ["", f"Equality before timing (size 1, dropout 0, same weights and draws): TD targets within "
                   f"{c['update']['td_targets_max_abs']:.1e}, losses and grad norms within "
@@ -691,12 +776,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--teachers", default="5", help="teacher sizes of the distillation rows (student 1M)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per side (default 20)")
     p.add_argument("--act30_repeats", type=int, default=None, help="timed calls per side, 30 envs (default 20)")
+    p.add_argument("--eval_steps", type=int, default=None,
+                   help="agent steps per task of the evaluation-throughput row (default 10; --quick: 0, no row)")
+    p.add_argument("--eval_tasks", default="all", help="MT30 tasks of the evaluation row (comma-separated, or all)")
+    p.add_argument("--eval_repeats", type=int, default=2, help="timed calls per side of the evaluation row")
     p.add_argument("--out", default=str(REPO / "benchmarks/results/compare_official_cpu.md"))
     p.add_argument("--child_json", default=None, help=argparse.SUPPRESS)  # one thread setting, in a subprocess
+    p.add_argument("--child_part", default="main", choices=("main", "eval"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.threads = args.threads or ("2" if args.quick else "1,2")
     args.repeats = args.repeats or (6 if args.quick else 20)
     args.act30_repeats = args.act30_repeats or (3 if args.quick else 20)
+    if args.eval_steps is None:
+        args.eval_steps = 0 if args.quick else 10
+    if args.eval_steps < 0 or (args.eval_steps and 500 % args.eval_steps):
+        p.error(f"--eval_steps must divide MT30's episode length 500 (one compiled chunk), or be 0 (no evaluation "
+                f"row); got {args.eval_steps}")
+    from mtdistill_jax.configs.tasks import get_task_set
+
+    mt30 = get_task_set("mt30")
+    args.eval_tasks = list(mt30.tasks) if args.eval_tasks == "all" else [t for t in args.eval_tasks.split(",") if t]
+    unknown = [t for t in args.eval_tasks if t not in mt30.tasks]
+    if unknown or not args.eval_tasks:
+        p.error(f"--eval_tasks: {unknown or 'none given'}; MT30 tasks are {', '.join(mt30.tasks)}")
     try:
         args.sizes = [int(s) for s in str(args.sizes).split(",") if s]
         args.teachers = [int(s) for s in str(args.teachers).split(",") if s]
@@ -713,9 +815,35 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.threads = threads
     else:
         args.threads = threads[0]
-    if args.repeats < 2 or args.act30_repeats < 2:
-        p.error("--repeats and --act30_repeats must be >= 2 (two interleaved halves)")
+    if args.repeats < 2 or args.act30_repeats < 2 or args.eval_repeats < 2:
+        p.error("--repeats, --act30_repeats and --eval_repeats must be >= 2 (two interleaved halves)")
     return args
+
+
+def run_child(args, threads: int, part: str) -> dict:
+    """One thread setting's rows in a fresh process (``part`` "main": checks and rows 1-3; "eval": the evaluation
+    row, in a process of its own because its 30-task program needs XLA:CPU's fewer-kernel emitters, as
+    ``launch/evaluate.py`` sets them, which must not change the other rows)."""
+    from mtdistill_jax.xla_cpu import FEWER_KERNELS_FLAG, add_flags
+
+    out = Path(args.out).with_suffix(f".threads{threads}.{part}.json")
+    env = dict(os.environ)
+    if threads == 1:  # XLA's Eigen thread pool off; affinity keeps both frameworks on one core
+        add_flags(("--xla_cpu_multi_thread_eigen=false",), env)
+    if part == "eval":
+        add_flags((FEWER_KERNELS_FLAG,), env)
+    cmd = [sys.executable, str(Path(__file__).resolve()), f"--tdmpc2_repo={args.tdmpc2_repo}",
+           f"--threads={threads}", f"--sizes={','.join(map(str, args.sizes))}",
+           f"--teachers={','.join(map(str, args.teachers))}", f"--repeats={args.repeats}",
+           f"--act30_repeats={args.act30_repeats}", f"--eval_steps={args.eval_steps}",
+           f"--eval_tasks={','.join(args.eval_tasks)}", f"--eval_repeats={args.eval_repeats}",
+           f"--child_json={out}", f"--child_part={part}"]
+    proc = subprocess.run(cmd, env=env, cwd=REPO)
+    if proc.returncode:
+        raise SystemExit(proc.returncode)
+    result = json.loads(out.read_text())
+    out.unlink()
+    return result
 
 
 def main(argv=None) -> None:
@@ -728,19 +856,13 @@ def main(argv=None) -> None:
         return
     results = []
     for t in args.threads:
-        out = Path(args.out).with_suffix(f".threads{t}.json")
-        env = dict(os.environ)
-        if t == 1:  # XLA's Eigen thread pool off; affinity keeps both frameworks on one core
-            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
-        cmd = [sys.executable, str(Path(__file__).resolve()), f"--tdmpc2_repo={args.tdmpc2_repo}",
-               f"--threads={t}", f"--sizes={','.join(map(str, args.sizes))}",
-               f"--teachers={','.join(map(str, args.teachers))}", f"--repeats={args.repeats}",
-               f"--act30_repeats={args.act30_repeats}", f"--child_json={out}"]
-        proc = subprocess.run(cmd, env=env, cwd=REPO)
-        if proc.returncode:
-            raise SystemExit(proc.returncode)
-        results.append(json.loads(out.read_text()))
-        out.unlink()
+        result = run_child(args, t, "main")
+        if args.eval_steps:
+            ev = run_child(args, t, "eval")
+            result["rows"] += ev["rows"]
+            result["eval_xla_flags"] = ev["xla_flags"]
+            result["loadavg_end"] = ev["loadavg_end"]
+        results.append(result)
     # the checkout's path is the user's: the command shows it as PATH
     command = "python benchmarks/compare_official.py " + " ".join(
         "--tdmpc2_repo=PATH" if a.startswith("--tdmpc2_repo=") else a for a in (argv or sys.argv[1:]))

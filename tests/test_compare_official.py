@@ -27,7 +27,12 @@ def test_arguments():
     assert (args.threads, args.repeats, args.act30_repeats, args.sizes, args.teachers) == ([2], 6, 3, [1, 5], [5])
     args = co.parse_args(["--tdmpc2_repo=x", "--threads=1", "--sizes=5", "--repeats=4"])
     assert (args.threads, args.repeats, args.act30_repeats, args.sizes) == ([1], 4, 20, [5])
-    for bad in (["--sizes=2"], ["--teachers=3"], ["--threads=0"], ["--repeats=1"], ["--sizes=a"]):
+    assert (args.eval_steps, len(args.eval_tasks), args.eval_repeats) == (10, 30, 2)
+    assert co.parse_args(["--tdmpc2_repo=x", "--quick"]).eval_steps == 0  # --quick: no evaluation row
+    args = co.parse_args(["--tdmpc2_repo=x", "--eval_steps=20", "--eval_tasks=walker-walk,cup-catch"])
+    assert (args.eval_steps, args.eval_tasks) == (20, ["walker-walk", "cup-catch"])
+    for bad in (["--sizes=2"], ["--teachers=3"], ["--threads=0"], ["--repeats=1"], ["--sizes=a"],
+                ["--eval_steps=3"], ["--eval_steps=-10"], ["--eval_tasks=walker-fly"], ["--eval_repeats=1"]):
         with pytest.raises(SystemExit):
             co.parse_args(["--tdmpc2_repo=x", *bad])
 
@@ -41,7 +46,15 @@ def test_report_table():
            "checks": {"update": {"td_targets_max_abs": 1e-6, "params_after_max_abs": 8e-6, "grad_norm_rel": 2e-6,
                                  "pi_loss_rel": 5e-6},
                       "values": {"values_max_abs": 3e-6, "values_abs_range": [0.001, 0.5], "same_elites": True}}}
+    ev = {"row": "evaluation, 30 tasks x 1 episode, 10 agent steps (1M planner)", "flops": 9e12, "agent_steps": 300,
+          "official": {"median_ms": 60000.0, "p10_ms": 59000.0, "p90_ms": 61000.0, "first_s": 61.0,
+                       "agent_steps_per_s": 5.0},
+          "ours": {"median_ms": 40000.0, "p10_ms": 39000.0, "p90_ms": 41000.0, "first_s": 400.0,
+                   "agent_steps_per_s": 7.5}}
+    res = {**res, "rows": [row, ev], "eval_xla_flags": "--xla_cpu_use_fusion_emitters=false"}
     text = co.table([res], "python benchmarks/compare_official.py --quick")
+    assert "| evaluation, 30 tasks x 1 episode, 10 agent steps (1M planner) | 60,000.0 (59,000-61,000) | " in text
+    assert "official 5.00 agent steps/s" in text and "ours 7.50" in text and "runs 300 agent steps" in text
     # speed-up 300 / 200; % peak: 2 GFLOP in 0.3 s = 6.7 GFLOP/s of torch's 50, in 0.2 s = 10 of jax's 100
     assert "| update MT30 1M, B 256, H 3 | 300.0 (290-320) | 200.0 (195-210) | 1.50 | 0.4 / 12.0 | 13 / 10 |" in text
     assert "## 2 thread(s)" in text and "within 5.0e-06 relative" in text and "same top-64 elites: True" in text
