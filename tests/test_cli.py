@@ -87,6 +87,8 @@ CASES = [
          r"error: Unknown command line flag 'episdoes'\. Did you mean: episodes \? \(--helpshort lists the flags\)",
          "unknown-flag"),
     case("evaluate", ["--agent=x.pt"], 2, r"error: missing required flag --workdir", "missing-flag"),
+    case("evaluate", ["--agent=x.pt", "--workdir={tmp}/w", "--compute_dtype=float16"], 2,
+         r"error: flag --compute_dtype=float16: value should be one of <float32\|bfloat16>", "compute-dtype"),
     case("evaluate", ["--agent=x.pt", "--workdir={file}/w"], 2, r"error: --workdir=.*/w: .*file is not a directory",
          "workdir-under-file"),
     case("evaluate", ["--merge={bad_json}", "--workdir={tmp}/w"], 1, r"error: .*bad\.json: not a JSON file \(.*\)",

@@ -73,6 +73,18 @@ def test_evaluate_returns_and_outputs(setup, tmp_path):
     assert len(frames) == 21 and not frame_is_blank(frames[0])
 
 
+def test_bfloat16_planner_evaluates_the_same_envs(setup):
+    """planner.compute_dtype = bfloat16 goes through evaluate; same seed, same initial states, returns close."""
+    config, params = setup
+    bf16 = config.copy_and_resolve_references()
+    bf16.planner.compute_dtype = "bfloat16"
+    kw = dict(episodes=2, seed=3, chunk=10, episode_length=10, progress=False, mode="mean")
+    r16, r32 = evaluate(params, bf16, TASKS, **kw), evaluate(params, config, TASKS, **kw)
+    assert r16.returns.shape == (2, 2) and np.all(np.isfinite(r16.returns))
+    # cartpole-balance from the same initial states pays ~1 per control step either way (10 steps x 2)
+    assert 10 < r16.returns[1].min() <= 20 + 1e-4 and 10 < r32.returns[1].min() <= 20 + 1e-4
+
+
 def test_bad_input(setup):
     config, params = setup
     with pytest.raises(ValueError, match="unknown tasks.*walker-walk"):

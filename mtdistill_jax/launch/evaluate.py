@@ -59,6 +59,9 @@ flags.DEFINE_bool("progress", True, "progress bar with ETA on stderr")
 flags.DEFINE_bool("video", False, "record each task's first episode and write an mp4 per task")
 flags.DEFINE_bool("fewer_kernels", True, "XLA:CPU: add --xla_cpu_use_fusion_emitters=false to XLA_FLAGS (unless "
                   "XLA_FLAGS sets it), so an all-MT30 program stays under vm.max_map_count")
+flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "the planner's model compute dtype "
+                  "(config planner.compute_dtype): float32 as the official code, or bfloat16 matmuls with float32 "
+                  "MPPI statistics")
 flags.DEFINE_integer("episode_length", None, "agent steps per episode (default: the task set's, MT30 500 = "
                      "official; less only for quick looks)", lower_bound=1)
 FLAGS = flags.FLAGS
@@ -86,8 +89,10 @@ def main(argv):
     mode = eval_mode_of(FLAGS.policy, FLAGS.mode)
     agent, config, tasks, episode_length = rollout_setup(
         FLAGS.agent, FLAGS.tasks, FLAGS.episodes, mode, FLAGS.chunk, FLAGS.episode_length, FLAGS.policy)
+    config.planner.compute_dtype = FLAGS.compute_dtype
     print(f"devices: {jax.devices()}")
-    print(f"agent: {FLAGS.agent} ({agent.config.task_set} {agent.config.model_size}M, stored {agent.dtype})")
+    print(f"agent: {FLAGS.agent} ({agent.config.task_set} {agent.config.model_size}M, stored {agent.dtype}, "
+          f"planner computes in {FLAGS.compute_dtype})")
     result = evaluate(agent.params, config, tasks, FLAGS.episodes, FLAGS.seed, mode, FLAGS.chunk,
                       FLAGS.progress, episode_length=episode_length, record=FLAGS.video, policy=FLAGS.policy)
     paths = write_outputs(result, FLAGS.workdir, FLAGS.name, command)

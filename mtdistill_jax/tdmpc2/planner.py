@@ -42,6 +42,7 @@ import ml_collections
 import numpy as np
 
 from mtdistill_jax import math as tdmath
+from mtdistill_jax.checkpoint import transforms
 from mtdistill_jax.configs.tasks import get_task_set, task_discounts
 from mtdistill_jax.nn.world_model import WorldModel, action_masks, make_world_model, q_reduce
 
@@ -68,15 +69,17 @@ def make_value_estimator(model: WorldModel, config: ml_collections.ConfigDict) -
         return model.apply({"params": params}, *args, method=method)
 
     def estimate_value(params, z, actions, task, gamma, eps, heads):
+        # the model runs in z's dtype (planner.compute_dtype); rewards, Q values and the return in float32
+        actions, eps = actions.astype(z.dtype), eps.astype(z.dtype)
         G, disc = 0.0, 1.0
         for t in range(actions.shape[0]):
-            r = tdmath.two_hot_inv(apply(params, z, actions[t], task, method=WorldModel.reward),
+            r = tdmath.two_hot_inv(apply(params, z, actions[t], task, method=WorldModel.reward).astype(jnp.float32),
                                    mc.num_bins, mc.vmin, mc.vmax)
             z = apply(params, z, actions[t], task, method=WorldModel.next)
             G = G + disc * r
             disc = disc * gamma
-        a = apply(params, z, task, eps, method=WorldModel.pi)[0]
-        q = q_reduce(apply(params, z, a, task, True, heads, method=WorldModel.Q), mc, "avg")
+        a = apply(params, z, task, eps, method=WorldModel.pi)[0].astype(z.dtype)  # pi's squash returns float32
+        q = q_reduce(apply(params, z, a, task, True, heads, method=WorldModel.Q).astype(jnp.float32), mc, "avg")
         return G + disc * q
 
     return estimate_value
@@ -95,13 +98,15 @@ def make_planner(model: WorldModel, config: ml_collections.ConfigDict) -> Callab
     iterations = pc.iterations + 2 * int(A >= 20)  # official heuristic for large action spaces
     masks_all = jnp.asarray(action_masks(mc.task_set))
     discounts = jnp.asarray(task_discounts(config))
+    compute_dtype = pc.get("compute_dtype", "float32")
+    cdt = jnp.bfloat16 if compute_dtype == "bfloat16" else jnp.float32
 
     def apply(params, *args, method):
         return model.apply({"params": params}, *args, method=method)
 
     def policy(params, z, task, key):
         eps = jax.random.normal(key, z.shape[:-1] + (A,), z.dtype)
-        return apply(params, z, task, eps, method=WorldModel.pi)[0]
+        return apply(params, z, task, eps, method=WorldModel.pi)[0].astype(z.dtype)
 
     value_of = make_value_estimator(model, config)
 
@@ -116,7 +121,7 @@ def make_planner(model: WorldModel, config: ml_collections.ConfigDict) -> Callab
         mask = masks_all[task]
         gamma = discounts[task]
         k_pi, k_iter, k_sel, k_noise = jax.random.split(key, 4)
-        z = apply(params, obs[None], task[None], method=WorldModel.encode)[0]
+        z = apply(params, obs[None].astype(cdt), task[None], method=WorldModel.encode)[0]
 
         if P > 0:
             zp = jnp.broadcast_to(z, (P,) + z.shape)
@@ -127,7 +132,7 @@ def make_planner(model: WorldModel, config: ml_collections.ConfigDict) -> Callab
                 pi_actions.append(a)
                 if t < H - 1:
                     zp = apply(params, zp, a, tp, method=WorldModel.next)
-            pi_actions = jnp.stack(pi_actions)  # [H, P, A]
+            pi_actions = jnp.stack(pi_actions).astype(jnp.float32)  # [H, P, A]
 
         zs = jnp.broadcast_to(z, (N,) + z.shape)
         tn = jnp.broadcast_to(task, (N,))
@@ -166,6 +171,8 @@ def make_planner(model: WorldModel, config: ml_collections.ConfigDict) -> Callab
 
     def plan(params, obs, task, prev_mean, t0, key, mode: str = "sample"):
         check_mode(mode)
+        if compute_dtype != "float32":
+            params = transforms.to_compute(params, compute_dtype, xp=jnp)  # once per call, outside the vmap
         keys = jax.random.split(key, obs.shape[0])
         fn = jax.vmap(plan_one, in_axes=(None, 0, 0, 0, 0, 0, None))
         return fn(params, obs, task, prev_mean, t0, keys, mode)

@@ -205,3 +205,80 @@ def test_bad_input_raises_clear_errors(planner, params, kwargs, match):
     with pytest.raises(ValueError, match=match):
         planner.act(params, args["obs"], args["task"], args["state"], np.ones(2, bool), jax.random.key(0),
                     args["mode"])
+
+
+def _bf16_config(**planner):
+    cfg = get_smoke_config()
+    cfg.planner.compute_dtype = "bfloat16"
+    for k, v in planner.items():
+        cfg.planner[k] = v
+    return cfg
+
+
+def _dot_dtypes(jaxpr):
+    """(lhs dtype, rhs dtype) of every dot_general in ``jaxpr`` and the jaxprs nested in it (scan, vmap, jit)."""
+    from jax.extend.core import ClosedJaxpr, Jaxpr
+
+    for e in jaxpr.eqns:
+        if e.primitive.name == "dot_general":
+            yield tuple(str(v.aval.dtype) for v in e.invars)
+        for p in e.params.values():
+            for sub in p if isinstance(p, (list, tuple)) else [p]:
+                if isinstance(sub, (ClosedJaxpr, Jaxpr)):
+                    yield from _dot_dtypes(sub.jaxpr if isinstance(sub, ClosedJaxpr) else sub)
+
+
+def test_bfloat16_planning_runs_the_model_in_bf16_and_returns_float32(planner, params):
+    pl = Planner(_bf16_config(), planner.model)
+    tasks = np.arange(30)
+    args = (params, jnp.asarray(obs_for(tasks)), jnp.asarray(tasks), pl.init(30).prev_mean, jnp.ones(30, bool),
+            jax.random.key(1))
+    jaxpr = jax.make_jaxpr(lambda *a: make_planner(pl.model, pl.config)(*a, mode="sample"))(*args)
+    dtypes = list(_dot_dtypes(jaxpr.jaxpr))
+    model_dots = [d for d in dtypes if d != ("float32", "float32")]
+    assert model_dots and all(d == ("bfloat16", "bfloat16") for d in model_dots), set(dtypes)
+    # float32 dots left: only the two-hot decodes (softmax x bins), 2 per horizon step + Q, never a layer
+    assert len(dtypes) - len(model_dots) < len(model_dots)
+    action, state = pl.act(params, obs_for(tasks), tasks, pl.init(30), np.ones(30, bool), jax.random.key(1), "sample")
+    assert action.dtype == jnp.float32 and state.prev_mean.dtype == jnp.float32
+    action, mean = np.asarray(action), np.asarray(state.prev_mean)
+    for i, t in enumerate(tasks):
+        assert np.all(action[i, MT30.action_dims[t]:] == 0.0) and np.all(mean[i, :, MT30.action_dims[t]:] == 0.0)
+
+
+def test_bfloat16_planning_still_finds_the_better_action(planner, params):
+    trained = _train_reward_towards_first_action_dim(planner.model, params)
+    pl = Planner(_bf16_config(num_samples=256, num_elites=32, iterations=4), planner.model)
+    for mode in ("mean", "elite"):
+        action, _ = pl.act(trained, obs_for([0, 0]), np.array([0, 0]), pl.init(2), np.ones(2, bool),
+                           jax.random.key(7), mode)
+        assert np.all(np.asarray(action)[:, 0] > 0.7), (mode, action)
+
+
+def test_bfloat16_values_are_the_float32_values_to_bf16_precision(planner, params):
+    from mtdistill_jax.checkpoint import transforms
+    from mtdistill_jax.tdmpc2.planner import make_value_estimator
+
+    trained = _train_reward_towards_first_action_dim(planner.model, params)
+    cfg = get_smoke_config()
+    value = jax.jit(make_value_estimator(planner.model, cfg))
+    rng = np.random.default_rng(3)
+    n, H = 64, cfg.planner.horizon
+    obs, task = jnp.asarray(obs_for([0] * n)), jnp.zeros(n, jnp.int32)
+    mask = jnp.asarray(MT30.action_dims[0] > np.arange(6), jnp.float32)
+    actions = jnp.asarray(rng.uniform(-1, 1, (H, n, 6)).astype(np.float32)) * mask
+    gamma, heads = jnp.full((n, 1), 0.99), jnp.arange(2)
+    eps = jnp.asarray(rng.normal(size=(n, 6)).astype(np.float32))
+
+    def values(p, dtype):
+        z = planner.model.apply({"params": p}, obs.astype(dtype), task, method=WorldModel.encode)
+        return np.asarray(value(p, z, actions, task, gamma, eps, heads))[:, 0]
+
+    v32 = values(trained, jnp.float32)
+    v16 = values(transforms.to_compute(trained, "bfloat16", xp=jnp), jnp.bfloat16)
+    assert v16.dtype == np.float32
+    spread = v32.max() - v32.min()
+    assert spread > 0.1  # the trained reward separates the action samples
+    err = np.abs(v16 - v32)
+    assert err.max() < 0.05 * spread, (err.max(), spread)
+    assert np.corrcoef(v16, v32)[0, 1] > 0.99
