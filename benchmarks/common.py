@@ -8,15 +8,16 @@ import jax
 import numpy as np
 
 
-def time_jitted(fn, args_fn, repeats: int = 20, *, return_compiled: bool = False):
-    """Compile ``fn`` (timed), warm up once, then time ``repeats`` calls (block_until_ready after each).
+def time_jitted(fn, args_fn, repeats: int = 20, *, return_compiled: bool = False, compiler_options=None):
+    """Compile ``fn`` (timed; ``compiler_options``: XLA options of this program), warm up once, then time
+    ``repeats`` calls (block_until_ready after each).
 
     ``args_fn(i)`` gives the arguments of call ``i``. Returns (compile_s, median_s, p10_s, p90_s), plus the
     compiled executable as a fifth item with ``return_compiled`` (for its memory/cost analysis).
     """
     args = args_fn(0)
     t = time.perf_counter()
-    compiled = fn.lower(*args).compile()
+    compiled = fn.lower(*args).compile(compiler_options)
     compile_s = time.perf_counter() - t
     jax.block_until_ready(compiled(*args))
     times = []

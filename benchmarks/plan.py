@@ -3,7 +3,10 @@ trajectories, 64 elites) for B = 1 and B = 30 environments (one MT30 task each),
 
 Also prints the model matmul FLOPs per call (counted from the layer widths: XLA's cost analysis counts a
 loop body once) and the achieved fraction of this device's measured float32 matmul throughput.
-Usage: ``python benchmarks/plan.py [--sizes 1] [--batches 1,30] [--repeats 20]``.
+Usage: ``python benchmarks/plan.py [--sizes 1] [--batches 1,30] [--repeats 20] [--compute_dtypes float32,bfloat16]
+[--ynn_dot]``. ``--compute_dtypes``: the planner's ``planner.compute_dtype`` settings to time (bfloat16: the
+model's matmuls in bf16, the same FLOPs, % of the float32 peak). ``--ynn_dot`` compiles the planner with XLA:CPU's
+YNNPACK single-dot library path, the one path that reached this CPU's AMX-BF16 units (see README).
 """
 
 from __future__ import annotations
@@ -49,14 +52,18 @@ def main():
     ap.add_argument("--sizes", default="1")
     ap.add_argument("--batches", default="1,30")
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--compute_dtypes", default="float32")
+    ap.add_argument("--ynn_dot", action="store_true", help="XLA:CPU YNNPACK single-dot fusions for this program")
     args = ap.parse_args()
+    options = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"} if args.ynn_dot else None
     print(header())
     peak = matmul_peak_gflops()
     print(f"measured float32 matmul throughput (2048^3): {peak:.1f} GFLOP/s")
-    print(f"{'size':>5} {'B':>3} {'compile s':>9} {'median ms':>9} {'p10-p90 ms':>15} {'GFLOP/call':>10} "
+    print(f"{'size':>5} {'dtype':>8} {'B':>3} {'compile s':>9} {'median ms':>9} {'p10-p90 ms':>15} {'GFLOP/call':>10} "
           f"{'GFLOP/s':>8} {'of peak':>7}")
-    for size in [int(s) for s in args.sizes.split(",")]:
+    for size, dtype in [(int(s), d) for s in args.sizes.split(",") for d in args.compute_dtypes.split(",")]:
         cfg = get_config(size, "mt30")
+        cfg.planner.compute_dtype = dtype
         planner = Planner(cfg)
         params = init_params(planner.model, jax.random.key(0))
         for B in [int(b) for b in args.batches.split(",")]:
@@ -70,9 +77,9 @@ def main():
                 return params, obs, task, prev, t0, jax.random.key(i)
 
             fn = jax.jit(planner.plan)
-            c, med, p10, p90 = time_jitted(fn, args_fn, args.repeats)
+            c, med, p10, p90 = time_jitted(fn, args_fn, args.repeats, compiler_options=options)
             gflop = B * plan_flops(cfg) / 1e9
-            print(f"{size:>4}M {B:>3} {c:>9.1f} {med * 1e3:>9.1f} {p10 * 1e3:>7.1f}-{p90 * 1e3:<7.1f} "
+            print(f"{size:>4}M {dtype:>8} {B:>3} {c:>9.1f} {med * 1e3:>9.1f} {p10 * 1e3:>7.1f}-{p90 * 1e3:<7.1f} "
                   f"{gflop:>10.2f} {gflop / med:>8.1f} {gflop / med / peak:>7.0%}")
 
 

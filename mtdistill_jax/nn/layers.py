@@ -31,8 +31,22 @@ def matmul(x, kernel):
     as ``g^T x`` (the gradient read in its stored order) and the small ``[out, in]`` result is transposed.
     """
     if kernel.ndim == 2:
-        return x @ kernel
-    return jnp.einsum("m...i,mio->m...o", x, kernel)
+        return _dot("...i,io->...o", x, kernel) if _low(x, kernel) else x @ kernel
+    return _dot("m...i,mio->m...o", x, kernel)
+
+
+def _low(a, b) -> bool:
+    """Whether ``a`` and ``b`` meet in a 16-bit float dtype (bf16/fp16 compute)."""
+    return jnp.dtype(jnp.result_type(a, b)).itemsize < 4
+
+
+def _dot(spec: str, a, b):
+    """``einsum(spec, a, b)``; with 16-bit operands, products accumulated in float32 and the result rounded once
+    to the operands' dtype. XLA:CPU otherwise upcasts a bf16-output dot's operands to float32 and runs a float32
+    dot; a float32-accumulating bf16 dot can reach the CPU's bf16 units (YNNPACK's single-dot path)."""
+    if not _low(a, b):
+        return jnp.einsum(spec, a, b)
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(jnp.result_type(a, b))
 
 
 def _matmul_fwd(x, kernel):
@@ -42,12 +56,12 @@ def _matmul_fwd(x, kernel):
 def _matmul_bwd(res, g):
     x, kernel = res
     if kernel.ndim == 2:
-        dx = g @ kernel.T
-        dk = jnp.einsum("ro,ri->oi", g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])).T
+        dx = _dot("...o,io->...i", g, kernel) if _low(g, kernel) else g @ kernel.T
+        dk = _dot("ro,ri->oi", g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])).T
     else:
         m = kernel.shape[0]
-        dx = jnp.einsum("m...o,mio->m...i", g, kernel)
-        dk = jnp.einsum("mro,mri->moi", g.reshape(m, -1, g.shape[-1]), x.reshape(m, -1, x.shape[-1]))
+        dx = _dot("m...o,mio->m...i", g, kernel)
+        dk = _dot("mro,mri->moi", g.reshape(m, -1, g.shape[-1]), x.reshape(m, -1, x.shape[-1]))
         dk = jnp.swapaxes(dk, 1, 2)
     return dx.astype(x.dtype), dk.astype(kernel.dtype)  # cotangents in the primals' dtypes (mixed inputs)
 

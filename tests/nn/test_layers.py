@@ -42,3 +42,45 @@ def test_matmul_mixed_dtypes_give_cotangents_in_the_inputs_dtypes():
     dx, dk = jax.grad(lambda x, k: jnp.sum(matmul(x, k)), argnums=(0, 1))(x, k)
     assert dx.dtype == jnp.float32 and dk.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(dk, np.float32), np.full((3, 2), 4.0))
+
+
+def _dots(jaxpr):
+    """Every dot_general equation in ``jaxpr`` and the jaxprs nested in it (custom_vjp calls included)."""
+    from jax.extend.core import ClosedJaxpr, Jaxpr
+
+    for e in jaxpr.eqns:
+        if e.primitive.name == "dot_general":
+            yield e
+        for p in e.params.values():
+            for sub in p if isinstance(p, (list, tuple)) else [p]:
+                if isinstance(sub, (ClosedJaxpr, Jaxpr)):
+                    yield from _dots(sub.jaxpr if isinstance(sub, ClosedJaxpr) else sub)
+
+
+@pytest.mark.parametrize("x_shape,k_shape", [((7, 33), (33, 5)), ((3, 7, 33), (3, 33, 5))])
+def test_bf16_matmul_accumulates_in_float32_forward_and_backward(x_shape, k_shape):
+    rng = np.random.default_rng(1)
+    x32 = jnp.asarray(rng.normal(size=x_shape).astype(np.float32))
+    k32 = jnp.asarray(rng.normal(size=k_shape).astype(np.float32))
+    x, k = x32.astype(jnp.bfloat16), k32.astype(jnp.bfloat16)
+
+    def loss(x, k):
+        return jnp.sum(matmul(x, k).astype(jnp.float32) ** 2)
+
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1)))(x, k)
+    dots = list(_dots(jaxpr.jaxpr))
+    assert len(dots) == 3  # forward, dx, dk
+    for e in dots:
+        assert [str(v.aval.dtype) for v in e.invars] == ["bfloat16", "bfloat16"]
+        assert e.params["preferred_element_type"] == jnp.float32 and e.outvars[0].aval.dtype == jnp.float32
+    y = matmul(x, k)
+    assert y.dtype == jnp.bfloat16
+    # one rounding of the float32 sum of exact bf16 products: within half a bf16 ulp of the float64 product
+    ref = np.einsum("mri,mio->mro" if len(k_shape) == 3 else "ri,io->ro",
+                    np.asarray(x, np.float64), np.asarray(k, np.float64))
+    np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=2.0**-8, atol=1e-6)
+    dx, dk = jax.grad(loss, argnums=(0, 1))(x, k)
+    assert dx.dtype == dk.dtype == jnp.bfloat16
+    # float32 operands keep the plain dot (no preferred type, as before)
+    e32 = list(_dots(jax.make_jaxpr(matmul)(x32, k32).jaxpr))
+    assert e32 and all(e.params["preferred_element_type"] in (None, jnp.float32) for e in e32)
