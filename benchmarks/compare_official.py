@@ -29,11 +29,14 @@ and XLA's Eigen pool off; 2 = two cores) runs in its own process:
    loop, each env's warm-start mean swapped in; ours: one batched call); a distillation step, teacher
    ``--teachers`` (5M) + student 1M (ours: one fused program; PyTorch: the teacher's reward prediction under
    ``no_grad``, then the student's reward-MSE term backpropagated before the unchanged official ``_update``, as
-   td-mpc-opt adds it); evaluation throughput (``--eval_steps``, default 10, 0 skips it): every call resets the 30
-   MT30 tasks' envs (one episode each) and runs that many agent steps, official: its evaluation loop in dm_control
-   (the checkout's ``envs``, needs gymnasium), task after task; ours: the batched MJX + planner evaluation program,
-   in a process of its own (XLA:CPU's fewer-kernel emitters, as ``launch/evaluate.py`` compiles it); its first
-   call is its warm-up (no separate one), ``--eval_repeats`` (2) timed calls. Float32 matmul throughput of both
+   td-mpc-opt adds it); planning for one env in bf16 (``--bf16``, on by default: official under
+   ``torch.autocast('cpu', bfloat16)``, ours with ``planner.compute_dtype = 'bfloat16'`` and XLA:CPU's YNNPACK
+   single-dot path, the one that reaches AMX-BF16); evaluation throughput (``--eval_steps``, default 10, 0
+   skips it): every call resets the 30 MT30 tasks' envs (one episode each) and runs that many agent steps,
+   official: its evaluation loop in dm_control (the checkout's ``envs``, needs gymnasium), task after task;
+   ours: the batched MJX + planner evaluation program, in a process of its own (XLA:CPU's fewer-kernel
+   emitters, as ``launch/evaluate.py`` compiles it); its first call is its warm-up (no separate one),
+   ``--eval_repeats`` (2) timed calls. Float32 matmul throughput of both
    frameworks is measured in the same process, and each row's share of it is given from the FLOPs XLA counts
    for our program (the same arithmetic on both sides).
 
@@ -476,9 +479,15 @@ def time_update(off: Official, size: int, repeats: int, batch_size: int = 256) -
                             jax.random.key(0))}
 
 
-def time_act(off: Official, size: int, envs: int, repeats: int) -> dict:
+YNN_SINGLE_DOT = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
+def time_act(off: Official, size: int, envs: int, repeats: int, bf16: bool = False) -> dict:
     """Planning (official ``act``, training mode) for ``envs`` envs: official one call per env in a loop with each
-    env's warm-start mean swapped in, ours one batched call."""
+    env's warm-start mean swapped in, ours one batched call. ``bf16``: official under ``torch.autocast('cpu',
+    bfloat16)`` (oneDNN's bf16 kernels), ours with ``planner.compute_dtype = 'bfloat16'`` (bf16 matmuls
+    accumulating in float32) compiled with XLA:CPU's YNNPACK single-dot path (:data:`YNN_SINGLE_DOT`), the one
+    that reaches the CPU's bf16 units."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -488,6 +497,8 @@ def time_act(off: Official, size: int, envs: int, repeats: int) -> dict:
 
     torch = off.torch
     config = our_config(size, 256)
+    if bf16:
+        config.planner.compute_dtype = "bfloat16"
     params, target = same_weights(config.model)
     agent = off.agent(size, config, params, target)
     ts = get_task_set("mt30")
@@ -499,28 +510,34 @@ def time_act(off: Official, size: int, envs: int, repeats: int) -> dict:
     obs_t = torch.from_numpy(obs)
     prev = [torch.zeros_like(agent._prev_mean) for _ in range(envs)]
 
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+
     def official():
-        for e in range(envs):
-            agent._prev_mean.copy_(prev[e])
-            agent.act(obs_t[e], t0=False, eval_mode=False, task=int(task[e]))
-            prev[e] = agent._prev_mean.clone()
+        with autocast():
+            for e in range(envs):
+                agent._prev_mean.copy_(prev[e])
+                agent.act(obs_t[e], t0=False, eval_mode=False, task=int(task[e]))
+                prev[e] = agent._prev_mean.clone()
 
     planner = Planner(config)
+    plan = (jax.jit(planner.plan, static_argnames=("mode",), compiler_options=YNN_SINGLE_DOT) if bf16
+            else planner.plan_jit)
     state = planner.init(envs)
     obs_j, task_j, t0 = jnp.asarray(obs), jnp.asarray(task, jnp.int32), jnp.zeros((envs,), bool)
     keys = iter(jax.random.split(jax.random.key(0), 4 * repeats + 8))
     mean = [state.prev_mean]
 
     def ours():
-        action, mean[0] = planner.plan_jit(params, obs_j, task_j, mean[0], t0, next(keys), mode="sample")
+        action, mean[0] = plan(params, obs_j, task_j, mean[0], t0, next(keys), mode="sample")
         jax.block_until_ready(action)
 
     o, m = interleaved(official, ours, repeats)
     from benchmarks.plan import plan_flops
 
     flops = envs * plan_flops(config)  # XLA's cost analysis counts the MPPI loop's body once, not per iteration
+    precision = ", bf16: official autocast, ours bf16 matmuls" if bf16 else ""
     return {"row": f"act, {envs} env{'s' * (envs > 1)} ({size}M, {config.planner.iterations}x"
-                   f"{config.planner.num_samples} MPPI)", "official": o, "ours": m, "flops": flops}
+                   f"{config.planner.num_samples} MPPI{precision})", "official": o, "ours": m, "flops": flops}
 
 
 def official_teacher(off: Official, size: int, batch_size: int, dropout: float | None = None):
@@ -689,6 +706,8 @@ def measure(args) -> dict:
     print(f"[{args.threads} thread(s)] equal on the same input: {json.dumps(result['checks'])}", flush=True)
     rows = [lambda s=s: time_update(off, s, args.repeats) for s in args.sizes]
     rows += [lambda: time_act(off, 1, 1, args.repeats), lambda: time_act(off, 1, 30, args.act30_repeats)]
+    if args.bf16:
+        rows += [lambda: time_act(off, 1, 1, args.repeats, bf16=True)]
     rows += [lambda t=t: time_distill(off, t, args.repeats) for t in args.teachers]
     result["rows"] = []
     for row in rows:
@@ -776,6 +795,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--teachers", default="5", help="teacher sizes of the distillation rows (student 1M)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per side (default 20)")
     p.add_argument("--act30_repeats", type=int, default=None, help="timed calls per side, 30 envs (default 20)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                   help="a bf16 planning row (1 env): official under torch.autocast, ours planner.compute_dtype bf16")
     p.add_argument("--eval_steps", type=int, default=None,
                    help="agent steps per task of the evaluation-throughput row (default 10; --quick: 0, no row)")
     p.add_argument("--eval_tasks", default="all", help="MT30 tasks of the evaluation row (comma-separated, or all)")
@@ -836,6 +857,7 @@ def run_child(args, threads: int, part: str) -> dict:
            f"--threads={threads}", f"--sizes={','.join(map(str, args.sizes))}",
            f"--teachers={','.join(map(str, args.teachers))}", f"--repeats={args.repeats}",
            f"--act30_repeats={args.act30_repeats}", f"--eval_steps={args.eval_steps}",
+           "--bf16" if args.bf16 else "--no-bf16",
            f"--eval_tasks={','.join(args.eval_tasks)}", f"--eval_repeats={args.eval_repeats}",
            f"--child_json={out}", f"--child_part={part}"]
     proc = subprocess.run(cmd, env=env, cwd=REPO)
