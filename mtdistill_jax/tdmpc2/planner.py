@@ -20,6 +20,10 @@ where every env b plans independently with its own task id. Per env, as the offi
    first action (not an official mode). The result is clipped to [-1, 1]; actions beyond a task's action dim
    are exactly 0.
 
+``config.planner.compute_dtype`` ("float32", official; or "bfloat16") is the dtype the world model runs in while
+planning: params are cast once per call, the model's matmuls accumulate in float32 (``nn.layers.matmul``), and the
+MPPI statistics, rewards, values and returned actions stay float32.
+
 For evaluation, data collection and online training the planner is used as an *actor policy*
 (:mod:`mtdistill_jax.acting`)::
 
