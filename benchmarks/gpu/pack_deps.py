@@ -32,8 +32,7 @@ from pathlib import Path
 DISTRIBUTIONS = (
     "mujoco", "mujoco-mjx", "dm_control", "playground",
     # what those import at module level
-    "brax", "jaxopt", "trimesh", "dm-env", "dm-tree", "labmaze", "glfw", "PyOpenGL", "websockets", "orjson",
-    "mediapy",
+    "brax", "jaxopt", "trimesh", "dm-env", "dm-tree", "labmaze", "glfw", "PyOpenGL", "websockets", "mediapy",
     # ours
     "ml_collections", "tensorboardX",
 )
