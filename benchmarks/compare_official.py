@@ -479,14 +479,11 @@ def time_update(off: Official, size: int, repeats: int, batch_size: int = 256) -
                             jax.random.key(0))}
 
 
-YNN_SINGLE_DOT = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
-
-
 def time_act(off: Official, size: int, envs: int, repeats: int, bf16: bool = False) -> dict:
     """Planning (official ``act``, training mode) for ``envs`` envs: official one call per env in a loop with each
     env's warm-start mean swapped in, ours one batched call. ``bf16``: official under ``torch.autocast('cpu',
     bfloat16)`` (oneDNN's bf16 kernels), ours with ``planner.compute_dtype = 'bfloat16'`` (bf16 matmuls
-    accumulating in float32) compiled with XLA:CPU's YNNPACK single-dot path (:data:`YNN_SINGLE_DOT`), the one
+    accumulating in float32) compiled with XLA:CPU's YNNPACK single-dot path (``xla_cpu.BF16_DOT_OPTIONS``), the one
     that reaches the CPU's bf16 units."""
     import jax
     import jax.numpy as jnp
@@ -494,6 +491,7 @@ def time_act(off: Official, size: int, envs: int, repeats: int, bf16: bool = Fal
 
     from mtdistill_jax.configs.tasks import get_task_set
     from mtdistill_jax.tdmpc2.planner import Planner
+    from mtdistill_jax.xla_cpu import BF16_DOT_OPTIONS
 
     torch = off.torch
     config = our_config(size, 256)
@@ -520,7 +518,7 @@ def time_act(off: Official, size: int, envs: int, repeats: int, bf16: bool = Fal
                 prev[e] = agent._prev_mean.clone()
 
     planner = Planner(config)
-    plan = (jax.jit(planner.plan, static_argnames=("mode",), compiler_options=YNN_SINGLE_DOT) if bf16
+    plan = (jax.jit(planner.plan, static_argnames=("mode",), compiler_options=BF16_DOT_OPTIONS) if bf16
             else planner.plan_jit)
     state = planner.init(envs)
     obs_j, task_j, t0 = jnp.asarray(obs), jnp.asarray(task, jnp.int32), jnp.zeros((envs,), bool)

@@ -25,6 +25,7 @@ from benchmarks.common import header, matmul_peak_gflops, time_jitted  # noqa: E
 from mtdistill_jax.configs import MT30, get_config  # noqa: E402
 from mtdistill_jax.nn import init_params  # noqa: E402
 from mtdistill_jax.tdmpc2.planner import Planner  # noqa: E402
+from mtdistill_jax.xla_cpu import BF16_DOT_OPTIONS  # noqa: E402
 
 
 def mlp_macs(dims):
@@ -55,7 +56,7 @@ def main():
     ap.add_argument("--compute_dtypes", default="float32")
     ap.add_argument("--ynn_dot", action="store_true", help="XLA:CPU YNNPACK single-dot fusions for this program")
     args = ap.parse_args()
-    options = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"} if args.ynn_dot else None
+    options = BF16_DOT_OPTIONS if args.ynn_dot else None
     print(header())
     peak = matmul_peak_gflops()
     print(f"measured float32 matmul throughput (2048^3): {peak:.1f} GFLOP/s")

@@ -36,6 +36,9 @@ FEWER_KERNELS_FLAG = "--xla_cpu_use_fusion_emitters=false"
 SPEED_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
 SPEED_FLAGS_MIN_JAXLIB = (0, 10, 2)
 TUNING_ENV = "MTDISTILL_XLA_CPU_TUNING"  # "0" turns tune_for_cpu off
+# Per-program compiler options (``jax.jit(..., compiler_options=...)``) for YNNPACK's single-dot path, the one
+# XLA:CPU path measured to reach AMX-BF16 for float32-accumulating bf16 dots (README, performance section).
+BF16_DOT_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 # Memory mappings one MJX physics model (one task, or the tasks of one physics structure) adds to the evaluation
 # program (reset + step chunk, planner included), per setting of the fusion emitters. Measured on the 2-core CPU
