@@ -31,7 +31,9 @@ and XLA's Eigen pool off; 2 = two cores) runs in its own process:
    ``no_grad``, then the student's reward-MSE term backpropagated before the unchanged official ``_update``, as
    td-mpc-opt adds it); planning for one env in bf16 (``--bf16``, on by default: official under
    ``torch.autocast('cpu', bfloat16)``, ours with ``planner.compute_dtype = 'bfloat16'`` and XLA:CPU's YNNPACK
-   single-dot path, the one that reaches AMX-BF16); evaluation throughput (``--eval_steps``, default 10, 0
+   single-dot path, the one that reaches AMX-BF16); with ``--torch_compile``, the official update (1M) and act
+   (1 env) under ``torch.compile`` (inductor, default mode, its pattern matcher off: with it on, torch 2.13's
+   CPU inductor fails on the official update), ours as always; evaluation throughput (``--eval_steps``, default 10, 0
    skips it): every call resets the 30 MT30 tasks' envs (one episode each) and runs that many agent steps,
    official: its evaluation loop in dm_control (the checkout's ``envs``, needs gymnasium), task after task;
    ours: the batched MJX + planner evaluation program, in a process of its own (XLA:CPU's fewer-kernel
@@ -450,7 +452,28 @@ def torch_matmul_gflops(torch, n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9
 
 
-def time_update(off: Official, size: int, repeats: int, batch_size: int = 256) -> dict:
+def torch_compiled(torch, fn):
+    """``torch.compile(fn)`` as it works on CPU: inductor in its default mode (the official ``reduce-overhead``
+    adds CUDA graphs, which do not apply on CPU) with inductor's pattern matcher off. With it on, torch 2.13's CPU
+    inductor fails on the official update (``BackendCompilerFailed``: "Not all inputs to pattern found in
+    match.kwargs ... argname=slice_shape"), in both modes."""
+    torch._inductor.config.pattern_matcher = False
+    return torch.compile(fn)
+
+
+def compile_row(row: str, timed) -> dict:
+    """A ``--torch_compile`` row: ``timed()``'s result, or the row with the error torch.compile raised (the table
+    says it fails and how, instead of stopping the run)."""
+    try:
+        return timed()
+    except Exception as e:  # noqa: BLE001 - whatever torch.compile raises is the row's finding
+        first = (str(e).strip().splitlines() or [""])[0]
+        return {"row": row, "error": f"{type(e).__name__}: {first}"[:300]}
+
+
+def time_update(off: Official, size: int, repeats: int, batch_size: int = 256, torch_compile: bool = False) -> dict:
+    """Update step rows; ``torch_compile``: the official ``_update`` under :func:`torch_compiled` (what its
+    ``compile: true`` does, on CPU)."""
     import jax
     import numpy as np
 
@@ -467,19 +490,32 @@ def time_update(off: Official, size: int, repeats: int, batch_size: int = 256) -
     batch_d = jax.device_put(batch)
     keys = iter(jax.random.split(jax.random.key(0), 4 * repeats + 8))
 
+    update = torch_compiled(off.torch, agent._update) if torch_compile else agent._update
+
     def official():
-        agent._update(*tb[:4], task=tb[4])
+        update(*tb[:4], task=tb[4])
 
     def ours():
         jax.block_until_ready(learner.update_jit(state, batch_d, next(keys)))
 
     o, m = interleaved(official, ours, repeats)
-    return {"row": f"update MT30 {size}M, B {batch_size}, H {config.train.horizon}", "official": o, "ours": m,
+    return {"row": update_row_name(size, batch_size, config.train.horizon, torch_compile), "official": o, "ours": m,
             "flops": _flops(jax.jit(make_update_fn(make_world_model(config.model), config)), state, batch_d,
                             jax.random.key(0))}
 
 
-def time_act(off: Official, size: int, envs: int, repeats: int, bf16: bool = False) -> dict:
+def update_row_name(size: int, batch_size: int, horizon: int, torch_compile: bool) -> str:
+    return f"update MT30 {size}M, B {batch_size}, H {horizon}{', official torch.compile' * torch_compile}"
+
+
+def act_row_name(size: int, envs: int, config, bf16: bool, torch_compile: bool) -> str:
+    precision = ", bf16: official autocast, ours bf16 matmuls" if bf16 else ""
+    return (f"act, {envs} env{'s' * (envs > 1)} ({size}M, {config.planner.iterations}x{config.planner.num_samples} "
+            f"MPPI{precision}{', official torch.compile' * torch_compile})")
+
+
+def time_act(off: Official, size: int, envs: int, repeats: int, bf16: bool = False,
+             torch_compile: bool = False) -> dict:
     """Planning (official ``act``, training mode) for ``envs`` envs: official one call per env in a loop with each
     env's warm-start mean swapped in, ours one batched call. ``bf16``: official under ``torch.autocast('cpu',
     bfloat16)`` (oneDNN's bf16 kernels), ours with ``planner.compute_dtype = 'bfloat16'`` (bf16 matmuls
@@ -499,6 +535,8 @@ def time_act(off: Official, size: int, envs: int, repeats: int, bf16: bool = Fal
         config.planner.compute_dtype = "bfloat16"
     params, target = same_weights(config.model)
     agent = off.agent(size, config, params, target)
+    if torch_compile:  # what the official ``plan`` property does with ``compile: true``
+        agent._plan_val = torch_compiled(torch, agent._plan)
     ts = get_task_set("mt30")
     rng = np.random.default_rng(1)
     task = np.arange(envs) % ts.num_tasks
@@ -533,9 +571,7 @@ def time_act(off: Official, size: int, envs: int, repeats: int, bf16: bool = Fal
     from benchmarks.plan import plan_flops
 
     flops = envs * plan_flops(config)  # XLA's cost analysis counts the MPPI loop's body once, not per iteration
-    precision = ", bf16: official autocast, ours bf16 matmuls" if bf16 else ""
-    return {"row": f"act, {envs} env{'s' * (envs > 1)} ({size}M, {config.planner.iterations}x"
-                   f"{config.planner.num_samples} MPPI{precision})", "official": o, "ours": m, "flops": flops}
+    return {"row": act_row_name(size, envs, config, bf16, torch_compile), "official": o, "ours": m, "flops": flops}
 
 
 def official_teacher(off: Official, size: int, batch_size: int, dropout: float | None = None):
@@ -707,10 +743,20 @@ def measure(args) -> dict:
     if args.bf16:
         rows += [lambda: time_act(off, 1, 1, args.repeats, bf16=True)]
     rows += [lambda t=t: time_distill(off, t, args.repeats) for t in args.teachers]
+    if args.torch_compile:
+        from mtdistill_jax.configs import get_config
+
+        rows += [lambda: compile_row(update_row_name(1, 256, 3, True),
+                                     lambda: time_update(off, 1, args.repeats, torch_compile=True)),
+                 lambda: compile_row(act_row_name(1, 1, get_config(1, "mt30"), False, True),
+                                     lambda: time_act(off, 1, 1, args.repeats, torch_compile=True))]
     result["rows"] = []
     for row in rows:
         r = row()
         result["rows"].append(r)
+        if "error" in r:
+            print(f"[{args.threads} thread(s)] {r['row']}: {r['error']}", flush=True)
+            continue
         print(f"[{args.threads} thread(s)] {r['row']}: official {r['official']['median_ms']:.1f} ms, ours "
               f"{r['ours']['median_ms']:.1f} ms", flush=True)
     result["loadavg_end"] = os.getloadavg()
@@ -750,6 +796,9 @@ def table(results: list[dict], command: str) -> str:
                   "% peak: official / ours |",
                   "|---|---|---|---|---|---|"]
         for r in res["rows"]:
+            if "error" in r:
+                lines.append(f"| {r['row']} | fails: {r['error']} | | | | |")
+                continue
             o, m = r["official"], r["ours"]
             peak = ""
             if r.get("flops"):
@@ -795,6 +844,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--act30_repeats", type=int, default=None, help="timed calls per side, 30 envs (default 20)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                    help="a bf16 planning row (1 env): official under torch.autocast, ours planner.compute_dtype bf16")
+    p.add_argument("--torch_compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="rows with the official update and act (1M, 1 env) under torch.compile (inductor; its first "
+                        "call compiles for minutes on CPU)")
     p.add_argument("--eval_steps", type=int, default=None,
                    help="agent steps per task of the evaluation-throughput row (default 10; --quick: 0, no row)")
     p.add_argument("--eval_tasks", default="all", help="MT30 tasks of the evaluation row (comma-separated, or all)")
@@ -855,7 +907,7 @@ def run_child(args, threads: int, part: str) -> dict:
            f"--threads={threads}", f"--sizes={','.join(map(str, args.sizes))}",
            f"--teachers={','.join(map(str, args.teachers))}", f"--repeats={args.repeats}",
            f"--act30_repeats={args.act30_repeats}", f"--eval_steps={args.eval_steps}",
-           "--bf16" if args.bf16 else "--no-bf16",
+           "--bf16" if args.bf16 else "--no-bf16", "--torch_compile" if args.torch_compile else "--no-torch_compile",
            f"--eval_tasks={','.join(args.eval_tasks)}", f"--eval_repeats={args.eval_repeats}",
            f"--child_json={out}", f"--child_part={part}"]
     proc = subprocess.run(cmd, env=env, cwd=REPO)

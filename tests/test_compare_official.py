@@ -60,6 +60,27 @@ def test_report_table():
     assert "## 2 thread(s)" in text and "within 5.0e-06 relative" in text and "same top-64 elites: True" in text
 
 
+def test_a_torch_compile_row_that_fails_is_reported_not_raised():
+    assert not co.parse_args(["--tdmpc2_repo=x"]).torch_compile
+    assert co.parse_args(["--tdmpc2_repo=x", "--torch_compile"]).torch_compile
+    name = co.update_row_name(1, 256, 3, True)
+    assert name == "update MT30 1M, B 256, H 3, official torch.compile"
+
+    def fails():
+        raise RuntimeError("backend='inductor' raised:\nmore detail")
+
+    r = co.compile_row(name, fails)
+    assert r == {"row": name, "error": "RuntimeError: backend='inductor' raised:"}
+    ok = {"row": name, "official": {}, "ours": {}}
+    assert co.compile_row(name, lambda: ok) is ok
+    res = {"threads": 1, "jax": "0.x", "torch": "2.x", "matmul_gflops": {"jax": 100.0, "torch": 50.0},
+           "loadavg_start": (0.1, 0, 0), "loadavg_end": (0.2, 0, 0), "rows": [r],
+           "checks": {"update": {"td_targets_max_abs": 1e-6, "params_after_max_abs": 8e-6, "grad_norm_rel": 2e-6},
+                      "values": {"values_max_abs": 3e-6, "values_abs_range": [0.001, 0.5], "same_elites": True}}}
+    text = co.table([res], "cmd")
+    assert f"| {name} | fails: RuntimeError: backend='inductor' raised: | | | | |" in text
+
+
 @pytest.fixture(scope="module")
 def official():
     path = os.environ.get(REPO_ENV)
