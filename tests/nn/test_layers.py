@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxpr_util import equations
 
 from mtdistill_jax.nn.layers import matmul
 
@@ -44,19 +45,6 @@ def test_matmul_mixed_dtypes_give_cotangents_in_the_inputs_dtypes():
     np.testing.assert_allclose(np.asarray(dk, np.float32), np.full((3, 2), 4.0))
 
 
-def _dots(jaxpr):
-    """Every dot_general equation in ``jaxpr`` and the jaxprs nested in it (custom_vjp calls included)."""
-    from jax.extend.core import ClosedJaxpr, Jaxpr
-
-    for e in jaxpr.eqns:
-        if e.primitive.name == "dot_general":
-            yield e
-        for p in e.params.values():
-            for sub in p if isinstance(p, (list, tuple)) else [p]:
-                if isinstance(sub, (ClosedJaxpr, Jaxpr)):
-                    yield from _dots(sub.jaxpr if isinstance(sub, ClosedJaxpr) else sub)
-
-
 @pytest.mark.parametrize("x_shape,k_shape", [((7, 33), (33, 5)), ((3, 7, 33), (3, 33, 5))])
 def test_bf16_matmul_accumulates_in_float32_forward_and_backward(x_shape, k_shape):
     rng = np.random.default_rng(1)
@@ -68,7 +56,7 @@ def test_bf16_matmul_accumulates_in_float32_forward_and_backward(x_shape, k_shap
         return jnp.sum(matmul(x, k).astype(jnp.float32) ** 2)
 
     jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1)))(x, k)
-    dots = list(_dots(jaxpr.jaxpr))
+    dots = list(equations(jaxpr, "dot_general"))
     assert len(dots) == 3  # forward, dx, dk
     for e in dots:
         assert [str(v.aval.dtype) for v in e.invars] == ["bfloat16", "bfloat16"]
@@ -82,5 +70,5 @@ def test_bf16_matmul_accumulates_in_float32_forward_and_backward(x_shape, k_shap
     dx, dk = jax.grad(loss, argnums=(0, 1))(x, k)
     assert dx.dtype == dk.dtype == jnp.bfloat16
     # float32 operands keep the plain dot (no preferred type, as before)
-    e32 = list(_dots(jax.make_jaxpr(matmul)(x32, k32).jaxpr))
+    e32 = list(equations(jax.make_jaxpr(matmul)(x32, k32), "dot_general"))
     assert e32 and all(e.params["preferred_element_type"] in (None, jnp.float32) for e in e32)

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jaxpr_util import equations
 
 from mtdistill_jax.configs import MT30, get_smoke_config
 from mtdistill_jax.nn import WorldModel, init_params
@@ -217,15 +218,8 @@ def _bf16_config(**planner):
 
 def _dot_dtypes(jaxpr):
     """(lhs dtype, rhs dtype) of every dot_general in ``jaxpr`` and the jaxprs nested in it (scan, vmap, jit)."""
-    from jax.extend.core import ClosedJaxpr, Jaxpr
-
-    for e in jaxpr.eqns:
-        if e.primitive.name == "dot_general":
-            yield tuple(str(v.aval.dtype) for v in e.invars)
-        for p in e.params.values():
-            for sub in p if isinstance(p, (list, tuple)) else [p]:
-                if isinstance(sub, (ClosedJaxpr, Jaxpr)):
-                    yield from _dot_dtypes(sub.jaxpr if isinstance(sub, ClosedJaxpr) else sub)
+    for e in equations(jaxpr, "dot_general"):
+        yield tuple(str(v.aval.dtype) for v in e.invars)
 
 
 def test_bfloat16_planning_runs_the_model_in_bf16_and_returns_float32(planner, params):
