@@ -21,7 +21,7 @@ demo: venv
 
 test: venv
 	$(PY) -m ruff check .
-	$(PY) -m pytest -n 2 -q --durations=15
+	$(PY) -m pytest -n 2 --dist loadgroup -q --durations=15
 
 lint: venv
 	$(PY) -m ruff check .

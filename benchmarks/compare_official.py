@@ -44,7 +44,8 @@ and XLA's Eigen pool off; 2 = two cores) runs in its own process:
 
 The markdown table (speed-up = official ms / ours ms, > 1 means ours is faster) goes to ``--out`` with the command,
 the CPU model, core count and versions. ``--quick`` (2 threads, repeats 6, 3 for the 30-env rows) finishes in a few
-minutes on a 2-core CPU.
+minutes on a 2-core CPU. ``--parts=eval`` runs the evaluation row alone (after the planner-value check), e.g. to add
+a thread setting's row to an earlier table; ``--parts=main`` everything but it.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TESTED_COMMIT = "e9f5932"
+BATCH = 256  # batch size of the update, planning and distillation rows (the official default)
 PATCHES = {  # file -> (old, new, expected count): the official code's hard-coded CUDA device
     "common/scale.py": [("torch.device('cuda:0')", "torch.device('cpu')", 2)],
     "tdmpc2.py": [("torch.device('cuda:0')", "torch.device('cpu')", 1), ("device='cuda:0'", "device='cpu'", 1)],
@@ -141,7 +143,7 @@ class Official:
         exec(compile(src, str(path), "exec"), mod.__dict__)  # noqa: S102 - the user's checkout, as its train.py runs
         return mod
 
-    def cfg(self, size: int, *, batch_size: int = 256, horizon: int = 3, dropout: float | None = None):
+    def cfg(self, size: int, *, batch_size: int = BATCH, horizon: int = 3, dropout: float | None = None):
         """The official config for MT30 at ``size``: ``config.yaml``, the model-size preset and what ``parse_cfg``
         and ``make_env`` derive (task_dim 96 for sizes 1 and 317, else 64; obs padded to 24, actions to 6)."""
         import dataclasses
@@ -366,7 +368,7 @@ def check_values(off: Official, size: int = 1, task_id: int = 3, seed: int = 5) 
     from mtdistill_jax.tdmpc2.planner import make_value_estimator
 
     torch = off.torch
-    config = our_config(size, 256, dropout=0.0)
+    config = our_config(size, BATCH, dropout=0.0)
     params, target = same_weights(config.model)
     agent = off.agent(size, config, params, target, dropout=0.0)
     ts = get_task_set("mt30")
@@ -471,7 +473,7 @@ def compile_row(row: str, timed) -> dict:
         return {"row": row, "error": f"{type(e).__name__}: {first}"[:300]}
 
 
-def time_update(off: Official, size: int, repeats: int, batch_size: int = 256, torch_compile: bool = False) -> dict:
+def time_update(off: Official, size: int, repeats: int, batch_size: int = BATCH, torch_compile: bool = False) -> dict:
     """Update step rows; ``torch_compile``: the official ``_update`` under :func:`torch_compiled` (what its
     ``compile: true`` does, on CPU)."""
     import jax
@@ -530,7 +532,7 @@ def time_act(off: Official, size: int, envs: int, repeats: int, bf16: bool = Fal
     from mtdistill_jax.xla_cpu import BF16_DOT_OPTIONS
 
     torch = off.torch
-    config = our_config(size, 256)
+    config = our_config(size, BATCH)
     if bf16:
         config.planner.compute_dtype = "bfloat16"
     params, target = same_weights(config.model)
@@ -605,7 +607,7 @@ def two_pass_distill_step(off: Official, agent, teacher, config, batch) -> dict:
 
 
 def time_distill(off: Official, teacher_size: int, repeats: int, student_size: int = 1,
-                 batch_size: int = 256) -> dict:
+                 batch_size: int = BATCH) -> dict:
     """One distillation step: ours fused (teacher forward + student update + the paper's reward term in one
     program) vs a faithful two-pass PyTorch version as td-mpc-opt does it: the frozen teacher's reward prediction
     under ``no_grad``, then the student's reward-MSE term backpropagated into the gradients that the unchanged
@@ -674,7 +676,7 @@ def time_eval(off: Official, steps: int, repeats: int, tasks: list[str] | None =
 
     torch = off.torch
     tasks = list(MT30.tasks) if tasks is None else list(tasks)
-    config = our_config(size, 256)
+    config = our_config(size, BATCH)
     params, target = same_weights(config.model)
     agent = off.agent(size, config, params, target)
     env = official_mt30_env(off, tasks)
@@ -730,6 +732,9 @@ def measure(args) -> dict:
     print(f"[{args.threads} thread(s)] float32 matmul GFLOP/s: jax {result['matmul_gflops']['jax']:.0f}, torch "
           f"{result['matmul_gflops']['torch']:.0f}", flush=True)
     if args.child_part == "eval":
+        if "main" not in args.parts:  # the planner the evaluation row runs, checked on the same input first
+            result["checks"] = {"values": check_values(off)}
+            print(f"[{args.threads} thread(s)] equal on the same input: {json.dumps(result['checks'])}", flush=True)
         r = time_eval(off, args.eval_steps, args.eval_repeats, args.eval_tasks)
         print(f"[{args.threads} thread(s)] {r['row']}: official {r['official']['agent_steps_per_s']:.2f}, ours "
               f"{r['ours']['agent_steps_per_s']:.2f} agent steps/s", flush=True)
@@ -744,11 +749,10 @@ def measure(args) -> dict:
         rows += [lambda: time_act(off, 1, 1, args.repeats, bf16=True)]
     rows += [lambda t=t: time_distill(off, t, args.repeats) for t in args.teachers]
     if args.torch_compile:
-        from mtdistill_jax.configs import get_config
-
-        rows += [lambda: compile_row(update_row_name(1, 256, 3, True),
+        c1 = our_config(1, BATCH)  # the names the rows take when their compile fails
+        rows += [lambda: compile_row(update_row_name(1, BATCH, c1.train.horizon, True),
                                      lambda: time_update(off, 1, args.repeats, torch_compile=True)),
-                 lambda: compile_row(act_row_name(1, 1, get_config(1, "mt30"), False, True),
+                 lambda: compile_row(act_row_name(1, 1, c1, False, True),
                                      lambda: time_act(off, 1, 1, args.repeats, torch_compile=True))]
     result["rows"] = []
     for row in rows:
@@ -816,12 +820,16 @@ def table(results: list[dict], command: str) -> str:
                           f"every call resets the envs and runs {r['agent_steps']} agent steps; first call: ours "
                           f"compiles the program. That process's XLA_FLAGS: `{res.get('eval_xla_flags', '')}`."]
         c = res["checks"]
-        lines += ["", f"Equality before timing (size 1, dropout 0, same weights and draws): TD targets within "
-                  f"{c['update']['td_targets_max_abs']:.1e}, losses and grad norms within "
-                  f"{max(v for k, v in c['update'].items() if k.endswith('_rel')):.1e} relative, parameters after one "
-                  f"update within {c['update']['params_after_max_abs']:.1e}; planner values of 512 samples within "
-                  f"{c['values']['values_max_abs']:.1e} (|value| {c['values']['values_abs_range'][0]:.2g}-"
-                  f"{c['values']['values_abs_range'][1]:.2g}), same top-64 elites: {c['values']['same_elites']}."]
+        checked = []
+        if "update" in c:
+            checked.append(f"TD targets within {c['update']['td_targets_max_abs']:.1e}, losses and grad norms within "
+                           f"{max(v for k, v in c['update'].items() if k.endswith('_rel')):.1e} relative, parameters "
+                           f"after one update within {c['update']['params_after_max_abs']:.1e}")
+        checked.append(f"planner values of 512 samples within {c['values']['values_max_abs']:.1e} (|value| "
+                       f"{c['values']['values_abs_range'][0]:.2g}-{c['values']['values_abs_range'][1]:.2g}), same "
+                       f"top-64 elites: {c['values']['same_elites']}")
+        lines += ["", "Equality before timing (size 1, dropout 0, same weights and draws): " + "; ".join(checked)
+                  + "."]
         for name, d in c.items():
             if name.startswith("distill_"):
                 lines[-1] += (f" Distillation step (teacher {name.split('_')[1]}M, the two-pass PyTorch version): "
@@ -851,6 +859,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="agent steps per task of the evaluation-throughput row (default 10; --quick: 0, no row)")
     p.add_argument("--eval_tasks", default="all", help="MT30 tasks of the evaluation row (comma-separated, or all)")
     p.add_argument("--eval_repeats", type=int, default=2, help="timed calls per side of the evaluation row")
+    p.add_argument("--parts", default="main,eval",
+                   help="what to run, comma-separated: main (the equality checks, then the update, act and "
+                        "distillation rows), eval (the evaluation row; alone, after the planner-value check)")
     p.add_argument("--out", default=str(REPO / "benchmarks/results/compare_official_cpu.md"))
     p.add_argument("--child_json", default=None, help=argparse.SUPPRESS)  # one thread setting, in a subprocess
     p.add_argument("--child_part", default="main", choices=("main", "eval"), help=argparse.SUPPRESS)
@@ -863,6 +874,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.eval_steps < 0 or (args.eval_steps and 500 % args.eval_steps):
         p.error(f"--eval_steps must divide MT30's episode length 500 (one compiled chunk), or be 0 (no evaluation "
                 f"row); got {args.eval_steps}")
+    args.parts = [x for x in args.parts.split(",") if x]
+    if not args.parts or set(args.parts) - {"main", "eval"}:
+        p.error(f"--parts: comma-separated of main, eval; got {','.join(args.parts) or 'none'}")
+    if args.parts == ["eval"] and not args.eval_steps:
+        p.error("--parts=eval needs --eval_steps > 0 (--quick sets 0)")
     from mtdistill_jax.configs.tasks import get_task_set
 
     mt30 = get_task_set("mt30")
@@ -909,6 +925,7 @@ def run_child(args, threads: int, part: str) -> dict:
            f"--act30_repeats={args.act30_repeats}", f"--eval_steps={args.eval_steps}",
            "--bf16" if args.bf16 else "--no-bf16", "--torch_compile" if args.torch_compile else "--no-torch_compile",
            f"--eval_tasks={','.join(args.eval_tasks)}", f"--eval_repeats={args.eval_repeats}",
+           f"--parts={','.join(args.parts)}",
            f"--child_json={out}", f"--child_part={part}"]
     proc = subprocess.run(cmd, env=env, cwd=REPO)
     if proc.returncode:
@@ -928,9 +945,11 @@ def main(argv=None) -> None:
         return
     results = []
     for t in args.threads:
-        result = run_child(args, t, "main")
-        if args.eval_steps:
+        result = run_child(args, t, "main") if "main" in args.parts else None
+        if args.eval_steps and "eval" in args.parts:
             ev = run_child(args, t, "eval")
+            if result is None:
+                result = {**ev, "rows": []}
             result["rows"] += ev["rows"]
             result["eval_xla_flags"] = ev["xla_flags"]
             result["loadavg_end"] = ev["loadavg_end"]

@@ -31,8 +31,11 @@ def test_arguments():
     assert co.parse_args(["--tdmpc2_repo=x", "--quick"]).eval_steps == 0  # --quick: no evaluation row
     args = co.parse_args(["--tdmpc2_repo=x", "--eval_steps=20", "--eval_tasks=walker-walk,cup-catch"])
     assert (args.eval_steps, args.eval_tasks) == (20, ["walker-walk", "cup-catch"])
+    assert co.parse_args(["--tdmpc2_repo=x"]).parts == ["main", "eval"]
+    assert co.parse_args(["--tdmpc2_repo=x", "--parts=eval"]).parts == ["eval"]
     for bad in (["--sizes=2"], ["--teachers=3"], ["--threads=0"], ["--repeats=1"], ["--sizes=a"],
-                ["--eval_steps=3"], ["--eval_steps=-10"], ["--eval_tasks=walker-fly"], ["--eval_repeats=1"]):
+                ["--eval_steps=3"], ["--eval_steps=-10"], ["--eval_tasks=walker-fly"], ["--eval_repeats=1"],
+                ["--parts=update"], ["--parts="], ["--parts=eval", "--eval_steps=0"], ["--parts=eval", "--quick"]):
         with pytest.raises(SystemExit):
             co.parse_args(["--tdmpc2_repo=x", *bad])
 
@@ -58,6 +61,24 @@ def test_report_table():
     # speed-up 300 / 200; % peak: 2 GFLOP in 0.3 s = 6.7 GFLOP/s of torch's 50, in 0.2 s = 10 of jax's 100
     assert "| update MT30 1M, B 256, H 3 | 300.0 (290-320) | 200.0 (195-210) | 1.50 | 0.4 / 12.0 | 13 / 10 |" in text
     assert "## 2 thread(s)" in text and "within 5.0e-06 relative" in text and "same top-64 elites: True" in text
+
+
+def test_report_table_of_the_evaluation_row_alone():
+    """``--parts=eval``: the row, and of the equality checks only the planner values that row's planner ran."""
+    ev = {"row": "evaluation, 30 tasks x 1 episode, 10 agent steps (1M planner)", "agent_steps": 300,
+          "official": {"median_ms": 90000.0, "p10_ms": 89000.0, "p90_ms": 91000.0, "first_s": 80.0,
+                       "agent_steps_per_s": 3.3},
+          "ours": {"median_ms": 60000.0, "p10_ms": 59000.0, "p90_ms": 61000.0, "first_s": 600.0,
+                   "agent_steps_per_s": 5.0}}
+    res = {"threads": 1, "jax": "0.x", "torch": "2.x", "matmul_gflops": {"jax": 100.0, "torch": 50.0},
+           "loadavg_start": (0.1, 0, 0), "loadavg_end": (0.2, 0, 0), "rows": [ev], "xla_flags": "--f",
+           "eval_xla_flags": "--f",
+           "checks": {"values": {"values_max_abs": 3e-6, "values_abs_range": [0.001, 0.5], "same_elites": True}}}
+    text = co.table([res], "cmd")
+    assert "| 90,000.0 (89,000-91,000) | 60,000.0 (59,000-61,000) | 1.50 | 80.0 / 600.0 |" in text
+    assert ("Equality before timing (size 1, dropout 0, same weights and draws): planner values of 512 samples "
+            "within 3.0e-06 (|value| 0.001-0.5), same top-64 elites: True.") in text
+    assert "TD targets" not in text
 
 
 def test_a_torch_compile_row_that_fails_is_reported_not_raised():

@@ -41,18 +41,25 @@ if not FILES:
 # that are differences of quantities of order one (e.g. positions relative to a target).
 OBS_AT_STATE = dict(atol=1e-4, rtol=1e-5)
 
+# One xdist group per task: its observation, step and dims tests, for every recorded episode, run on one worker,
+# one after another, so the task's programs are traced and compiled once there (tracing an MJX step alone takes
+# ~30 s on a 2-core CPU, and the persistent cache saves compiling only). `make test` runs `--dist loadgroup`.
+EPISODES = [pytest.param(p, id=p.stem, marks=pytest.mark.xdist_group(f"env-{task_of(p)}")) for p in FILES]
+
 _cache: dict = {}
 
 
 def _replayed(path):
+    """The episode and its replay, kept for the episodes of the task in hand (a group's tests come together)."""
     if path not in _cache:
         ep = load_episode(path)
-        _cache.clear()
+        for other in [p for p in _cache if task_of(p) != task_of(path)]:
+            del _cache[other]
         _cache[path] = (ep, replay(task_of(path), ep))
     return _cache[path]
 
 
-@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", EPISODES)
 def test_observation_at_recorded_states(path):
     ep, out = _replayed(path)
     for key, sl in obs_key_slices(ep).items():
@@ -61,7 +68,7 @@ def test_observation_at_recorded_states(path):
         np.testing.assert_allclose(out["obs"][:, sl], ep["obs"][:, sl], err_msg=key, **OBS_AT_STATE)
 
 
-@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", EPISODES)
 def test_step_from_recorded_states(path):
     """Float32 round-off passes, in float32 or (when a contact switches a substep apart) in float64 MJX; a
     modelling difference fails in both (test_parity_criterion_rejects_a_modelling_difference)."""
@@ -88,7 +95,8 @@ def test_parity_criterion_rejects_a_modelling_difference(tmp_path):
     assert report["rechecked"] and report["failed"], report
 
 
-@pytest.mark.parametrize("task", sorted({task_of(p) for p in FILES}))
+@pytest.mark.parametrize("task", [pytest.param(t, marks=pytest.mark.xdist_group(f"env-{t}"))
+                                  for t in sorted({task_of(p) for p in FILES})])
 def test_dims_equal_official(task):
     env = get_env(task)
     i = MT30.task_id(task)
