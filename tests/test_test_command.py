@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 GROUPED = '''
@@ -50,10 +52,4 @@ def test_loadgroup_keeps_each_group_on_one_worker(tmp_path):
         workers[group].add(worker)
     assert sorted(workers) == ["g0", "g1"]
     assert all(len(w) == 1 for w in workers.values()), (
-        f"--dist loadgroup spread a group over workers: {dict(workers)} (pytest {_pytest_version()})")
-
-
-def _pytest_version() -> str:
-    import pytest
-
-    return pytest.__version__
+        f"--dist loadgroup spread a group over workers: {dict(workers)} (pytest {pytest.__version__})")

@@ -41,10 +41,16 @@ if not FILES:
 # that are differences of quantities of order one (e.g. positions relative to a target).
 OBS_AT_STATE = dict(atol=1e-4, rtol=1e-5)
 
+
 # One xdist group per task: its observation, step and dims tests, for every recorded episode, run on one worker,
 # one after another, so the task's programs are traced and compiled once there (tracing an MJX step alone takes
 # ~30 s on a 2-core CPU, and the persistent cache saves compiling only). `make test` runs `--dist loadgroup`.
-EPISODES = [pytest.param(p, id=p.stem, marks=pytest.mark.xdist_group(f"env-{task_of(p)}")) for p in FILES]
+def _task_group(value, task: str, **kw):
+    """``value`` as a parameter in ``task``'s xdist group (the one group name every test of the task shares)."""
+    return pytest.param(value, marks=pytest.mark.xdist_group(f"env-{task}"), **kw)
+
+
+EPISODES = [_task_group(p, task_of(p), id=p.stem) for p in FILES]
 
 _cache: dict = {}
 
@@ -95,8 +101,7 @@ def test_parity_criterion_rejects_a_modelling_difference(tmp_path):
     assert report["rechecked"] and report["failed"], report
 
 
-@pytest.mark.parametrize("task", [pytest.param(t, marks=pytest.mark.xdist_group(f"env-{t}"))
-                                  for t in sorted({task_of(p) for p in FILES})])
+@pytest.mark.parametrize("task", [_task_group(t, t) for t in sorted({task_of(p) for p in FILES})])
 def test_dims_equal_official(task):
     env = get_env(task)
     i = MT30.task_id(task)
