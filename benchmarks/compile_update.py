@@ -1,0 +1,116 @@
+"""Benchmark: the TD-MPC2 update's first-call (compile) time against its step time, for levers that trade them.
+
+In one process, with the persistent compilation cache off (every compile cold), each variant is traced and lowered
+(timed), compiled (timed; its fusions counted), then the variants' steps are timed interleaved, call after call,
+so that all see the same machine state:
+
+- ``tree``: the library's update (``mtdistill_jax.tdmpc2.train.make_optimizers``: world-model Adam with the
+  encoder's learning rate scaled, policy Adam, each after a global-norm clip), optimiser state per parameter leaf.
+- ``flat``: the same arithmetic with each optimiser's Adam moments in one vector (``optax.flatten``; the encoder's
+  learning-rate scale applied after Adam, per leaf). Not a library option: it would change the optimiser state's
+  layout in checkpoints, so this script swaps it in to measure what it would gain.
+- ``no_tree_reduction``: the library's update compiled without XLA's tree-reduction rewrite (which turns a
+  reduction over more than 32 elements into a 32-wide reduce-window and a reduce: vectorised and more accurate).
+- ``opt1``: the library's update compiled at ``xla_backend_optimization_level=1`` (LLVM -O1 instead of -O2).
+
+Usage: ``python benchmarks/compile_update.py [--size 1] [--variants tree,flat,no_tree_reduction,opt1]
+[--repeats 15]``; ``taskset -c 0 python benchmarks/compile_update.py`` for one core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# variant -> (flat optimiser state, XLA compiler options)
+VARIANTS = {"tree": (False, None), "flat": (True, None),
+            "no_tree_reduction": (False, {"xla_disable_hlo_passes": "tree_reduction_rewriter"}),
+            "opt1": (False, {"xla_backend_optimization_level": 1})}
+
+
+def flat_optimizers(config):
+    """``make_optimizers`` with each optimiser's state in one vector (see the module docstring)."""
+    import jax
+    import optax
+
+    tc = config.train
+
+    def labels(p):
+        return {k: jax.tree_util.tree_map(lambda _, k=k: "encoder" if k == "encoder" else "rest", v)
+                for k, v in p.items()}
+
+    wm = optax.chain(
+        optax.flatten(optax.chain(optax.clip_by_global_norm(tc.grad_clip_norm), optax.scale_by_adam(eps=tc.adam_eps))),
+        optax.multi_transform({"encoder": optax.scale_by_learning_rate(tc.lr * tc.enc_lr_scale),
+                               "rest": optax.scale_by_learning_rate(tc.lr)}, labels),
+    )
+    pi = optax.flatten(optax.chain(optax.clip_by_global_norm(tc.grad_clip_norm),
+                                   optax.adam(tc.lr, eps=tc.pi_adam_eps)))
+    return wm, pi
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--repeats", type=int, default=15)
+    a = ap.parse_args(argv)
+    variants = [v for v in a.variants.split(",") if v]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad or not variants:
+        ap.error(f"--variants: unknown {bad}; valid: {', '.join(VARIANTS)}")
+    if a.size < 1 or a.batch < 1 or a.repeats < 1:
+        ap.error("--size, --batch and --repeats must be >= 1")
+
+    import jax
+    import numpy as np
+
+    jax.config.update("jax_enable_compilation_cache", False)
+    from benchmarks.common import header
+    from benchmarks.update_step import random_batch
+    from mtdistill_jax.configs import get_config
+    from mtdistill_jax.tdmpc2 import train
+
+    print(header(), f"{len(os.sched_getaffinity(0))} core(s)")
+    cfg = get_config(a.size, "mt30")
+    cfg.train.batch_size = a.batch
+    batch = jax.device_put(random_batch(np.random.default_rng(0), a.batch, cfg.train.horizon))
+    tree_optimizers, rows, lowered = train.make_optimizers, {}, {}
+    for v in variants:
+        flat, options = VARIANTS[v]
+        train.make_optimizers = flat_optimizers if flat else tree_optimizers
+        try:
+            learner = train.Learner(cfg, donate=False)
+            state = learner.init(jax.random.key(0))
+            t = time.perf_counter()
+            low = lowered[flat] = lowered.get(flat) or learner.update_jit.lower(state, batch, jax.random.key(1))
+            lower_s = time.perf_counter() - t
+        finally:
+            train.make_optimizers = tree_optimizers
+        t = time.perf_counter()
+        compiled = low.compile(options)
+        rows[v] = dict(lower_s=lower_s, compile_s=time.perf_counter() - t, state=state, compiled=compiled,
+                       fusions=compiled.as_text().count(" fusion("), times=[])
+        jax.block_until_ready(compiled(state, batch, jax.random.key(1)))
+        print(f"  {v}: compiled", flush=True)
+    for i in range(a.repeats):
+        for r in rows.values():
+            t = time.perf_counter()
+            jax.block_until_ready(r["compiled"](r["state"], batch, jax.random.key(i + 2)))
+            r["times"].append(time.perf_counter() - t)
+    print(f"update MT30 {a.size}M, batch {a.batch}, cold compiles; steps interleaved, median of {a.repeats} "
+          "(p10-p90); 'lower' is 0 where an earlier variant's lowering was reused")
+    print(f"{'variant':>17} {'lower s':>8} {'compile s':>9} {'fusions':>8} {'step ms':>8} {'p10-p90 ms':>12}")
+    for v, r in rows.items():
+        ms = np.asarray(r["times"]) * 1e3
+        print(f"{v:>17} {r['lower_s']:>8.1f} {r['compile_s']:>9.1f} {r['fusions']:>8} {np.median(ms):>8.1f} "
+              f"{np.percentile(ms, 10):>5.0f}-{np.percentile(ms, 90):<6.0f}")
+
+
+if __name__ == "__main__":
+    main()
