@@ -1,0 +1,47 @@
+"""benchmarks/compile_update.py: its 'flat' variant does the library optimisers' arithmetic; bad input is refused."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from benchmarks import compile_update
+from mtdistill_jax.configs import get_config
+from mtdistill_jax.tdmpc2.train import make_optimizers
+
+
+def _tree(key):
+    k = jax.random.split(key, 4)
+    return {"encoder": {"w": jax.random.normal(k[0], (8, 5)), "b": jax.random.normal(k[1], (5,))},
+            "dynamics": {"w": jax.random.normal(k[2], (5, 3))},
+            "task_emb": {"embedding": jax.random.normal(k[3], (4, 2))}}
+
+
+def test_flat_optimizers_step_like_the_library_ones():
+    config = get_config(1, "mt30")
+    config.train.grad_clip_norm = 0.5  # small, so clipping is active in the steps below
+    params = _tree(jax.random.key(0))
+    pairs = zip(make_optimizers(config), compile_update.flat_optimizers(config), ("world model", "policy"), strict=True)
+    for tree_opt, flat_opt, name in pairs:
+        p_tree = p_flat = params
+        s_tree, s_flat = tree_opt.init(params), flat_opt.init(params)
+        for i in range(3):
+            grads = jax.tree_util.tree_map(lambda x, i=i: x * (i + 1.0), _tree(jax.random.key(i + 1)))
+            u_tree, s_tree = tree_opt.update(grads, s_tree, p_tree)
+            u_flat, s_flat = flat_opt.update(grads, s_flat, p_flat)
+            p_tree, p_flat = optax.apply_updates(p_tree, u_tree), optax.apply_updates(p_flat, u_flat)
+        for a, b in zip(jax.tree_util.tree_leaves(p_tree), jax.tree_util.tree_leaves(p_flat), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+        if name == "world model":  # Adam steps ~lr per element: the encoder's scaled by enc_lr_scale
+            moved = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), p_flat, params)
+            ratio = moved["encoder"]["w"] / moved["dynamics"]["w"]
+            assert ratio == pytest.approx(config.train.enc_lr_scale, rel=0.2), ratio
+
+
+@pytest.mark.parametrize("argv, msg", [(["--variants=tree,bogus"], "unknown ['bogus']"),
+                                       (["--repeats=0"], "must be >= 1")])
+def test_bad_arguments_exit_with_a_message(argv, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        compile_update.main(argv)
+    assert e.value.code == 2 and msg in capsys.readouterr().err
