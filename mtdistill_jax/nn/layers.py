@@ -8,6 +8,7 @@ Parameter names mirror the official state dict so the importer is a rename plus 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from mtdistill_jax.math import mish, simnorm
+from mtdistill_jax.xla_cpu import TUNING_ENV
 
 LN_EPS = 1e-5  # torch.nn.LayerNorm default (Flax's default is 1e-6)
 INIT_STD = 0.02  # official weight_init: trunc_normal_(std=0.02) with bounds +-2 (absolute), i.e. ~N(0, 0.02^2)
@@ -107,8 +109,25 @@ def dropout(x, rate: float, key):
     return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
 
 
+def row_means_by_matmul(x) -> bool:
+    """Whether :func:`layer_norm` takes its row means as matrix-vector products: float32 on the CPU backend,
+    unless ``MTDISTILL_XLA_CPU_TUNING=0``.
+
+    XLA:CPU rewrites a row sum of more than 32 elements into a 32-wide reduce-window and a reduce (its
+    tree-reduction pass), separate kernels in the forward pass and again in the backward pass. A product with a
+    1/D column goes to the matmul library instead, and its gradient is a broadcast: the 1M update on 1 core is
+    6 % faster (192 vs 205 ms and 230 vs 245 ms, two in-process A/B runs of 30 interleaved steps)."""
+    return x.dtype == jnp.float32 and jax.default_backend() == "cpu" and os.environ.get(TUNING_ENV, "1") != "0"
+
+
 def layer_norm(x, scale, bias, eps: float = LN_EPS):
     """LayerNorm over the last axis with the biased variance, as torch computes it."""
+    if row_means_by_matmul(x):
+        col = jnp.full((x.shape[-1], 1), 1.0 / x.shape[-1], x.dtype)
+        mean = jnp.matmul(x, col, precision=jax.lax.Precision.HIGHEST)
+        c = x - mean
+        var = jnp.matmul(jnp.square(c), col, precision=jax.lax.Precision.HIGHEST)
+        return c * jax.lax.rsqrt(var + eps) * scale + bias
     mean = jnp.mean(x, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
     return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias

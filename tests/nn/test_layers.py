@@ -72,3 +72,38 @@ def test_bf16_matmul_accumulates_in_float32_forward_and_backward(x_shape, k_shap
     # float32 operands keep the plain dot (no preferred type, as before)
     e32 = list(equations(jax.make_jaxpr(matmul)(x32, k32), "dot_general"))
     assert e32 and all(e.params["preferred_element_type"] in (None, jnp.float32) for e in e32)
+
+
+@pytest.mark.parametrize("shape", [(7, 384), (2, 3, 256)])
+def test_layer_norm_row_means_by_matmul_match_the_reduction(shape, monkeypatch):
+    """On CPU in float32, layer_norm's row means are matrix-vector products: values and gradients equal the
+    plain reduction's within float32 round-off; MTDISTILL_XLA_CPU_TUNING=0 and non-float32 inputs take the
+    reduction."""
+    from mtdistill_jax.nn.layers import layer_norm, row_means_by_matmul
+    from mtdistill_jax.xla_cpu import TUNING_ENV
+
+    k = jax.random.split(jax.random.key(0), 4)
+    x = 3.0 + 2.0 * jax.random.normal(k[0], shape)
+    scale, bias = 1.0 + jax.random.normal(k[1], shape[-1:]), jax.random.normal(k[2], shape[-1:])
+    g = jax.random.normal(k[3], shape)
+
+    def value_and_grads():
+        y, vjp = jax.vjp(layer_norm, x, scale, bias)
+        return (y, *vjp(g))
+
+    monkeypatch.delenv(TUNING_ENV, raising=False)
+    assert row_means_by_matmul(x) == (jax.default_backend() == "cpu")
+    assert not row_means_by_matmul(x.astype(jnp.bfloat16))
+    by_matmul = value_and_grads()
+    monkeypatch.setenv(TUNING_ENV, "0")
+    assert not row_means_by_matmul(x)
+    by_reduction = value_and_grads()
+    for a, b in zip(by_matmul, by_reduction, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5)
+    y = np.asarray(by_matmul[0])
+    expected = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * scale + bias
+    np.testing.assert_allclose(y, np.asarray(expected), rtol=1e-5, atol=1e-5)
+    if jax.default_backend() == "cpu":  # the matmul path has no reduction left in its jaxpr
+        monkeypatch.delenv(TUNING_ENV)
+        prims = {e.primitive.name for e in jax.make_jaxpr(layer_norm)(x, scale, bias).eqns}
+        assert "dot_general" in prims and "reduce_sum" not in prims, prims
