@@ -12,8 +12,11 @@ so that all see the same machine state:
 - ``no_tree_reduction``: the library's update compiled without XLA's tree-reduction rewrite (which turns a
   reduction over more than 32 elements into a 32-wide reduce-window and a reduce: vectorised and more accurate).
 - ``opt1``: the library's update compiled at ``xla_backend_optimization_level=1`` (LLVM -O1 instead of -O2).
+- ``ln_reduction``: the library's update with LayerNorm's row means as reductions, as before they became
+  matrix-vector products on CPU (``MTDISTILL_XLA_CPU_TUNING=0`` while it is traced;
+  ``mtdistill_jax.nn.layers.row_means_by_matmul``).
 
-Usage: ``python benchmarks/compile_update.py [--size 1] [--variants tree,flat,no_tree_reduction,opt1]
+Usage: ``python benchmarks/compile_update.py [--size 1] [--variants tree,flat,no_tree_reduction,opt1,ln_reduction]
 [--repeats 15]``; ``taskset -c 0 python benchmarks/compile_update.py`` for one core.
 """
 
@@ -26,10 +29,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# variant -> (flat optimiser state, XLA compiler options)
-VARIANTS = {"tree": (False, None), "flat": (True, None),
-            "no_tree_reduction": (False, {"xla_disable_hlo_passes": "tree_reduction_rewriter"}),
-            "opt1": (False, {"xla_backend_optimization_level": 1})}
+# variant -> (flat optimiser state, XLA compiler options, LayerNorm row means by matmul)
+VARIANTS = {"tree": (False, None, True), "flat": (True, None, True),
+            "no_tree_reduction": (False, {"xla_disable_hlo_passes": "tree_reduction_rewriter"}, True),
+            "opt1": (False, {"xla_backend_optimization_level": 1}, True),
+            "ln_reduction": (False, None, False)}
 
 
 def flat_optimizers(config):
@@ -57,7 +61,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=1)
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default="tree,flat,no_tree_reduction,opt1")
     ap.add_argument("--repeats", type=int, default=15)
     a = ap.parse_args(argv)
     variants = [v for v in a.variants.split(",") if v]
@@ -75,23 +79,31 @@ def main(argv=None):
     from benchmarks.update_step import random_batch
     from mtdistill_jax.configs import get_config
     from mtdistill_jax.tdmpc2 import train
+    from mtdistill_jax.xla_cpu import TUNING_ENV
 
     print(header(), f"{len(os.sched_getaffinity(0))} core(s)")
     cfg = get_config(a.size, "mt30")
     cfg.train.batch_size = a.batch
     batch = jax.device_put(random_batch(np.random.default_rng(0), a.batch, cfg.train.horizon))
-    tree_optimizers, rows, lowered = train.make_optimizers, {}, {}
+    tree_optimizers, rows, lowered, tuning = train.make_optimizers, {}, {}, os.environ.get(TUNING_ENV)
     for v in variants:
-        flat, options = VARIANTS[v]
+        flat, options, ln_matmul = VARIANTS[v]
         train.make_optimizers = flat_optimizers if flat else tree_optimizers
+        if not ln_matmul:
+            os.environ[TUNING_ENV] = "0"  # read while tracing (layers.row_means_by_matmul)
         try:
             learner = train.Learner(cfg, donate=False)
             state = learner.init(jax.random.key(0))
             t = time.perf_counter()
-            low = lowered[flat] = lowered.get(flat) or learner.update_jit.lower(state, batch, jax.random.key(1))
+            key = (flat, ln_matmul)
+            low = lowered[key] = lowered.get(key) or learner.update_jit.lower(state, batch, jax.random.key(1))
             lower_s = time.perf_counter() - t
         finally:
             train.make_optimizers = tree_optimizers
+            if tuning is None:
+                os.environ.pop(TUNING_ENV, None)
+            else:
+                os.environ[TUNING_ENV] = tuning
         t = time.perf_counter()
         compiled = low.compile(options)
         rows[v] = dict(lower_s=lower_s, compile_s=time.perf_counter() - t, state=state, compiled=compiled,

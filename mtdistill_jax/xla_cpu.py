@@ -35,7 +35,7 @@ FEWER_KERNELS_FLAG = "--xla_cpu_use_fusion_emitters=false"
 # measured on: an XLA that does not know a flag aborts the process, so older jaxlibs are left alone.
 SPEED_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
 SPEED_FLAGS_MIN_JAXLIB = (0, 10, 2)
-TUNING_ENV = "MTDISTILL_XLA_CPU_TUNING"  # "0" turns tune_for_cpu off
+TUNING_ENV = "MTDISTILL_XLA_CPU_TUNING"  # "0" turns tune_for_cpu off, and nn.layers.row_means_by_matmul
 # Per-program compiler options (``jax.jit(..., compiler_options=...)``) for YNNPACK's single-dot path, the one
 # XLA:CPU path measured to reach AMX-BF16 for float32-accumulating bf16 dots (README, performance section).
 BF16_DOT_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
