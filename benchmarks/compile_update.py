@@ -38,19 +38,15 @@ VARIANTS = {"tree": (False, None, True), "flat": (True, None, True),
 
 def flat_optimizers(config):
     """``make_optimizers`` with each optimiser's state in one vector (see the module docstring)."""
-    import jax
     import optax
 
+    from mtdistill_jax.tdmpc2.train import encoder_labels
+
     tc = config.train
-
-    def labels(p):
-        return {k: jax.tree_util.tree_map(lambda _, k=k: "encoder" if k == "encoder" else "rest", v)
-                for k, v in p.items()}
-
     wm = optax.chain(
         optax.flatten(optax.chain(optax.clip_by_global_norm(tc.grad_clip_norm), optax.scale_by_adam(eps=tc.adam_eps))),
         optax.multi_transform({"encoder": optax.scale_by_learning_rate(tc.lr * tc.enc_lr_scale),
-                               "rest": optax.scale_by_learning_rate(tc.lr)}, labels),
+                               "rest": optax.scale_by_learning_rate(tc.lr)}, encoder_labels),
     )
     pi = optax.flatten(optax.chain(optax.clip_by_global_norm(tc.grad_clip_norm),
                                    optax.adam(tc.lr, eps=tc.pi_adam_eps)))

@@ -65,22 +65,25 @@ def split_params(params: Params) -> tuple[dict, dict]:
     return {k: v for k, v in params.items() if k != PI_KEY}, params[PI_KEY]
 
 
+def encoder_labels(params: Params) -> dict:
+    """``'encoder'`` for every leaf under ``params['encoder']``, ``'rest'`` for the others: which leaves the
+    world-model optimiser steps at ``lr * enc_lr_scale`` (``optax.multi_transform`` labels)."""
+    return {k: jax.tree_util.tree_map(lambda _, k=k: "encoder" if k == "encoder" else "rest", v)
+            for k, v in params.items()}
+
+
 def make_optimizers(
     config: ml_collections.ConfigDict,
 ) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
     """World-model Adam (encoder at ``lr * enc_lr_scale``) and policy Adam (eps 1e-5), each clipped."""
     tc = config.train
 
-    def labels(p):
-        return {k: jax.tree_util.tree_map(lambda _, k=k: "encoder" if k == "encoder" else "rest", v)
-                for k, v in p.items()}
-
     wm = optax.chain(
         optax.clip_by_global_norm(tc.grad_clip_norm),
         optax.multi_transform(
             {"encoder": optax.adam(tc.lr * tc.enc_lr_scale, eps=tc.adam_eps),
              "rest": optax.adam(tc.lr, eps=tc.adam_eps)},
-            labels,
+            encoder_labels,
         ),
     )
     pi = optax.chain(optax.clip_by_global_norm(tc.grad_clip_norm), optax.adam(tc.lr, eps=tc.pi_adam_eps))
