@@ -124,13 +124,14 @@ def layer_norm(x, scale, bias, eps: float = LN_EPS):
     """LayerNorm over the last axis with the biased variance, as torch computes it."""
     if row_means_by_matmul(x):
         col = jnp.full((x.shape[-1], 1), 1.0 / x.shape[-1], x.dtype)
-        mean = jnp.matmul(x, col, precision=jax.lax.Precision.HIGHEST)
-        c = x - mean
-        var = jnp.matmul(jnp.square(c), col, precision=jax.lax.Precision.HIGHEST)
-        return c * jax.lax.rsqrt(var + eps) * scale + bias
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
+
+        def row_mean(y):
+            return jnp.matmul(y, col, precision=jax.lax.Precision.HIGHEST)
+    else:
+        def row_mean(y):
+            return jnp.mean(y, axis=-1, keepdims=True)
+    c = x - row_mean(x)
+    return c * jax.lax.rsqrt(row_mean(jnp.square(c)) + eps) * scale + bias
 
 
 def _activation(name: str, simnorm_dim: int):
