@@ -42,6 +42,14 @@ and XLA's Eigen pool off; 2 = two cores) runs in its own process:
    frameworks is measured in the same process, and each row's share of it is given from the FLOPs XLA counts
    for our program (the same arithmetic on both sides).
 
+``--device=gpu`` runs one setting with both sides on the GPU: the official code unpatched on ``cuda:0`` (its
+``torch.compile`` rows in its own ``reduce-overhead`` mode), ours on jax's GPU backend with float32 matmuls at
+``highest`` precision (torch's float32 default; JAX's GPU default is TF32), the checks' random draws taken on the
+device as the official code takes them; planning rows for ``--act_envs`` (default 1,30,300); with ``--teacher_bf16``
+the distillation rows' teacher forward in bf16 (official: autocast; ours: stored and computed in bf16), their
+'% peak' against the bf16 matmul throughput measured in the same process; ``--eval_episodes`` episodes per task in
+the evaluation row (e.g. 10: 300 envs). ``benchmarks/gpu/run.sh`` runs it (parts ``compare``, ``compare_eval``).
+
 The markdown table (speed-up = official ms / ours ms, > 1 means ours is faster) goes to ``--out`` with the command,
 the CPU model, core count and versions. ``--quick`` (2 threads, repeats 6, 3 for the 30-env rows) finishes in a few
 minutes on a 2-core CPU. ``--parts=eval`` runs the evaluation row alone (after the planner-value check), e.g. to add
@@ -65,6 +73,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TESTED_COMMIT = "e9f5932"
 BATCH = 256  # batch size of the update, planning and distillation rows (the official default)
+TORCH_DEVICES = {"cpu": "cpu", "gpu": "cuda"}  # --device -> the official side's torch device
 PATCHES = {  # file -> (old, new, expected count): the official code's hard-coded CUDA device
     "common/scale.py": [("torch.device('cuda:0')", "torch.device('cpu')", 2)],
     "tdmpc2.py": [("torch.device('cuda:0')", "torch.device('cpu')", 1), ("device='cuda:0'", "device='cpu'", 1)],
@@ -100,9 +109,10 @@ def check_repo(path: str | None) -> Path:
 
 
 class Official:
-    """The official agent's modules from a checkout, on CPU (see the module doc for what is patched)."""
+    """The official agent's modules from a checkout, on ``device`` ("cpu": its CUDA device strings patched, see the
+    module doc; "cuda": as it ships)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, device: str = "cpu"):
         try:
             import tensordict  # noqa: F401
             import torch
@@ -112,6 +122,11 @@ class Official:
         import torch.optim.adam as adam
 
         self.root, self.torch = root / "tdmpc2", torch
+        if device not in TORCH_DEVICES.values():
+            raise ValueError(f"device must be one of {sorted(TORCH_DEVICES.values())}, got {device!r}")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise SystemExit(f"compare_official: --device=gpu, but torch {torch.__version__} sees no CUDA device")
+        self.device = torch.device(device)
         if "common" in sys.modules and not str(getattr(sys.modules["common"], "__file__", "")).startswith(
                 str(self.root)):
             raise SystemExit("compare_official: a module named 'common' other than the official one is imported")
@@ -119,7 +134,7 @@ class Official:
         import common  # the official package (MODEL_SIZE, TASK_SET)
 
         supported = adam._get_capturable_supported_devices
-        if "cpu" not in supported():
+        if device == "cpu" and "cpu" not in supported():
             adam._get_capturable_supported_devices = lambda supports_xla=True: [*supported(supports_xla), "cpu"]
         common.scale = self._exec_patched("common.scale", "common/scale.py")
         self.common = common
@@ -132,7 +147,7 @@ class Official:
     def _exec_patched(self, name: str, rel: str) -> types.ModuleType:
         path = self.root / rel
         src = path.read_text()
-        for old, new, count in PATCHES[rel]:
+        for old, new, count in PATCHES[rel] if self.device.type == "cpu" else ():
             if src.count(old) != count:
                 raise SystemExit(f"compare_official: expected {count} x {old!r} in {path}, found {src.count(old)}; "
                                  f"this checkout differs from the tested commit {TESTED_COMMIT}")
@@ -142,6 +157,15 @@ class Official:
         sys.modules[name] = mod
         exec(compile(src, str(path), "exec"), mod.__dict__)  # noqa: S102 - the user's checkout, as its train.py runs
         return mod
+
+    def sync(self) -> None:
+        """Wait for the device's queued work (CUDA runs asynchronously; on CPU a call has finished when it returns)."""
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
+
+    def autocast(self, bf16: bool):
+        """``torch.autocast`` to bfloat16 on this device, or a context that changes nothing."""
+        return self.torch.autocast(self.device.type, dtype=self.torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     def cfg(self, size: int, *, batch_size: int = BATCH, horizon: int = 3, dropout: float | None = None):
         """The official config for MT30 at ``size``: ``config.yaml``, the model-size preset and what ``parse_cfg``
@@ -199,9 +223,9 @@ class Official:
 
 
 @functools.cache
-def load_official(path: str) -> Official:
-    """The official modules of the checkout at ``path`` (loaded once per process)."""
-    return Official(check_repo(path))
+def load_official(path: str, device: str = "cpu") -> Official:
+    """The official modules of the checkout at ``path`` on ``device`` (loaded once per process)."""
+    return Official(check_repo(path), device)
 
 
 # ---------------------------------------------------------------------------------------------------- ours
@@ -249,12 +273,13 @@ def random_batch(rng, B: int, H: int):
     return batch_of(rng, B, H)
 
 
-def torch_batch(torch, batch):
+def torch_batch(torch, batch, device="cpu"):
     import numpy as np
 
-    return (torch.from_numpy(np.asarray(batch.obs)), torch.from_numpy(np.asarray(batch.action)),
-            torch.from_numpy(np.asarray(batch.reward)), torch.zeros(np.asarray(batch.reward).shape),
-            torch.from_numpy(np.asarray(batch.task, np.int64)))
+    return tuple(t.to(device) for t in (
+        torch.from_numpy(np.asarray(batch.obs)), torch.from_numpy(np.asarray(batch.action)),
+        torch.from_numpy(np.asarray(batch.reward)), torch.zeros(np.asarray(batch.reward).shape),
+        torch.from_numpy(np.asarray(batch.task, np.int64))))
 
 
 # ---------------------------------------------------------------------------------------------------- equality
@@ -287,16 +312,17 @@ def check_update(off: Official, size: int = 1, batch_size: int = 16, seed: int =
     agent = off.agent(size, config, params, target, batch_size=batch_size, dropout=0.0)
     H, B, A, nq = config.train.horizon, batch_size, agent.cfg.action_dim, config.model.num_q
     batch = random_batch(np.random.default_rng(seed), B, H)
-    obs, action, reward, terminated, task = torch_batch(torch, batch)
+    dev = off.device
+    obs, action, reward, terminated, task = torch_batch(torch, batch, dev)
     with torch.no_grad():  # TD targets first: the update moves the params
         next_z = agent.model.encode(obs[1:], task)
         torch.manual_seed(seed)
-        td_official = agent._td_target(next_z, reward, terminated, task).numpy()
-    torch.manual_seed(seed)  # the update's four draws, in its order (dropout off: nothing else draws)
-    td_eps, td_perm = torch.randn(H, B, A), torch.randperm(nq)
-    pi_eps, pi_perm = torch.randn(H + 1, B, A), torch.randperm(nq)
-    draws = Draws(td_eps=jnp.asarray(td_eps.numpy()), td_heads=jnp.asarray(td_perm[:2].numpy(), jnp.int32),
-                  pi_eps=jnp.asarray(pi_eps.numpy()), pi_heads=jnp.asarray(pi_perm[:2].numpy(), jnp.int32))
+        td_official = agent._td_target(next_z, reward, terminated, task).cpu().numpy()
+    torch.manual_seed(seed)  # the update's four draws, in its order, on its device (dropout off: nothing else draws)
+    td_eps, td_perm = torch.randn(H, B, A, device=dev), torch.randperm(nq, device=dev)
+    pi_eps, pi_perm = torch.randn(H + 1, B, A, device=dev), torch.randperm(nq, device=dev)
+    draws = Draws(td_eps=jnp.asarray(td_eps.cpu().numpy()), td_heads=jnp.asarray(td_perm[:2].cpu().numpy(), jnp.int32),
+                  pi_eps=jnp.asarray(pi_eps.cpu().numpy()), pi_heads=jnp.asarray(pi_perm[:2].cpu().numpy(), jnp.int32))
     if teacher_size is None:
         torch.manual_seed(seed)
         info = agent._update(obs, action, reward, terminated, task=task)
@@ -325,7 +351,8 @@ def check_update(off: Official, size: int = 1, batch_size: int = 16, seed: int =
             bad.append(f"{name}: official {o:.7g}, ours {m:.7g} (rel {rel:.2e} > {SCALAR_RTOL})")
     # params after the step, where the gradient is well above Adam's eps: the first Adam step moves a parameter by
     # lr * g / (|g| + eps), so where |g| is near eps float32 round-off in g moves it by up to lr on either side
-    official_sd = {k: v.detach().numpy() if hasattr(v, "numpy") else v for k, v in agent.model.state_dict().items()}
+    official_sd = {k: v.detach().cpu().numpy() if hasattr(v, "numpy") else v
+                   for k, v in agent.model.state_dict().items()}
     official_after = state_dict_to_params(official_sd, config.model)
     grads = dict(jax.tree_util.tree_flatten_with_path({**inter["wm_grads"], PI_KEY: inter["pi_grads"]})[0])
     lr = float(config.train.lr)
@@ -381,13 +408,14 @@ def check_values(off: Official, size: int = 1, task_id: int = 3, seed: int = 5) 
     obs = rng.normal(size=(ts.obs_pad,)).astype(np.float32)
     obs[ts.obs_dims[task_id]:] = 0
     actions = (np.clip(rng.normal(size=(H, N, A)), -1, 1) * action_masks("mt30")[task_id]).astype(np.float32)
-    task_t = torch.tensor([task_id])
+    dev = off.device
+    task_t = torch.tensor([task_id], device=dev)
     with torch.no_grad():
-        z_off = agent.model.encode(torch.from_numpy(obs)[None], task_t).repeat(N, 1)
+        z_off = agent.model.encode(torch.from_numpy(obs)[None].to(dev), task_t).repeat(N, 1)
         torch.manual_seed(seed)
-        eps, perm = torch.randn(N, A), torch.randperm(nq)
+        eps, perm = torch.randn(N, A, device=dev).cpu(), torch.randperm(nq, device=dev).cpu()
         torch.manual_seed(seed)
-        v_off = agent._estimate_value(z_off, torch.from_numpy(actions), task_t).numpy()[:, 0]
+        v_off = agent._estimate_value(z_off, torch.from_numpy(actions).to(dev), task_t).cpu().numpy()[:, 0]
     model = make_world_model(config.model)
     z = model.apply({"params": params}, jnp.asarray(obs)[None], jnp.asarray([task_id]), method=WorldModel.encode)
     gamma = jnp.full((N, 1), task_discounts(config)[task_id], jnp.float32)
@@ -395,7 +423,7 @@ def check_values(off: Official, size: int = 1, task_id: int = 3, seed: int = 5) 
     v_ours = np.asarray(value(params, jnp.broadcast_to(z, (N, z.shape[-1])), jnp.asarray(actions),
                               jnp.full((N,), task_id, jnp.int32), gamma, jnp.asarray(eps.numpy()),
                               jnp.asarray(perm[:2].numpy(), jnp.int32)))[:, 0]
-    out = {"encode_max_abs": _max_abs(z[0], z_off[0].numpy()), "values_max_abs": _max_abs(v_ours, v_off),
+    out = {"encode_max_abs": _max_abs(z[0], z_off[0].cpu().numpy()), "values_max_abs": _max_abs(v_ours, v_off),
            "values_abs_range": [float(np.abs(v_off).min()), float(np.abs(v_off).max())]}
     out["same_elites"] = set(np.argsort(-v_off)[:E].tolist()) == set(np.argsort(-v_ours)[:E].tolist())
     if out["values_max_abs"] > VALUE_ATOL or not out["same_elites"]:
@@ -445,20 +473,26 @@ def _flops(jitted, *args) -> float | None:
     return cost_flops(jitted.lower(*args))
 
 
-def torch_matmul_gflops(torch, n: int = 2048, repeats: int = 10) -> float:
-    a = torch.ones(n, n)
+def torch_matmul_gflops(torch, n: int = 2048, repeats: int = 10, device="cpu", dtype=None) -> float:
+    """Measured ``n x n`` matmul throughput of torch on ``device`` in ``dtype`` (default float32), GFLOP/s."""
+    a = torch.ones(n, n, device=device, dtype=dtype or torch.float32)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     a @ a
+    sync()
     t = time.perf_counter()
     for _ in range(repeats):
         a @ a
+    sync()
     return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9
 
 
-def torch_compiled(torch, fn):
-    """``torch.compile(fn)`` as it works on CPU: inductor in its default mode (the official ``reduce-overhead``
-    adds CUDA graphs, which do not apply on CPU) with inductor's pattern matcher off. With it on, torch 2.13's CPU
-    inductor fails on the official update (``BackendCompilerFailed``: "Not all inputs to pattern found in
-    match.kwargs ... argname=slice_shape"), in both modes."""
+def torch_compiled(torch, fn, device="cpu"):
+    """``torch.compile(fn)`` as the official ``compile: true`` does it on CUDA (``mode="reduce-overhead"``: CUDA
+    graphs), and as it works on CPU: inductor in its default mode (CUDA graphs do not apply) with inductor's pattern
+    matcher off. With it on, torch 2.13's CPU inductor fails on the official update (``BackendCompilerFailed``:
+    "Not all inputs to pattern found in match.kwargs ... argname=slice_shape"), in both modes."""
+    if torch.device(device).type == "cuda":
+        return torch.compile(fn, mode="reduce-overhead")
     torch._inductor.config.pattern_matcher = False
     return torch.compile(fn)
 
@@ -486,16 +520,20 @@ def time_update(off: Official, size: int, repeats: int, batch_size: int = BATCH,
     params, target = same_weights(config.model)
     agent = off.agent(size, config, params, target, batch_size=batch_size)
     batch = random_batch(np.random.default_rng(0), batch_size, config.train.horizon)
-    tb = torch_batch(off.torch, batch)
+    tb = torch_batch(off.torch, batch, off.device)
     learner = Learner(config, donate=False)
     state = learner.init(params=params, target_q_params=target)
     batch_d = jax.device_put(batch)
     keys = iter(jax.random.split(jax.random.key(0), 4 * repeats + 8))
 
-    update = torch_compiled(off.torch, agent._update) if torch_compile else agent._update
+    update = torch_compiled(off.torch, agent._update, off.device) if torch_compile else agent._update
+    graphs = torch_compile and off.device.type == "cuda"  # CUDA graphs: a new step, as the official ``update`` marks
 
     def official():
+        if graphs:
+            off.torch.compiler.cudagraph_mark_step_begin()
         update(*tb[:4], task=tb[4])
+        off.sync()
 
     def ours():
         jax.block_until_ready(learner.update_jit(state, batch_d, next(keys)))
@@ -538,28 +576,26 @@ def time_act(off: Official, size: int, envs: int, repeats: int, bf16: bool = Fal
     params, target = same_weights(config.model)
     agent = off.agent(size, config, params, target)
     if torch_compile:  # what the official ``plan`` property does with ``compile: true``
-        agent._plan_val = torch_compiled(torch, agent._plan)
+        agent._plan_val = torch_compiled(torch, agent._plan, off.device)
     ts = get_task_set("mt30")
     rng = np.random.default_rng(1)
     task = np.arange(envs) % ts.num_tasks
     obs = rng.normal(size=(envs, ts.obs_pad)).astype(np.float32)
     for b, t in enumerate(task):
         obs[b, ts.obs_dims[t]:] = 0
-    obs_t = torch.from_numpy(obs)
+    obs_t = torch.from_numpy(obs).to(off.device)
     prev = [torch.zeros_like(agent._prev_mean) for _ in range(envs)]
 
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-
-    def official():
-        with autocast():
+    def official():  # ``act`` returns its action on the CPU: each call has finished when it returns
+        with off.autocast(bf16):
             for e in range(envs):
                 agent._prev_mean.copy_(prev[e])
                 agent.act(obs_t[e], t0=False, eval_mode=False, task=int(task[e]))
                 prev[e] = agent._prev_mean.clone()
 
     planner = Planner(config)
-    plan = (jax.jit(planner.plan, static_argnames=("mode",), compiler_options=BF16_DOT_OPTIONS) if bf16
-            else planner.plan_jit)
+    plan = (jax.jit(planner.plan, static_argnames=("mode",), compiler_options=BF16_DOT_OPTIONS)
+            if bf16 and jax.default_backend() == "cpu" else planner.plan_jit)
     state = planner.init(envs)
     obs_j, task_j, t0 = jnp.asarray(obs), jnp.asarray(task, jnp.int32), jnp.zeros((envs,), bool)
     keys = iter(jax.random.split(jax.random.key(0), 4 * repeats + 8))
@@ -585,21 +621,23 @@ def official_teacher(off: Official, size: int, batch_size: int, dropout: float |
     t_params, t_target = same_weights(teacher_config, seed=10)
     teacher = off.WorldModel(off.cfg(size, batch_size=batch_size, dropout=dropout))
     teacher.load_state_dict(off.state_dict(teacher_config, t_params, t_target))
-    teacher.eval().requires_grad_(False)
+    teacher.to(off.device).eval().requires_grad_(False)
     return teacher, teacher_config, t_params
 
 
-def two_pass_distill_step(off: Official, agent, teacher, config, batch) -> dict:
+def two_pass_distill_step(off: Official, agent, teacher, config, batch, teacher_bf16: bool = False) -> dict:
     """The PyTorch two-pass distillation step (td-mpc-opt's term on the official update): the teacher's decoded
-    reward at step 0 under ``no_grad``, the student's reward MSE to it times ``d_coef`` backpropagated, then the
-    official ``_update``, which adds its own loss's gradients to these before clipping and its Adam step. Returns
-    the official update's info plus ``distill_loss``."""
+    reward at step 0 under ``no_grad`` (``teacher_bf16``: its forward under bf16 autocast), the student's reward
+    MSE to it times ``d_coef`` backpropagated, then the official ``_update``, which adds its own loss's gradients
+    to these before clipping and its Adam step. Returns the official update's info plus ``distill_loss``."""
     import torch.nn.functional as F
 
     torch, m = off.torch, off.math
     obs, action, reward, terminated, task = batch
+    with torch.no_grad(), off.autocast(teacher_bf16):
+        t_logits = teacher.reward(teacher.encode(obs[0], task), action[0], task)
     with torch.no_grad():
-        t_r = m.two_hot_inv(teacher.reward(teacher.encode(obs[0], task), action[0], task), agent.cfg)
+        t_r = m.two_hot_inv(t_logits.float(), agent.cfg)
     s_r = m.two_hot_inv(agent.model.reward(agent.model.encode(obs[0], task), action[0], task), agent.cfg)
     dl = F.mse_loss(s_r, t_r)
     (float(config.distill.d_coef) * float(config.distill.reward_weight) * dl).backward()
@@ -607,7 +645,7 @@ def two_pass_distill_step(off: Official, agent, teacher, config, batch) -> dict:
 
 
 def time_distill(off: Official, teacher_size: int, repeats: int, student_size: int = 1,
-                 batch_size: int = BATCH) -> dict:
+                 batch_size: int = BATCH, teacher_bf16: bool = False) -> dict:
     """One distillation step: ours fused (teacher forward + student update + the paper's reward term in one
     program) vs a faithful two-pass PyTorch version as td-mpc-opt does it: the frozen teacher's reward prediction
     under ``no_grad``, then the student's reward-MSE term backpropagated into the gradients that the unchanged
@@ -622,11 +660,15 @@ def time_distill(off: Official, teacher_size: int, repeats: int, student_size: i
     params, target = same_weights(config.model)
     agent = off.agent(student_size, config, params, target, batch_size=batch_size)
     teacher, teacher_config, t_params = official_teacher(off, teacher_size, batch_size)
+    if teacher_bf16:  # ours: the teacher stored and computed in bf16 (as a bf16 checkpoint transform leaves it)
+        config.distill.teacher_compute_dtype = "bfloat16"
+        t_params = jax.tree_util.tree_map(lambda x: x.astype(jax.numpy.bfloat16), t_params)
     batch = random_batch(np.random.default_rng(2), batch_size, config.train.horizon)
-    tb = torch_batch(torch, batch)
+    tb = torch_batch(torch, batch, off.device)
 
     def official():
-        two_pass_distill_step(off, agent, teacher, config, tb)
+        two_pass_distill_step(off, agent, teacher, config, tb, teacher_bf16)
+        off.sync()
 
     state = init_distill_state(config, teacher_config, params=params, target_q_params=target)
     step = make_distill_step(config, teacher_config, donate=False)
@@ -639,8 +681,8 @@ def time_distill(off: Official, teacher_size: int, repeats: int, student_size: i
     o, m = interleaved(official, ours, repeats)
     flops = _flops(jax.jit(make_distill_update(config, teacher_config)), state, batch_d, jax.random.key(0), None,
                    teacher_d)
-    return {"row": f"distill step, teacher {teacher_size}M + student {student_size}M, B {batch_size}", "official": o,
-            "ours": m, "flops": flops}
+    row = f"distill step, teacher {teacher_size}M{' in bf16' * teacher_bf16} + student {student_size}M, B {batch_size}"
+    return {"row": row, "official": o, "ours": m, "flops": flops, "peak": "bfloat16" if teacher_bf16 else "float32"}
 
 
 def official_mt30_env(off: Official, tasks: list[str], seed: int = 1):
@@ -662,13 +704,15 @@ def official_mt30_env(off: Official, tasks: list[str], seed: int = 1):
         return make_env(cfg)
 
 
-def time_eval(off: Official, steps: int, repeats: int, tasks: list[str] | None = None, size: int = 1) -> dict:
-    """Evaluation throughput, one episode per task: every call resets each task's env and runs ``steps`` agent
-    steps of the planner (mean action, as evaluations use). Official: its evaluation loop (``offline_trainer.eval``:
-    task by task, ``env.reset(task_idx)``, then ``act(eval_mode=True)`` and ``env.step`` in dm_control); ours: the
-    batched evaluation program (``evaluate.program``: all tasks' MJX envs and the planner, the ``steps`` agent steps
-    in one compiled ``lax.scan``). Same weights; the envs' initial states differ (dm_control's and MJX's random
-    draws), the work per agent step is the same."""
+def time_eval(off: Official, steps: int, repeats: int, tasks: list[str] | None = None, size: int = 1,
+              episodes: int = 1) -> dict:
+    """Evaluation throughput, ``episodes`` episodes per task (``len(tasks) x episodes`` envs): every call resets
+    each env and runs ``steps`` agent steps of the planner (mean action, as evaluations use). Official: its
+    evaluation loop (``offline_trainer.eval``: task by task, episode by episode, ``env.reset(task_idx)``, then
+    ``act(eval_mode=True)`` and ``env.step`` in dm_control); ours: the batched evaluation program
+    (``evaluate.program``: all envs in MJX and the planner, the ``steps`` agent steps in one compiled ``lax.scan``).
+    Same weights; the envs' initial states differ (dm_control's and MJX's random draws), the work per agent step is
+    the same."""
     import jax
 
     from mtdistill_jax.configs import MT30
@@ -686,13 +730,13 @@ def time_eval(off: Official, steps: int, repeats: int, tasks: list[str] | None =
         return torch.nn.functional.pad(obs, (0, MT30.obs_pad - obs.shape[0]))
 
     def official():
-        for idx, task_id in enumerate(task_ids):
+        for idx, task_id in [(i, t) for i, t in enumerate(task_ids) for _ in range(episodes)]:
             obs = padded(env.reset(idx))
             for t in range(steps):
                 obs, _, _, _ = env.step(agent.act(obs, t0=t == 0, eval_mode=True, task=task_id))
                 obs = padded(obs)
 
-    _, init, run_chunk = make_eval_program(config, tasks, 1, mode="mean", chunk=steps)
+    _, init, run_chunk = make_eval_program(config, tasks, episodes, mode="mean", chunk=steps)
     init_j, run_j = jax.jit(init), jax.jit(run_chunk)
     keys = iter(jax.random.split(jax.random.key(0), 2 * repeats + 4))
 
@@ -701,13 +745,19 @@ def time_eval(off: Official, steps: int, repeats: int, tasks: list[str] | None =
         jax.block_until_ready(carry)
 
     o, m = interleaved(official, ours, repeats, warmup=False)
-    agent_steps = steps * len(tasks)
+    agent_steps = steps * len(tasks) * episodes
     for side in (o, m):
         side["agent_steps_per_s"] = agent_steps / (side["median_ms"] / 1e3)
     from benchmarks.plan import plan_flops
 
-    return {"row": f"evaluation, {len(tasks)} tasks x 1 episode, {steps} agent steps ({size}M planner)",
+    return {"row": f"evaluation, {len(tasks)} tasks x {episodes} episode{'s' * (episodes > 1)}, {steps} agent steps "
+                   f"({size}M planner)",
             "official": o, "ours": m, "flops": agent_steps * plan_flops(config), "agent_steps": agent_steps}
+
+
+def setting_name(args) -> str:
+    """How the progress lines and the table name a setting: its threads on CPU, the device's kind on GPU."""
+    return "GPU" if args.device == "gpu" else f"{args.threads} thread(s)"
 
 
 def measure(args) -> dict:
@@ -723,31 +773,44 @@ def measure(args) -> dict:
     import warnings
 
     warnings.filterwarnings("ignore", message="To copy construct")  # official planner, every iteration
-    off = load_official(args.tdmpc2_repo)
+    gpu = args.device == "gpu"
+    if gpu and jax.default_backend() != "gpu":
+        raise SystemExit(f"compare_official: --device=gpu, but jax's backend is {jax.default_backend()!r} (a CUDA "
+                         "jaxlib and a visible GPU are needed)")
+    if gpu:  # float32 matmuls as torch computes them (TF32 off, its default), not JAX's GPU default (TF32)
+        jax.config.update("jax_default_matmul_precision", "highest")
+    off = load_official(args.tdmpc2_repo, TORCH_DEVICES[args.device])
     from benchmarks.common import matmul_peak_gflops
 
-    result = {"threads": args.threads, "jax": jax.__version__, "torch": torch.__version__,
-              "matmul_gflops": {"jax": matmul_peak_gflops(), "torch": torch_matmul_gflops(torch)},
-              "loadavg_start": os.getloadavg(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
-    print(f"[{args.threads} thread(s)] float32 matmul GFLOP/s: jax {result['matmul_gflops']['jax']:.0f}, torch "
+    n = 8192 if gpu else 2048
+    result = {"threads": args.threads, "device": args.device, "jax": jax.__version__, "torch": torch.__version__,
+              "matmul_n": n, "loadavg_start": os.getloadavg(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+              "matmul_gflops": {"jax": matmul_peak_gflops(n),
+                                "torch": torch_matmul_gflops(torch, n, device=off.device)}}
+    if gpu:
+        result["device_name"] = torch.cuda.get_device_name()
+        result["matmul_gflops_bf16"] = {"jax": matmul_peak_gflops(n, dtype="bfloat16"),
+                                        "torch": torch_matmul_gflops(torch, n, device=off.device,
+                                                                     dtype=torch.bfloat16)}
+    print(f"[{setting_name(args)}] float32 matmul GFLOP/s: jax {result['matmul_gflops']['jax']:.0f}, torch "
           f"{result['matmul_gflops']['torch']:.0f}", flush=True)
     if args.child_part == "eval":
         if "main" not in args.parts:  # the planner the evaluation row runs, checked on the same input first
             result["checks"] = {"values": check_values(off)}
-            print(f"[{args.threads} thread(s)] equal on the same input: {json.dumps(result['checks'])}", flush=True)
-        r = time_eval(off, args.eval_steps, args.eval_repeats, args.eval_tasks)
-        print(f"[{args.threads} thread(s)] {r['row']}: official {r['official']['agent_steps_per_s']:.2f}, ours "
+            print(f"[{setting_name(args)}] equal on the same input: {json.dumps(result['checks'])}", flush=True)
+        r = time_eval(off, args.eval_steps, args.eval_repeats, args.eval_tasks, episodes=args.eval_episodes)
+        print(f"[{setting_name(args)}] {r['row']}: official {r['official']['agent_steps_per_s']:.2f}, ours "
               f"{r['ours']['agent_steps_per_s']:.2f} agent steps/s", flush=True)
         return {**result, "rows": [r], "loadavg_end": os.getloadavg()}
     result["checks"] = {"update": check_update(off), "values": check_values(off)}
     for t in args.teachers:
         result["checks"][f"distill_{t}"] = check_update(off, teacher_size=t)
-    print(f"[{args.threads} thread(s)] equal on the same input: {json.dumps(result['checks'])}", flush=True)
+    print(f"[{setting_name(args)}] equal on the same input: {json.dumps(result['checks'])}", flush=True)
     rows = [lambda s=s: time_update(off, s, args.repeats) for s in args.sizes]
-    rows += [lambda: time_act(off, 1, 1, args.repeats), lambda: time_act(off, 1, 30, args.act30_repeats)]
+    rows += [lambda e=e: time_act(off, 1, e, args.repeats if e == 1 else args.act30_repeats) for e in args.act_envs]
     if args.bf16:
         rows += [lambda: time_act(off, 1, 1, args.repeats, bf16=True)]
-    rows += [lambda t=t: time_distill(off, t, args.repeats) for t in args.teachers]
+    rows += [lambda t=t: time_distill(off, t, args.repeats, teacher_bf16=args.teacher_bf16) for t in args.teachers]
     if args.torch_compile:
         c1 = our_config(1, BATCH)  # the names the rows take when their compile fails
         rows += [lambda: compile_row(update_row_name(1, BATCH, c1.train.horizon, True),
@@ -759,9 +822,9 @@ def measure(args) -> dict:
         r = row()
         result["rows"].append(r)
         if "error" in r:
-            print(f"[{args.threads} thread(s)] {r['row']}: {r['error']}", flush=True)
+            print(f"[{setting_name(args)}] {r['row']}: {r['error']}", flush=True)
             continue
-        print(f"[{args.threads} thread(s)] {r['row']}: official {r['official']['median_ms']:.1f} ms, ours "
+        print(f"[{setting_name(args)}] {r['row']}: official {r['official']['median_ms']:.1f} ms, ours "
               f"{r['ours']['median_ms']:.1f} ms", flush=True)
     result["loadavg_end"] = os.getloadavg()
     return result
@@ -781,19 +844,31 @@ def cpu_model() -> str:
 
 
 def table(results: list[dict], command: str) -> str:
-    lines = ["# Ours vs the official PyTorch TD-MPC2, same run, CPU", "", "```bash", command, "```", "",
-             f"CPU: {cpu_model()}, {os.cpu_count()} logical cores; jax {results[0]['jax']}, torch "
+    gpu = results[0].get("device") == "gpu"
+    machine = f"CPU: {cpu_model()}, {os.cpu_count()} logical cores"
+    if gpu:
+        machine = f"GPU: {results[0]['device_name']}; {machine}"
+    lines = [f"# Ours vs the official PyTorch TD-MPC2, same run, {'GPU' if gpu else 'CPU'}", "", "```bash", command,
+             "```", "", f"{machine}; jax {results[0]['jax']}, torch "
              f"{results[0]['torch']} (eager, compile=False); official code: the checkout given (tested at "
              f"{TESTED_COMMIT}).",
              "", "Speed-up = official ms / ours ms (> 1: ours is faster). Times: median (p10-p90) after warm-up; "
              "'first' is the first call (ours: XLA compile, persistent cache as found). '% peak': the row's FLOPs "
-             "over its time, against each framework's float32 matmul throughput measured in the same process; "
+             "over its time, against each framework's float32 matmul throughput measured in the same process (a "
+             "row with a bf16 teacher: against its bf16 matmul throughput); "
              "update and distillation FLOPs as XLA's cost analysis counts our program, planning FLOPs as "
              "`benchmarks/plan.py` counts the planner's matmuls (XLA counts the MPPI loop's body once).", ""]
     for res in results:
-        g = res["matmul_gflops"]
-        lines += [f"## {res['threads']} thread(s)", "",
-                  f"float32 matmul (2048^2): jax {g['jax']:.0f} GFLOP/s, torch {g['torch']:.0f} GFLOP/s; load "
+        g, n = res["matmul_gflops"], res.get("matmul_n", 2048)
+        heading = "GPU" if res.get("device") == "gpu" else f"{res['threads']} thread(s)"
+        matmul = f"float32 matmul ({n}^2): jax {g['jax']:.0f} GFLOP/s, torch {g['torch']:.0f} GFLOP/s"
+        if "matmul_gflops_bf16" in res:
+            b = res["matmul_gflops_bf16"]
+            matmul += f"; bf16: jax {b['jax']:.0f}, torch {b['torch']:.0f}"
+        if res.get("device") == "gpu":
+            matmul += " (both sides' float32 matmuls at full float32 precision: torch's default, JAX's 'highest')"
+        lines += [f"## {heading}", "",
+                  f"{matmul}; load "
                   f"average {res['loadavg_start'][0]:.2f} at start, {res['loadavg_end'][0]:.2f} at end; our "
                   f"XLA_FLAGS: `{res.get('xla_flags') or '(none)'}`.", "",
                   "| row | official ms | ours ms | speed-up | first call: official / ours s | "
@@ -806,8 +881,9 @@ def table(results: list[dict], command: str) -> str:
             o, m = r["official"], r["ours"]
             peak = ""
             if r.get("flops"):
-                po = r["flops"] / (o["median_ms"] / 1e3) / 1e9 / g["torch"] * 100
-                pm = r["flops"] / (m["median_ms"] / 1e3) / 1e9 / g["jax"] * 100
+                pk = res["matmul_gflops_bf16"] if r.get("peak") == "bfloat16" and "matmul_gflops_bf16" in res else g
+                po = r["flops"] / (o["median_ms"] / 1e3) / 1e9 / pk["torch"] * 100
+                pm = r["flops"] / (m["median_ms"] / 1e3) / 1e9 / pk["jax"] * 100
                 peak = f"{po:.0f} / {pm:.0f}"
             lines.append(f"| {r['row']} | {o['median_ms']:,.1f} ({o['p10_ms']:,.0f}-{o['p90_ms']:,.0f}) | "
                          f"{m['median_ms']:,.1f} ({m['p10_ms']:,.0f}-{m['p90_ms']:,.0f}) | "
@@ -844,6 +920,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tdmpc2_repo", default=None, help="a checkout of github.com/nicklashansen/tdmpc2")
+    p.add_argument("--device", default="cpu", choices=tuple(TORCH_DEVICES),
+                   help="where both sides run: cpu (per --threads) or gpu (one setting: the official code on "
+                        "cuda:0 as it ships, ours on jax's GPU backend)")
+    p.add_argument("--act_envs", default=None,
+                   help="env counts of the planning rows, comma-separated (default 1,30; --device=gpu: 1,30,300)")
+    p.add_argument("--teacher_bf16", action=argparse.BooleanOptionalAction, default=False,
+                   help="distillation rows with the teacher's forward in bf16 (official: autocast; ours: the "
+                        "teacher stored and computed in bf16); '%% peak' then against the bf16 matmul throughput")
+    p.add_argument("--eval_episodes", type=int, default=1,
+                   help="episodes per task of the evaluation row (envs = tasks x episodes; official: one after "
+                        "another)")
     p.add_argument("--quick", action="store_true", help="2 threads, repeats 6 (3 for 30 envs)")
     p.add_argument("--threads", default=None, help="comma-separated thread settings, of 1 and 2 (default 1,2)")
     p.add_argument("--sizes", default="1,5", help="model sizes of the update rows")
@@ -862,11 +949,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--parts", default="main,eval",
                    help="what to run, comma-separated: main (the equality checks, then the update, act and "
                         "distillation rows), eval (the evaluation row; alone, after the planner-value check)")
-    p.add_argument("--out", default=str(REPO / "benchmarks/results/compare_official_cpu.md"))
+    p.add_argument("--out", default=None, help="the table (default benchmarks/results/compare_official_DEVICE.md)")
     p.add_argument("--child_json", default=None, help=argparse.SUPPRESS)  # one thread setting, in a subprocess
     p.add_argument("--child_part", default="main", choices=("main", "eval"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.out = args.out or str(REPO / f"benchmarks/results/compare_official_{args.device}.md")
+    if args.device == "gpu":  # one setting, all cores for the host side
+        if args.threads is not None and args.child_json is None:
+            p.error("--threads applies to --device=cpu only")
+        args.threads = str(os.cpu_count() or 1)
     args.threads = args.threads or ("2" if args.quick else "1,2")
+    if args.act_envs is None:
+        args.act_envs = "1,30,300" if args.device == "gpu" else "1,30"
+    if args.eval_episodes < 1:
+        p.error(f"--eval_episodes must be >= 1, got {args.eval_episodes}")
     args.repeats = args.repeats or (6 if args.quick else 20)
     args.act30_repeats = args.act30_repeats or (3 if args.quick else 20)
     if args.eval_steps is None:
@@ -889,9 +985,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     try:
         args.sizes = [int(s) for s in str(args.sizes).split(",") if s]
         args.teachers = [int(s) for s in str(args.teachers).split(",") if s]
+        args.act_envs = [int(s) for s in str(args.act_envs).split(",") if s]
         threads = [int(t) for t in str(args.threads).split(",") if t]
     except ValueError:
-        p.error(f"--sizes and --threads are comma-separated integers, got {args.sizes!r}, {args.threads!r}")
+        p.error(f"--sizes, --act_envs and --threads are comma-separated integers, got {args.sizes!r}, "
+                f"{args.act_envs!r}, {args.threads!r}")
+    if not args.act_envs or min(args.act_envs) < 1:
+        p.error(f"--act_envs: env counts >= 1, got {args.act_envs}")
     for name in ("sizes", "teachers"):
         bad = [s for s in getattr(args, name) if s not in (1, 5, 19, 48, 317)]
         if bad:
@@ -915,11 +1015,13 @@ def run_child(args, threads: int, part: str) -> dict:
 
     out = Path(args.out).with_suffix(f".threads{threads}.{part}.json")
     env = dict(os.environ)
-    if threads == 1:  # XLA's Eigen thread pool off; affinity keeps both frameworks on one core
+    if threads == 1 and args.device == "cpu":  # XLA's Eigen thread pool off; affinity keeps both frameworks on one core
         add_flags(("--xla_cpu_multi_thread_eigen=false",), env)
     if part == "eval":
         add_flags((FEWER_KERNELS_FLAG,), env)
     cmd = [sys.executable, str(Path(__file__).resolve()), f"--tdmpc2_repo={args.tdmpc2_repo}",
+           f"--device={args.device}", f"--act_envs={','.join(map(str, args.act_envs))}",
+           "--teacher_bf16" if args.teacher_bf16 else "--no-teacher_bf16", f"--eval_episodes={args.eval_episodes}",
            f"--threads={threads}", f"--sizes={','.join(map(str, args.sizes))}",
            f"--teachers={','.join(map(str, args.teachers))}", f"--repeats={args.repeats}",
            f"--act30_repeats={args.act30_repeats}", f"--eval_steps={args.eval_steps}",

@@ -63,6 +63,47 @@ def test_report_table():
     assert "## 2 thread(s)" in text and "within 5.0e-06 relative" in text and "same top-64 elites: True" in text
 
 
+def test_gpu_arguments():
+    """``--device=gpu``: one setting with every core for the host side, planning rows up to 300 envs, its own table
+    file; ``--threads`` is refused there; the new row options are checked."""
+    args = co.parse_args(["--tdmpc2_repo=x", "--device=gpu", "--teacher_bf16", "--eval_episodes=10"])
+    assert (args.device, args.threads, args.act_envs) == ("gpu", [os.cpu_count()], [1, 30, 300])
+    assert args.teacher_bf16 and args.eval_episodes == 10 and args.out.endswith("compare_official_gpu.md")
+    args = co.parse_args(["--tdmpc2_repo=x"])
+    assert (args.device, args.act_envs, args.teacher_bf16, args.eval_episodes) == ("cpu", [1, 30], False, 1)
+    assert args.out.endswith("benchmarks/results/compare_official_cpu.md")
+    assert co.parse_args(["--tdmpc2_repo=x", "--act_envs=1,300"]).act_envs == [1, 300]
+    for bad in (["--device=gpu", "--threads=1"], ["--device=tpu"], ["--act_envs=0"], ["--act_envs=a"],
+                ["--act_envs="], ["--eval_episodes=0"]):
+        with pytest.raises(SystemExit):
+            co.parse_args(["--tdmpc2_repo=x", *bad])
+
+
+def test_report_table_on_gpu():
+    """The GPU table: the device named, both dtypes' matmul throughput, and a bf16-teacher row's share of the bf16
+    peak (the float32 rows' of the float32 peak)."""
+    row = {"row": "update MT30 1M, B 256, H 3", "flops": 2e9, "peak": "float32",
+           "official": {"median_ms": 20.0, "p10_ms": 19.0, "p90_ms": 21.0, "first_s": 0.4},
+           "ours": {"median_ms": 4.0, "p10_ms": 3.9, "p90_ms": 4.1, "first_s": 12.0}}
+    distill = {"row": "distill step, teacher 317M in bf16 + student 1M, B 256", "flops": 4e12, "peak": "bfloat16",
+               "official": {"median_ms": 100.0, "p10_ms": 99.0, "p90_ms": 101.0, "first_s": 1.0},
+               "ours": {"median_ms": 40.0, "p10_ms": 39.0, "p90_ms": 41.0, "first_s": 30.0}}
+    res = {"threads": 16, "device": "gpu", "device_name": "NVIDIA H200", "jax": "0.x", "torch": "2.x",
+           "matmul_n": 8192, "matmul_gflops": {"jax": 50000.0, "torch": 40000.0},
+           "matmul_gflops_bf16": {"jax": 500000.0, "torch": 400000.0},
+           "loadavg_start": (0.1, 0, 0), "loadavg_end": (0.2, 0, 0), "rows": [row, distill], "xla_flags": "",
+           "checks": {"values": {"values_max_abs": 3e-6, "values_abs_range": [0.001, 0.5], "same_elites": True}}}
+    text = co.table([res], "cmd")
+    assert text.startswith("# Ours vs the official PyTorch TD-MPC2, same run, GPU")
+    assert "GPU: NVIDIA H200; CPU: " in text and "## GPU" in text and "thread(s)" not in text
+    assert "float32 matmul (8192^2): jax 50000 GFLOP/s, torch 40000 GFLOP/s; bf16: jax 500000, torch 400000" in text
+    # 2 GFLOP in 20 ms = 100 GFLOP/s of torch's 40,000 float32 (0.25 %), in 4 ms = 500 of jax's 50,000 (1 %)
+    assert "| 20.0 (19-21) | 4.0 (4-4) | 5.00 | 0.4 / 12.0 | 0 / 1 |" in text
+    # 4 TFLOP in 100 ms = 40 TFLOP/s of torch's 400 bf16 (10 %), in 40 ms = 100 of jax's 500 (20 %)
+    assert "| distill step, teacher 317M in bf16 + student 1M, B 256 | 100.0 (99-101) | 40.0 (39-41) | 2.50 | " \
+           "1.0 / 30.0 | 10 / 20 |" in text
+
+
 def test_report_table_of_the_evaluation_row_alone():
     """``--parts=eval``: the row, and of the equality checks only the planner values that row's planner ran."""
     ev = {"row": "evaluation, 30 tasks x 1 episode, 10 agent steps (1M planner)", "agent_steps": 300,
@@ -143,3 +184,18 @@ def test_a_difference_is_caught(official, monkeypatch):
     monkeypatch.setattr(co.Official, "agent", shifted)
     with pytest.raises(co.MismatchError, match="update step, size 1: .*reward_loss"):
         co.check_update(official, size=1, batch_size=8)
+
+
+def test_gpu_needs_cuda(official):
+    """``--device=gpu`` on a machine whose torch sees no CUDA device: a clear message, not a CUDA traceback."""
+    if official.torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    with pytest.raises(SystemExit, match="sees no CUDA device"):
+        co.Official(official.root.parent, "cuda")
+
+
+def test_bf16_teacher_distillation_row_runs(official):
+    """The bf16-teacher distillation row (the GPU script's): both sides step with the teacher's forward in bf16."""
+    r = co.time_distill(official, 1, repeats=2, batch_size=8, teacher_bf16=True)
+    assert r["row"] == "distill step, teacher 1M in bf16 + student 1M, B 8" and r["peak"] == "bfloat16"
+    assert r["official"]["median_ms"] > 0 and r["ours"]["median_ms"] > 0 and r["flops"] > 0

@@ -84,12 +84,13 @@ def test_pack_writes_one_archive_of_the_pruned_wheels(tmp_path):
     assert not any(n.endswith((".bin", ".stl")) for n in names)
 
 
-def _run_sh(tmp_path, fake_python: str, **env):
+def _run_sh(tmp_path, fake_python: str, *parts, **env):
     py = tmp_path / "python"
     py.write_text("#!/bin/sh\n" + fake_python)
     py.chmod(0o755)
     full = {**os.environ, "PYTHON": str(py), "GPU_DEPS": str(tmp_path / "absent.tar.xz"), **env}
-    return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "run.sh"), str(tmp_path / "out")],
+    return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "run.sh"), str(tmp_path / "out"),
+                           *([" ".join(parts)] if parts else [])],
                           capture_output=True, text=True, env=full, timeout=60)
 
 
@@ -104,3 +105,36 @@ def test_run_sh_refuses_a_cpu_backend_unless_asked(tmp_path):
     assert r.returncode == 3
     assert "not gpu" in r.stderr and "ALLOW_CPU=1" in r.stderr
     assert (tmp_path / "out" / "machine.log").is_file()
+
+
+def test_run_sh_compare_parts_run_the_gpu_comparison(tmp_path):
+    """The compare parts call compare_official.py on the GPU (checks + rows; then the 300-env evaluation row) with
+    the documented defaults; an unknown part is refused."""
+    calls = tmp_path / "calls.txt"
+    # a fake interpreter: every call succeeds and prints "gpu" (jax's backend); the benchmark calls are logged
+    r = _run_sh(tmp_path, f'case "$1" in benchmarks/*) echo "$@" >> {calls};; esac\necho gpu\n',
+                "compare", "compare_eval")
+    assert r.returncode == 0, r.stderr
+    main, ev = calls.read_text().splitlines()
+    for arg in ("benchmarks/compare_official.py", "--tdmpc2_repo=.gpu/tdmpc2", "--device=gpu", "--parts=main",
+                "--sizes=1,5,19", "--teachers=317", "--teacher_bf16", "--torch_compile", "--repeats=10"):
+        assert arg in main.split(), arg
+    assert "--threads" not in main
+    for arg in ("--device=gpu", "--parts=eval", "--eval_steps=10", "--eval_episodes=10"):
+        assert arg in ev.split(), arg
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "## compare (exit 0" in summary and "## compare_eval (exit 0" in summary
+    r = _run_sh(tmp_path, "echo gpu\n", "bogus")
+    assert r.returncode == 2 and "compare_eval" in r.stderr
+
+
+def test_official_distributions_cover_the_official_extra():
+    """``pack_deps.py --official`` packs the ``[official]`` extra's packages that GPU images lack (they carry torch
+    and pyyaml), pinned at this machine's versions where they are installed."""
+    import re
+
+    extra = re.search(r'"official": \[([^\]]*)\]', (ROOT / "setup.py").read_text()).group(1)
+    names = {re.split(r"[<>=!]", req)[0] for req in re.findall(r'"([^"]+)"', extra)}
+    assert names - {"torch", "pyyaml"} <= set(pack_deps.OFFICIAL_DISTRIBUTIONS), names
+    with pytest.raises(SystemExit, match="not installed here"):
+        pack_deps.pinned(("no-such-dist-xyz",) + pack_deps.OFFICIAL_DISTRIBUTIONS)

@@ -11,7 +11,9 @@ Playground's robot meshes; their Python modules stay, since the packages import 
 On the GPU machine: ``mkdir -p /tmp/site && tar xJf deps.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site``
 (``benchmarks/gpu/run.sh`` does this itself).
 
-Usage: ``python benchmarks/gpu/pack_deps.py [--python_version 3.12] [--out .gpu/deps.tar.xz]``.
+Usage: ``python benchmarks/gpu/pack_deps.py [--python_version 3.12] [--official] [--out .gpu/deps.tar.xz]``.
+``--official`` adds what the official PyTorch TD-MPC2 code needs beside torch for ``compare_official.py``
+(tensordict, whose compiled helper does not link against torch, and gymnasium for its envs).
 ``warp-lang`` (150 MB) is left out: MJX and Playground import it only if present and run without it.
 """
 
@@ -36,6 +38,9 @@ DISTRIBUTIONS = (
     # ours
     "ml_collections", "tensorboardX",
 )
+
+# What the official TD-MPC2 code imports beside torch, numpy and pyyaml (compare_official.py; --official).
+OFFICIAL_DISTRIBUTIONS = ("tensordict", "orjson", "gymnasium", "farama-notifications")
 
 # Folders of assets (meshes, textures, test models) that no MT30 task loads; relative to the unpacked site.
 PRUNE_DIRS = (
@@ -128,9 +133,11 @@ def pack(wheels: list[Path], out: Path, workdir: Path) -> tuple[int, int]:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--python_version", default="3.12", help="the GPU machine's CPython, e.g. 3.12")
+    p.add_argument("--official", action="store_true",
+                   help="also pack the official TD-MPC2 code's needs (benchmarks/compare_official.py)")
     p.add_argument("--out", default=".gpu/deps.tar.xz")
     args = p.parse_args(argv)
-    reqs = pinned()
+    reqs = pinned(DISTRIBUTIONS + (OFFICIAL_DISTRIBUTIONS if args.official else ()))
     print("packing", " ".join(reqs), f"for CPython {args.python_version}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         wheels = download(reqs, Path(tmp) / "wheels", args.python_version)

@@ -5,22 +5,34 @@
 #      ONLINE_ENVS (256) envs: agent steps/s, env steps/s, updates/s, next to its parts timed apart
 #      (benchmarks/online.py; ONLINE_AGENT_STEPS x ONLINE_REPEATS timed agent steps, about 1-2 minutes);
 #   3. the compile time, peak RSS and memory mappings of the all-30-task evaluation program
-#      (benchmarks/compile_eval.py --tasks all, from an empty cache).
+#      (benchmarks/compile_eval.py --tasks all, from an empty cache);
+#   4. the same-run comparison with the official PyTorch TD-MPC2 on the GPU (benchmarks/compare_official.py
+#      --device=gpu): equality checks, then update (COMPARE_SIZES), act for 1, 30 and 300 envs, bf16 act, the
+#      distillation step with the COMPARE_TEACHERS teacher in bf16 (its share of the bf16 matmul peak), and the
+#      official update and act under torch.compile (reduce-overhead, as its compile: true);
+#   5. evaluation throughput against the official sequential loop: 30 tasks x COMPARE_EVAL_EPISODES episodes
+#      (300 envs), COMPARE_EVAL_STEPS agent steps each (compare_official.py --parts=eval).
 #
 # Usage: bash benchmarks/gpu/run.sh [OUTDIR] [PARTS]
 #   OUTDIR  where the logs go (default runs/gpu): machine.log, online.log, compile.log, summary.md
-#   PARTS   any of "online compile" (default both), for machines that cap one command's time
+#   PARTS   any of "online compile compare compare_eval" (default all four), for machines that cap one
+#           command's time
 # Environment:
 #   GPU_DEPS=.gpu/deps.tar.xz  archive from `python benchmarks/gpu/pack_deps.py` (mujoco, mjx, dm_control,
 #                              playground...), unpacked into GPU_SITE (/tmp/site) when `import mujoco` fails;
 #                              not needed where those are installed
 #   ONLINE_ENVS=256 ONLINE_AGENT_STEPS=25 ONLINE_REPEATS=3 ONLINE_TASK=walker-walk COMPILE_TASKS=all
+#   TDMPC2_REPO=.gpu/tdmpc2    a checkout of github.com/nicklashansen/tdmpc2 (tested at e9f5932; its tdmpc2/ folder
+#                              and config are what is read), for the compare parts; pack the archive with
+#                              pack_deps.py --official for its tensordict and gymnasium
+#   COMPARE_SIZES=1,5,19 COMPARE_TEACHERS=317 COMPARE_REPEATS=10 COMPARE_ACT_REPEATS=4
+#   COMPARE_EVAL_EPISODES=10 COMPARE_EVAL_STEPS=10
 #   STEP_TIMEOUT=540           seconds each part may run before it is stopped (its log so far is kept)
 #   ALLOW_CPU=0                1 runs the same parts on a CPU backend (a dry run of the script itself)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${1:-runs/gpu}
-parts=${2:-online compile}
+parts=${2:-online compile compare compare_eval}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
@@ -55,6 +67,12 @@ if [[ "$backend" != "gpu" && "${ALLOW_CPU:-0}" != "1" ]]; then
   exit 3
 fi
 
+device=gpu
+[[ "$backend" != "gpu" ]] && device=cpu  # an ALLOW_CPU dry run compares on the CPU
+compare=("$py" benchmarks/compare_official.py "--tdmpc2_repo=${TDMPC2_REPO:-.gpu/tdmpc2}" "--device=$device"
+         "--repeats=${COMPARE_REPEATS:-10}" "--act30_repeats=${COMPARE_ACT_REPEATS:-4}")
+[[ $device == cpu ]] && compare+=(--threads=1)
+
 status=0
 summary="$out/summary.md"
 echo "# GPU checks ($(head -1 "$out/machine.log"))" > "$summary"
@@ -65,14 +83,20 @@ for part in $parts; do
            --agent_steps "${ONLINE_AGENT_STEPS:-25}" --repeats "${ONLINE_REPEATS:-3}") ;;
     compile)
       cmd=("$py" benchmarks/compile_eval.py --tasks "${COMPILE_TASKS:-all}") ;;
-    *) echo "unknown part '$part' (online, compile)" >&2; exit 2 ;;
+    compare)
+      cmd=("${compare[@]}" --parts=main "--sizes=${COMPARE_SIZES:-1,5,19}" "--teachers=${COMPARE_TEACHERS:-317}"
+           --teacher_bf16 --torch_compile --eval_steps=0 "--out=$out/compare_official_gpu.md") ;;
+    compare_eval)
+      cmd=("${compare[@]}" --parts=eval "--eval_steps=${COMPARE_EVAL_STEPS:-10}"
+           "--eval_episodes=${COMPARE_EVAL_EPISODES:-10}" "--out=$out/compare_official_gpu_eval.md") ;;
+    *) echo "unknown part '$part' (online, compile, compare, compare_eval)" >&2; exit 2 ;;
   esac
   echo "== $part: ${cmd[*]}"
   start=$(date +%s)
   timeout "$step_timeout" "${cmd[@]}" 2>&1 | tee "$out/$part.log"
   rc=${PIPESTATUS[0]}
   took=$(( $(date +%s) - start ))
-  { echo; echo "## $part (exit $rc, ${took} s wall): \`${cmd[*]}\`"; grep -E '^\||GiB|compile' "$out/$part.log"; } >> "$summary"
+  { echo; echo "## $part (exit $rc, ${took} s wall): \`${cmd[*]}\`"; grep -E '^\||GiB|compile|equal|matmul' "$out/$part.log"; } >> "$summary"
   [[ $rc -ne 0 ]] && status=$rc
 done
 echo "summary: $summary"
