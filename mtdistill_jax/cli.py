@@ -13,6 +13,9 @@ Any other exception is a bug: Python prints its traceback (exit status 1), so pl
 ``TypeError`` are never hidden; library code marks rejected input by raising ``UserError``. With
 ``MTDISTILL_TRACEBACK=1`` in the environment, or ``--verbosity=1`` (once the flags parse), user errors print
 their traceback too, before the ``error:`` line.
+
+Before ``main`` runs, :func:`use_compilation_cache` turns on JAX's persistent compilation cache (unless the user
+configured one or turned it off), so a program compiled by an earlier run loads from disk instead of compiling.
 """
 
 from __future__ import annotations
@@ -28,10 +31,13 @@ from absl import app, flags
 
 from mtdistill_jax.errors import UnknownNameError, UserError
 
-__all__ = ["TRACEBACK_ENV", "UnknownNameError", "UsageError", "UserError", "check_output_dir", "define_config_file",
-           "exit_code", "format_error", "is_user_error", "run"]
+__all__ = ["COMPILATION_CACHE_ENV", "TRACEBACK_ENV", "UnknownNameError", "UsageError", "UserError",
+           "check_output_dir", "define_config_file", "exit_code", "format_error", "is_user_error", "run",
+           "use_compilation_cache"]
 
 TRACEBACK_ENV = "MTDISTILL_TRACEBACK"
+COMPILATION_CACHE_ENV = "MTDISTILL_COMPILATION_CACHE"  # a folder, or 0/off/false/no for no cache
+_OFF = ("0", "false", "no", "off")
 UsageError = app.UsageError  # raise it for a wrong command line (exit status 2)
 
 FLAGS = flags.FLAGS
@@ -155,9 +161,33 @@ def _parse_flags(argv: list[str]) -> list[str]:
         _fail(e)
 
 
+def use_compilation_cache(environ=os.environ) -> str | None:
+    """Turn on JAX's persistent compilation cache for this process; returns its folder, or None when off.
+
+    A cache the user configured wins (``JAX_COMPILATION_CACHE_DIR``, or ``jax_compilation_cache_dir`` already set);
+    otherwise ``$MTDISTILL_COMPILATION_CACHE``, default ``<$MTDISTILL_CACHE or ~/.cache/mtdistill_jax>/jax``;
+    ``MTDISTILL_COMPILATION_CACHE=0`` turns it off. Programs that compile for a second or more are kept (JAX's
+    ``jax_persistent_cache_min_compile_time_secs``); the folder grows until it is cleared (JAX evicts nothing by
+    default). Must run before the first compile: JAX reads the setting once per process."""
+    import jax
+
+    from mtdistill_jax.artifacts import cache_dir
+
+    configured = environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir
+    if configured:
+        return configured
+    choice = environ.get(COMPILATION_CACHE_ENV, "").strip()
+    if choice.lower() in _OFF:
+        return None
+    folder = os.path.expanduser(choice) if choice else str(cache_dir() / "jax")
+    jax.config.update("jax_compilation_cache_dir", folder)
+    return folder
+
+
 def _guarded(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
     def guarded_main(argv: list[str]) -> Any:
         try:
+            use_compilation_cache()
             return main(argv)
         except Exception as e:
             if is_user_error(e):

@@ -17,6 +17,7 @@ from mtdistill_jax.xla_cpu import mapping_count, max_map_count  # noqa: E402
 _cache = os.environ.get("JAX_COMPILATION_CACHE_DIR",
                         os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache", "jax"))
 jax.config.update("jax_compilation_cache_dir", _cache)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _cache)  # the launch/ subprocesses share it
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 

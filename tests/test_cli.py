@@ -201,3 +201,45 @@ def test_format_error():
     assert not cli.is_user_error(KeyError("x"))
     assert cli.exit_code(cli.UsageError("x")) == 2 and cli.exit_code(flags.Error("x")) == 2
     assert cli.exit_code(UserError("x")) == 1 and cli.exit_code(OSError("x")) == 1
+
+
+_COMPILES = """
+import jax
+from mtdistill_jax import cli
+
+def main(argv):
+    jax.jit(lambda x: x * 2 + 1)(jax.numpy.arange(3.0)).block_until_ready()
+    print(jax.config.jax_compilation_cache_dir)
+
+cli.run(main)
+"""
+
+
+def _files(folder):
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+def test_launchers_keep_compiled_programs_in_a_persistent_cache(tmp_path):
+    """Every ``cli.run`` main gets JAX's persistent compilation cache: by default in ``$MTDISTILL_CACHE/jax``;
+    ``MTDISTILL_COMPILATION_CACHE`` moves it or (0) turns it off; a ``JAX_COMPILATION_CACHE_DIR`` of the user's
+    wins."""
+    base = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", cli.COMPILATION_CACHE_ENV)}
+    env = {**base, "MTDISTILL_CACHE": str(tmp_path / "cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PLATFORMS": "cpu"}
+
+    def run(**extra):
+        return subprocess.run([sys.executable, "-c", _COMPILES], capture_output=True, text=True, cwd=REPO,
+                              env={**env, **extra}, timeout=120)
+
+    r = run()
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(tmp_path / "cache" / "jax") and _files(tmp_path / "cache" / "jax")
+    r = run(**{cli.COMPILATION_CACHE_ENV: str(tmp_path / "mine")})
+    assert r.stdout.strip() == str(tmp_path / "mine") and _files(tmp_path / "mine")
+    r = run(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "users"), **{cli.COMPILATION_CACHE_ENV: str(tmp_path / "x")})
+    assert r.stdout.strip() == str(tmp_path / "users") and _files(tmp_path / "users")
+    assert not (tmp_path / "x").exists()
+    before = _files(tmp_path / "cache" / "jax")
+    r = run(**{cli.COMPILATION_CACHE_ENV: "off"})
+    assert r.returncode == 0 and r.stdout.strip() == "None", r.stderr
+    assert _files(tmp_path / "cache" / "jax") == before
