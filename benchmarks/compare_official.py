@@ -43,8 +43,9 @@ and XLA's Eigen pool off; 2 = two cores) runs in its own process:
    for our program (the same arithmetic on both sides).
 
 ``--device=gpu`` runs one setting with both sides on the GPU: the official code unpatched on ``cuda:0`` (its
-``torch.compile`` rows in its own ``reduce-overhead`` mode), ours on jax's GPU backend with float32 matmuls at
-``highest`` precision (torch's float32 default; JAX's GPU default is TF32), the checks' random draws taken on the
+``torch.compile`` rows in its own ``reduce-overhead`` mode), ours on jax's GPU backend; the equality checks with
+float32 matmuls at full precision on both sides, the peaks and timed rows as each side ships on a GPU (TF32: the
+official train.py's ``set_float32_matmul_precision('high')``, JAX's default); the checks' random draws taken on the
 device as the official code takes them; planning rows for ``--act_envs`` (default 1,30,300); with ``--teacher_bf16``
 the distillation rows' teacher forward in bf16 (official: autocast; ours: stored and computed in bf16), their
 '% peak' against the bf16 matmul throughput measured in the same process; ``--eval_episodes`` episodes per task in
@@ -74,6 +75,7 @@ REPO = Path(__file__).resolve().parents[1]
 TESTED_COMMIT = "e9f5932"
 BATCH = 256  # batch size of the update, planning and distillation rows (the official default)
 TORCH_DEVICES = {"cpu": "cpu", "gpu": "cuda"}  # --device -> the official side's torch device
+OFFICIAL_MATMUL_PRECISION = "high"  # the official train.py's torch.set_float32_matmul_precision (TF32 on GPUs)
 PATCHES = {  # file -> (old, new, expected count): the official code's hard-coded CUDA device
     "common/scale.py": [("torch.device('cuda:0')", "torch.device('cpu')", 2)],
     "tdmpc2.py": [("torch.device('cuda:0')", "torch.device('cpu')", 1), ("device='cuda:0'", "device='cpu'", 1)],
@@ -475,7 +477,7 @@ def _flops(jitted, *args) -> float | None:
 
 def torch_matmul_gflops(torch, n: int = 2048, repeats: int = 10, device="cpu", dtype=None) -> float:
     """Measured ``n x n`` matmul throughput of torch on ``device`` in ``dtype`` (default float32), GFLOP/s."""
-    a = torch.ones(n, n, device=device, dtype=dtype or torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype or torch.float32)  # random data: zeros/ones run faster on GPUs
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     a @ a
     sync()
@@ -609,7 +611,8 @@ def time_act(off: Official, size: int, envs: int, repeats: int, bf16: bool = Fal
     from benchmarks.plan import plan_flops
 
     flops = envs * plan_flops(config)  # XLA's cost analysis counts the MPPI loop's body once, not per iteration
-    return {"row": act_row_name(size, envs, config, bf16, torch_compile), "official": o, "ours": m, "flops": flops}
+    return {"row": act_row_name(size, envs, config, bf16, torch_compile), "official": o, "ours": m, "flops": flops,
+            "peak": "bfloat16" if bf16 else "float32"}
 
 
 def official_teacher(off: Official, size: int, batch_size: int, dropout: float | None = None):
@@ -777,8 +780,20 @@ def measure(args) -> dict:
     if gpu and jax.default_backend() != "gpu":
         raise SystemExit(f"compare_official: --device=gpu, but jax's backend is {jax.default_backend()!r} (a CUDA "
                          "jaxlib and a visible GPU are needed)")
-    if gpu:  # float32 matmuls as torch computes them (TF32 off, its default), not JAX's GPU default (TF32)
-        jax.config.update("jax_default_matmul_precision", "highest")
+    def precision(check: bool) -> None:
+        """GPU float32 matmuls: full precision on both sides for the equality checks; for the peaks and the timing,
+        as each side ships on a GPU (TF32: the official train.py's set_float32_matmul_precision('high'); JAX's
+        default precision). On CPU both are full float32 either way."""
+        if gpu:
+            jax.config.update("jax_default_matmul_precision", "highest" if check else None)
+            torch.set_float32_matmul_precision("highest" if check else OFFICIAL_MATMUL_PRECISION)
+
+    def checked(checks: dict) -> dict:
+        print(f"[{setting_name(args)}] equal on the same input: {json.dumps(checks)}", flush=True)
+        precision(check=False)
+        return checks
+
+    precision(check=False)
     off = load_official(args.tdmpc2_repo, TORCH_DEVICES[args.device])
     from benchmarks.common import matmul_peak_gflops
 
@@ -789,23 +804,25 @@ def measure(args) -> dict:
                                 "torch": torch_matmul_gflops(torch, n, device=off.device)}}
     if gpu:
         result["device_name"] = torch.cuda.get_device_name()
+        result["timing_precision"] = OFFICIAL_MATMUL_PRECISION
         result["matmul_gflops_bf16"] = {"jax": matmul_peak_gflops(n, dtype="bfloat16"),
                                         "torch": torch_matmul_gflops(torch, n, device=off.device,
                                                                      dtype=torch.bfloat16)}
     print(f"[{setting_name(args)}] float32 matmul GFLOP/s: jax {result['matmul_gflops']['jax']:.0f}, torch "
           f"{result['matmul_gflops']['torch']:.0f}", flush=True)
+    precision(check=True)
     if args.child_part == "eval":
         if "main" not in args.parts:  # the planner the evaluation row runs, checked on the same input first
-            result["checks"] = {"values": check_values(off)}
-            print(f"[{setting_name(args)}] equal on the same input: {json.dumps(result['checks'])}", flush=True)
+            result["checks"] = checked({"values": check_values(off)})
+        precision(check=False)
         r = time_eval(off, args.eval_steps, args.eval_repeats, args.eval_tasks, episodes=args.eval_episodes)
         print(f"[{setting_name(args)}] {r['row']}: official {r['official']['agent_steps_per_s']:.2f}, ours "
               f"{r['ours']['agent_steps_per_s']:.2f} agent steps/s", flush=True)
         return {**result, "rows": [r], "loadavg_end": os.getloadavg()}
-    result["checks"] = {"update": check_update(off), "values": check_values(off)}
+    checks = {"update": check_update(off), "values": check_values(off)}
     for t in args.teachers:
-        result["checks"][f"distill_{t}"] = check_update(off, teacher_size=t)
-    print(f"[{setting_name(args)}] equal on the same input: {json.dumps(result['checks'])}", flush=True)
+        checks[f"distill_{t}"] = check_update(off, teacher_size=t)
+    result["checks"] = checked(checks)
     rows = [lambda s=s: time_update(off, s, args.repeats) for s in args.sizes]
     rows += [lambda e=e: time_act(off, 1, e, args.repeats if e == 1 else args.act30_repeats) for e in args.act_envs]
     if args.bf16:
@@ -850,12 +867,13 @@ def table(results: list[dict], command: str) -> str:
         machine = f"GPU: {results[0]['device_name']}; {machine}"
     lines = [f"# Ours vs the official PyTorch TD-MPC2, same run, {'GPU' if gpu else 'CPU'}", "", "```bash", command,
              "```", "", f"{machine}; jax {results[0]['jax']}, torch "
-             f"{results[0]['torch']} (eager, compile=False); official code: the checkout given (tested at "
+             f"{results[0]['torch']} (eager, compile=False, except the rows marked torch.compile); official code: the "
+             "checkout given (tested at "
              f"{TESTED_COMMIT}).",
              "", "Speed-up = official ms / ours ms (> 1: ours is faster). Times: median (p10-p90) after warm-up; "
              "'first' is the first call (ours: XLA compile, persistent cache as found). '% peak': the row's FLOPs "
-             "over its time, against each framework's float32 matmul throughput measured in the same process (a "
-             "row with a bf16 teacher: against its bf16 matmul throughput); "
+             "over its time, against each framework's float32 matmul throughput measured in the same process (bf16 "
+             "rows: against the bf16 matmul throughput where it was measured, on GPU); "
              "update and distillation FLOPs as XLA's cost analysis counts our program, planning FLOPs as "
              "`benchmarks/plan.py` counts the planner's matmuls (XLA counts the MPPI loop's body once).", ""]
     for res in results:
@@ -866,7 +884,9 @@ def table(results: list[dict], command: str) -> str:
             b = res["matmul_gflops_bf16"]
             matmul += f"; bf16: jax {b['jax']:.0f}, torch {b['torch']:.0f}"
         if res.get("device") == "gpu":
-            matmul += " (both sides' float32 matmuls at full float32 precision: torch's default, JAX's 'highest')"
+            matmul += (" (equality checks: float32 matmuls at full precision on both sides; peaks and timing: as "
+                       "each side ships on a GPU, TF32: the official train.py's set_float32_matmul_precision("
+                       f"'{res.get('timing_precision', OFFICIAL_MATMUL_PRECISION)}'), JAX's default precision)")
         lines += [f"## {heading}", "",
                   f"{matmul}; load "
                   f"average {res['loadavg_start'][0]:.2f} at start, {res['loadavg_end'][0]:.2f} at end; our "
@@ -1017,8 +1037,10 @@ def run_child(args, threads: int, part: str) -> dict:
     env = dict(os.environ)
     if threads == 1 and args.device == "cpu":  # XLA's Eigen thread pool off; affinity keeps both frameworks on one core
         add_flags(("--xla_cpu_multi_thread_eigen=false",), env)
-    if part == "eval":
+    if part == "eval" and args.device == "cpu":
         add_flags((FEWER_KERNELS_FLAG,), env)
+    if args.device == "gpu":  # JAX takes GPU memory as it needs it: torch shares the device in this process
+        env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     cmd = [sys.executable, str(Path(__file__).resolve()), f"--tdmpc2_repo={args.tdmpc2_repo}",
            f"--device={args.device}", f"--act_envs={','.join(map(str, args.act_envs))}",
            "--teacher_bf16" if args.teacher_bf16 else "--no-teacher_bf16", f"--eval_episodes={args.eval_episodes}",
@@ -1041,7 +1063,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     check_repo(args.tdmpc2_repo)  # a clear message before anything starts
     if args.child_json is not None:  # one thread setting: this process, pinned to its cores
-        if hasattr(os, "sched_setaffinity"):
+        if hasattr(os, "sched_setaffinity") and args.device == "cpu":
             os.sched_setaffinity(0, set(range(args.threads)))
         Path(args.child_json).write_text(json.dumps(measure(args)))
         return

@@ -112,20 +112,26 @@ def test_run_sh_compare_parts_run_the_gpu_comparison(tmp_path):
     the documented defaults; an unknown part is refused."""
     calls = tmp_path / "calls.txt"
     # a fake interpreter: every call succeeds and prints "gpu" (jax's backend); the benchmark calls are logged
-    r = _run_sh(tmp_path, f'case "$1" in benchmarks/*) echo "$@" >> {calls};; esac\necho gpu\n',
-                "compare", "compare_eval")
+    fake = f'case "$1" in benchmarks/*) echo "$@" >> {calls}; echo "[GPU] a row";; esac\necho gpu\n'
+    r = _run_sh(tmp_path, fake, "compare", "compare_eval")
     assert r.returncode == 0, r.stderr
     main, ev = calls.read_text().splitlines()
     for arg in ("benchmarks/compare_official.py", "--tdmpc2_repo=.gpu/tdmpc2", "--device=gpu", "--parts=main",
-                "--sizes=1,5,19", "--teachers=317", "--teacher_bf16", "--torch_compile", "--repeats=10"):
+                "--sizes=1,5", "--teachers=317", "--teacher_bf16", "--no-torch_compile", "--repeats=6"):
         assert arg in main.split(), arg
     assert "--threads" not in main
     for arg in ("--device=gpu", "--parts=eval", "--eval_steps=10", "--eval_episodes=10"):
         assert arg in ev.split(), arg
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "## compare (exit 0" in summary and "## compare_eval (exit 0" in summary
+    assert summary.count("[GPU] a row") == 2  # the progress lines: rows finished before a timeout are kept
+    calls.unlink()
+    r = _run_sh(tmp_path, fake, "compare", COMPARE_TORCH_COMPILE="1", COMPARE_SIZES="1,5,19")
+    assert r.returncode == 0 and {"--torch_compile", "--sizes=1,5,19"} <= set(calls.read_text().split())
     r = _run_sh(tmp_path, "echo gpu\n", "bogus")
     assert r.returncode == 2 and "compare_eval" in r.stderr
+    r = _run_sh(tmp_path, 'case "$2" in *tensordict*) exit 1;; esac\necho gpu\n', "compare")
+    assert r.returncode == 2 and "pack_deps.py --official" in r.stderr
 
 
 def test_official_distributions_cover_the_official_extra():

@@ -8,8 +8,8 @@
 #      (benchmarks/compile_eval.py --tasks all, from an empty cache);
 #   4. the same-run comparison with the official PyTorch TD-MPC2 on the GPU (benchmarks/compare_official.py
 #      --device=gpu): equality checks, then update (COMPARE_SIZES), act for 1, 30 and 300 envs, bf16 act, the
-#      distillation step with the COMPARE_TEACHERS teacher in bf16 (its share of the bf16 matmul peak), and the
-#      official update and act under torch.compile (reduce-overhead, as its compile: true);
+#      distillation step with the COMPARE_TEACHERS teacher in bf16 (its share of the bf16 matmul peak), and with
+#      COMPARE_TORCH_COMPILE=1 the official update and act under torch.compile (reduce-overhead, as compile: true);
 #   5. evaluation throughput against the official sequential loop: 30 tasks x COMPARE_EVAL_EPISODES episodes
 #      (300 envs), COMPARE_EVAL_STEPS agent steps each (compare_official.py --parts=eval).
 #
@@ -25,8 +25,10 @@
 #   TDMPC2_REPO=.gpu/tdmpc2    a checkout of github.com/nicklashansen/tdmpc2 (tested at e9f5932; its tdmpc2/ folder
 #                              and config are what is read), for the compare parts; pack the archive with
 #                              pack_deps.py --official for its tensordict and gymnasium
-#   COMPARE_SIZES=1,5,19 COMPARE_TEACHERS=317 COMPARE_REPEATS=10 COMPARE_ACT_REPEATS=4
+#   COMPARE_SIZES=1,5 COMPARE_TEACHERS=317 COMPARE_REPEATS=6 COMPARE_ACT_REPEATS=3
+#   COMPARE_TORCH_COMPILE=0     1 adds the official update and act under torch.compile (minutes of compile more)
 #   COMPARE_EVAL_EPISODES=10 COMPARE_EVAL_STEPS=10
+#   MUJOCO_GL=disable          nothing here renders (an image without EGL loaders still imports dm_control)
 #   STEP_TIMEOUT=540           seconds each part may run before it is stopped (its log so far is kept)
 #   ALLOW_CPU=0                1 runs the same parts on a CPU backend (a dry run of the script itself)
 set -uo pipefail
@@ -35,6 +37,7 @@ out=${1:-runs/gpu}
 parts=${2:-online compile compare compare_eval}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+export MUJOCO_GL=${MUJOCO_GL:-disable}
 py=${PYTHON:-python3}
 site=${GPU_SITE:-/tmp/site}
 deps=${GPU_DEPS:-.gpu/deps.tar.xz}
@@ -70,8 +73,10 @@ fi
 device=gpu
 [[ "$backend" != "gpu" ]] && device=cpu  # an ALLOW_CPU dry run compares on the CPU
 compare=("$py" benchmarks/compare_official.py "--tdmpc2_repo=${TDMPC2_REPO:-.gpu/tdmpc2}" "--device=$device"
-         "--repeats=${COMPARE_REPEATS:-10}" "--act30_repeats=${COMPARE_ACT_REPEATS:-4}")
+         "--repeats=${COMPARE_REPEATS:-6}" "--act30_repeats=${COMPARE_ACT_REPEATS:-3}")
 [[ $device == cpu ]] && compare+=(--threads=1)
+compile_rows=--no-torch_compile
+[[ "${COMPARE_TORCH_COMPILE:-0}" == 1 ]] && compile_rows=--torch_compile
 
 status=0
 summary="$out/summary.md"
@@ -84,19 +89,24 @@ for part in $parts; do
     compile)
       cmd=("$py" benchmarks/compile_eval.py --tasks "${COMPILE_TASKS:-all}") ;;
     compare)
-      cmd=("${compare[@]}" --parts=main "--sizes=${COMPARE_SIZES:-1,5,19}" "--teachers=${COMPARE_TEACHERS:-317}"
-           --teacher_bf16 --torch_compile --eval_steps=0 "--out=$out/compare_official_gpu.md") ;;
+      cmd=("${compare[@]}" --parts=main "--sizes=${COMPARE_SIZES:-1,5}" "--teachers=${COMPARE_TEACHERS:-317}"
+           --teacher_bf16 "$compile_rows" --eval_steps=0 "--out=$out/compare_official_gpu.md") ;;
     compare_eval)
       cmd=("${compare[@]}" --parts=eval "--eval_steps=${COMPARE_EVAL_STEPS:-10}"
            "--eval_episodes=${COMPARE_EVAL_EPISODES:-10}" "--out=$out/compare_official_gpu_eval.md") ;;
     *) echo "unknown part '$part' (online, compile, compare, compare_eval)" >&2; exit 2 ;;
   esac
+  if [[ $part == compare* ]] && ! "$py" -c "import tensordict, gymnasium" >/dev/null 2>&1; then
+    echo "$part: the official code needs tensordict and gymnasium: pack the archive with" \
+         "'python benchmarks/gpu/pack_deps.py --official' (and carry it)" >&2
+    status=2; continue
+  fi
   echo "== $part: ${cmd[*]}"
   start=$(date +%s)
   timeout "$step_timeout" "${cmd[@]}" 2>&1 | tee "$out/$part.log"
   rc=${PIPESTATUS[0]}
   took=$(( $(date +%s) - start ))
-  { echo; echo "## $part (exit $rc, ${took} s wall): \`${cmd[*]}\`"; grep -E '^\||GiB|compile|equal|matmul' "$out/$part.log"; } >> "$summary"
+  { echo; echo "## $part (exit $rc, ${took} s wall): \`${cmd[*]}\`"; grep -E '^\||^\[|GiB|compile' "$out/$part.log"; } >> "$summary"
   [[ $rc -ne 0 ]] && status=$rc
 done
 echo "summary: $summary"
