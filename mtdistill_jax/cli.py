@@ -82,7 +82,7 @@ def format_error(e: BaseException) -> str:
 
 def traceback_requested() -> bool:
     """``MTDISTILL_TRACEBACK`` set to a true value, or ``--verbosity`` >= 1 on the command line."""
-    return _verbose or os.environ.get(TRACEBACK_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+    return _verbose or os.environ.get(TRACEBACK_ENV, "").strip().lower() not in ("", *_OFF)
 
 
 def _fail(e: BaseException) -> NoReturn:
@@ -168,19 +168,23 @@ def use_compilation_cache(environ=os.environ) -> str | None:
     otherwise ``$MTDISTILL_COMPILATION_CACHE``, default ``<$MTDISTILL_CACHE or ~/.cache/mtdistill_jax>/jax``;
     ``MTDISTILL_COMPILATION_CACHE=0`` turns it off. Programs that compile for a second or more are kept (JAX's
     ``jax_persistent_cache_min_compile_time_secs``); the folder grows until it is cleared (JAX evicts nothing by
-    default). Must run before the first compile: JAX reads the setting once per process."""
-    import jax
-
+    default). Must run before the first compile: JAX reads the setting once per process. Where JAX is not imported
+    yet (a main that may never use it, e.g. ``launch/download.py``), the folder goes into ``JAX_COMPILATION_CACHE_DIR``
+    for JAX to read when it is (child processes inherit it), so this costs no JAX import."""
     from mtdistill_jax.artifacts import cache_dir
 
-    configured = environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir
+    jax = sys.modules.get("jax")
+    configured = environ.get("JAX_COMPILATION_CACHE_DIR") or (jax and jax.config.jax_compilation_cache_dir)
     if configured:
         return configured
     choice = environ.get(COMPILATION_CACHE_ENV, "").strip()
     if choice.lower() in _OFF:
         return None
     folder = os.path.expanduser(choice) if choice else str(cache_dir() / "jax")
-    jax.config.update("jax_compilation_cache_dir", folder)
+    if jax is None:
+        environ["JAX_COMPILATION_CACHE_DIR"] = folder
+    else:
+        jax.config.update("jax_compilation_cache_dir", folder)
     return folder
 
 

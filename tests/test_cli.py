@@ -215,6 +215,22 @@ cli.run(main)
 """
 
 
+# the same, but JAX imported only inside main (as launch/download.py never imports it): the folder reaches JAX
+# through the environment, and the launcher's start-up imports no JAX
+_COMPILES_LAZILY = """
+import sys
+from mtdistill_jax import cli
+
+def main(argv):
+    print("jax imported before main:", "jax" in sys.modules)
+    import jax
+    jax.jit(lambda x: x * 2 + 1)(jax.numpy.arange(3.0)).block_until_ready()
+    print(jax.config.jax_compilation_cache_dir)
+
+cli.run(main)
+"""
+
+
 def _files(folder):
     return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
 
@@ -234,6 +250,11 @@ def test_launchers_keep_compiled_programs_in_a_persistent_cache(tmp_path):
     r = run()
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(tmp_path / "cache" / "jax") and _files(tmp_path / "cache" / "jax")
+    r = subprocess.run([sys.executable, "-c", _COMPILES_LAZILY], capture_output=True, text=True, cwd=REPO,
+                       env={**env, "MTDISTILL_CACHE": str(tmp_path / "lazy")}, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:2] == ["jax imported before main: False", str(tmp_path / "lazy" / "jax")]
+    assert _files(tmp_path / "lazy" / "jax")
     r = run(**{cli.COMPILATION_CACHE_ENV: str(tmp_path / "mine")})
     assert r.stdout.strip() == str(tmp_path / "mine") and _files(tmp_path / "mine")
     r = run(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "users"), **{cli.COMPILATION_CACHE_ENV: str(tmp_path / "x")})
