@@ -38,7 +38,6 @@ def header():
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 10, dtype: str = "float32") -> float:
     """Measured matmul throughput of the default device (n x n @ n x n in ``dtype``), GFLOP/s."""
-
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)  # random data: zeros/ones run faster on GPUs
     f = jax.jit(lambda x: x @ x)
     jax.block_until_ready(f(a))

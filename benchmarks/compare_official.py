@@ -637,9 +637,9 @@ def two_pass_distill_step(off: Official, agent, teacher, config, batch, teacher_
 
     torch, m = off.torch, off.math
     obs, action, reward, terminated, task = batch
-    with torch.no_grad(), off.autocast(teacher_bf16):
-        t_logits = teacher.reward(teacher.encode(obs[0], task), action[0], task)
     with torch.no_grad():
+        with off.autocast(teacher_bf16):
+            t_logits = teacher.reward(teacher.encode(obs[0], task), action[0], task)
         t_r = m.two_hot_inv(t_logits.float(), agent.cfg)
     s_r = m.two_hot_inv(agent.model.reward(agent.model.encode(obs[0], task), action[0], task), agent.cfg)
     dl = F.mse_loss(s_r, t_r)
