@@ -12,19 +12,29 @@ so that all see the same machine state:
 - ``no_tree_reduction``: the library's update compiled without XLA's tree-reduction rewrite (which turns a
   reduction over more than 32 elements into a 32-wide reduce-window and a reduce: vectorised and more accurate).
 - ``opt1``: the library's update compiled at ``xla_backend_optimization_level=1`` (LLVM -O1 instead of -O2).
+- ``opt0``: the same at ``xla_backend_optimization_level=0`` (LLVM -O0).
 - ``ln_reduction``: the library's update with LayerNorm's row means as reductions, as before they became
   matrix-vector products on CPU (``MTDISTILL_XLA_CPU_TUNING=0`` while it is traced;
   ``mtdistill_jax.nn.layers.row_means_by_matmul``).
 
-Usage: ``python benchmarks/compile_update.py [--size 1] [--variants tree,flat,no_tree_reduction,opt1,ln_reduction]
-[--repeats 15]``; ``taskset -c 0 python benchmarks/compile_update.py`` for one core.
+``--phases`` traces each compile with ``jax.profiler`` and prints where it went (XLA's HLO passes, the fusion
+emitters' MLIR, LLVM's code generation), summed over the trace's events by name. ``--cache_dir=DIR`` turns JAX's
+persistent compilation cache on in ``DIR`` instead of off: a second run with the same ``DIR`` times warm compiles.
+
+Usage: ``python benchmarks/compile_update.py [--size 1] [--variants tree,flat,no_tree_reduction,opt1,opt0,ln_reduction]
+[--repeats 15] [--phases] [--cache_dir DIR]``; ``taskset -c 0 python benchmarks/compile_update.py`` for one core.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
+import gzip
+import json
 import os
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VARIANTS = {"tree": (False, None, True), "flat": (True, None, True),
             "no_tree_reduction": (False, {"xla_disable_hlo_passes": "tree_reduction_rewriter"}, True),
             "opt1": (False, {"xla_backend_optimization_level": 1}, True),
+            "opt0": (False, {"xla_backend_optimization_level": 0}, True),
             "ln_reduction": (False, None, False)}
 
 
@@ -53,12 +64,37 @@ def flat_optimizers(config):
     return wm, pi
 
 
+# Compile phases of XLA:CPU, as the native events of a jax.profiler trace name them (prefixes; jax 0.10.2).
+PHASES = (("HLO passes", "HLO passes"), ("kernels emitted (thunks, fusion emitters' MLIR)", "ThunkEmitter"),
+          ("  of which the fusion emitters", "FusionCompiler::Compile"),
+          ("LLVM code generation of the kernels", "JitCompiler::Compile"))
+
+
+def compile_phases(trace_dir: str) -> list[tuple[str, float, int]]:
+    """Seconds and event counts of each :data:`PHASES` entry in a ``jax.profiler`` trace (perfetto JSON):
+    ``(phase, seconds, events)``, summed over the events whose name starts with the phase's prefix."""
+    files = glob.glob(os.path.join(trace_dir, "**", "*.json.gz"), recursive=True)
+    if not files:
+        raise RuntimeError(f"no perfetto trace under {trace_dir}")
+    with gzip.open(files[0]) as f:
+        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+    total, count = collections.Counter(), collections.Counter()
+    for e in events:
+        for phase, prefix in PHASES:
+            if e["name"].startswith(prefix):
+                total[phase] += e.get("dur", 0) / 1e6
+                count[phase] += 1
+    return [(phase, total[phase], count[phase]) for phase, _ in PHASES]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=1)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--variants", default="tree,flat,no_tree_reduction,opt1")
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--phases", action="store_true", help="profile each compile and print where it went")
+    ap.add_argument("--cache_dir", default="", help="persistent compilation cache here (default: off)")
     a = ap.parse_args(argv)
     variants = [v for v in a.variants.split(",") if v]
     bad = [v for v in variants if v not in VARIANTS]
@@ -70,7 +106,11 @@ def main(argv=None):
     import jax
     import numpy as np
 
-    jax.config.update("jax_enable_compilation_cache", False)
+    if a.cache_dir:
+        jax.config.update("jax_compilation_cache_dir", a.cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    else:
+        jax.config.update("jax_enable_compilation_cache", False)
     from benchmarks.common import header
     from benchmarks.update_step import random_batch
     from mtdistill_jax.configs import get_config
@@ -100,9 +140,17 @@ def main(argv=None):
                 os.environ.pop(TUNING_ENV, None)
             else:
                 os.environ[TUNING_ENV] = tuning
+        trace_dir = tempfile.mkdtemp(prefix="compile_update_") if a.phases else None
+        if trace_dir:
+            jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
         t = time.perf_counter()
         compiled = low.compile(options)
-        rows[v] = dict(lower_s=lower_s, compile_s=time.perf_counter() - t, state=state, compiled=compiled,
+        compile_s = time.perf_counter() - t
+        if trace_dir:
+            jax.profiler.stop_trace()
+            for phase, sec, n in compile_phases(trace_dir):
+                print(f"    {v}: {sec:6.2f} s {phase} ({n} events)")
+        rows[v] = dict(lower_s=lower_s, compile_s=compile_s, state=state, compiled=compiled,
                        fusions=compiled.as_text().count(" fusion("), times=[])
         jax.block_until_ready(compiled(state, batch, jax.random.key(1)))
         print(f"  {v}: compiled", flush=True)
@@ -111,7 +159,8 @@ def main(argv=None):
             t = time.perf_counter()
             jax.block_until_ready(r["compiled"](r["state"], batch, jax.random.key(i + 2)))
             r["times"].append(time.perf_counter() - t)
-    print(f"update MT30 {a.size}M, batch {a.batch}, cold compiles; steps interleaved, median of {a.repeats} "
+    caching = f"persistent cache {a.cache_dir}" if a.cache_dir else "cold compiles"
+    print(f"update MT30 {a.size}M, batch {a.batch}, {caching}; steps interleaved, median of {a.repeats} "
           "(p10-p90); 'lower' is 0 where an earlier variant's lowering was reused")
     print(f"{'variant':>17} {'lower s':>8} {'compile s':>9} {'fusions':>8} {'step ms':>8} {'p10-p90 ms':>12}")
     for v, r in rows.items():

@@ -45,3 +45,25 @@ def test_bad_arguments_exit_with_a_message(argv, msg, capsys):
     with pytest.raises(SystemExit) as e:
         compile_update.main(argv)
     assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_compile_phases_reads_a_real_compile_trace(tmp_path):
+    """The phases --phases prints are found in a jax.profiler trace of an XLA:CPU compile (names as jax emits them)."""
+    x = jnp.arange(64.0)
+    lowered = jax.jit(lambda v: jnp.tanh(v * 3.0) + jnp.exp(-v)).lower(x)
+    jax.profiler.start_trace(str(tmp_path), create_perfetto_trace=True)
+    try:
+        lowered.compile()
+    finally:
+        jax.profiler.stop_trace()
+    phases = {phase: (sec, n) for phase, sec, n in compile_update.compile_phases(str(tmp_path))}
+    assert list(phases) == [phase for phase, _ in compile_update.PHASES]
+    if jax.default_backend() == "cpu":
+        for phase in phases:
+            sec, n = phases[phase]
+            assert n >= 1 and sec > 0, (phase, phases)
+
+
+def test_compile_phases_without_a_trace_says_so(tmp_path):
+    with pytest.raises(RuntimeError, match="no perfetto trace"):
+        compile_update.compile_phases(str(tmp_path))
