@@ -140,16 +140,19 @@ def main(argv=None):
                 os.environ.pop(TUNING_ENV, None)
             else:
                 os.environ[TUNING_ENV] = tuning
-        trace_dir = tempfile.mkdtemp(prefix="compile_update_") if a.phases else None
-        if trace_dir:
-            jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
-        t = time.perf_counter()
-        compiled = low.compile(options)
-        compile_s = time.perf_counter() - t
-        if trace_dir:
-            jax.profiler.stop_trace()
-            for phase, sec, n in compile_phases(trace_dir):
-                print(f"    {v}: {sec:6.2f} s {phase} ({n} events)")
+        with tempfile.TemporaryDirectory(prefix="compile_update_") as trace_dir:
+            if a.phases:
+                jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+            t = time.perf_counter()
+            try:
+                compiled = low.compile(options)
+            finally:
+                compile_s = time.perf_counter() - t
+                if a.phases:
+                    jax.profiler.stop_trace()
+            if a.phases:
+                for phase, sec, n in compile_phases(trace_dir):
+                    print(f"    {v}: {sec:6.2f} s {phase} ({n} events)")
         rows[v] = dict(lower_s=lower_s, compile_s=compile_s, state=state, compiled=compiled,
                        fusions=compiled.as_text().count(" fusion("), times=[])
         jax.block_until_ready(compiled(state, batch, jax.random.key(1)))

@@ -1,5 +1,7 @@
 """benchmarks/compile_update.py: its 'flat' variant does the library optimisers' arithmetic; bad input is refused."""
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,7 +52,8 @@ def test_bad_arguments_exit_with_a_message(argv, msg, capsys):
 def test_compile_phases_reads_a_real_compile_trace(tmp_path):
     """The phases --phases prints are found in a jax.profiler trace of an XLA:CPU compile (names as jax emits them)."""
     x = jnp.arange(64.0)
-    lowered = jax.jit(lambda v: jnp.tanh(v * 3.0) + jnp.exp(-v)).lower(x)
+    salt = float(time.time_ns() % 1_000_003)  # a constant no earlier run compiled: no persistent-cache hit
+    lowered = jax.jit(lambda v: jnp.tanh(v * 3.0) + jnp.exp(-v) + salt).lower(x)
     jax.profiler.start_trace(str(tmp_path), create_perfetto_trace=True)
     try:
         lowered.compile()
