@@ -186,6 +186,15 @@ class DMCEnv(mjx_env.MjxEnv, abc.ABC):
     def state_from_physics(self, qpos, qvel, act=None, time=0.0, ctrl=None, qacc_warmstart=None,
                            info: Mapping[str, Any] | None = None) -> State:
         """A forwarded :class:`State` at a given physics state (e.g. one recorded from dm_control)."""
+        data = self.physics_data(qpos, qvel, act, time, ctrl, qacc_warmstart)
+        info = {**(info or {}), "step": jnp.zeros((), jnp.int32)}
+        zero = jnp.zeros((), jnp.float32)
+        return State(data=data, obs=self.get_obs(data, info), reward=zero, done=zero, metrics={}, info=info)
+
+    def physics_data(self, qpos, qvel, act=None, time=0.0, ctrl=None, qacc_warmstart=None,
+                     model: mjx.Model | None = None) -> mjx.Data:
+        """Forwarded ``mjx.Data`` at a given physics state (``model``: see :meth:`forward`); ``act``, ``ctrl``
+        and ``qacc_warmstart`` keep ``make_data``'s zeros when None (``act`` also when empty)."""
         data = self.make_data()
         rep = {"qpos": jnp.asarray(qpos, data.qpos.dtype), "qvel": jnp.asarray(qvel, data.qvel.dtype),
                "time": jnp.asarray(time, data.time.dtype)}
@@ -195,10 +204,7 @@ class DMCEnv(mjx_env.MjxEnv, abc.ABC):
             rep["ctrl"] = jnp.asarray(ctrl, data.ctrl.dtype)
         if qacc_warmstart is not None:
             rep["qacc_warmstart"] = jnp.asarray(qacc_warmstart, data.qacc_warmstart.dtype)
-        data = self.forward(data.replace(**rep))
-        info = {**(info or {}), "step": jnp.zeros((), jnp.int32)}
-        zero = jnp.zeros((), jnp.float32)
-        return State(data=data, obs=self.get_obs(data, info), reward=zero, done=zero, metrics={}, info=info)
+        return self.forward(data.replace(**rep), model)
 
     def make_data(self) -> mjx.Data:
         if self._config.impl == "warp":

@@ -161,6 +161,29 @@ class Structure:
         ctrl = jax.vmap(self.rep.scale_action)(action)
         return advance(state, ctrl, self._physics, self._reward, self._obs, int(self.rep._config.action_repeat))
 
+    def state_from_physics(self, qpos, qvel, act=None, time=None, ctrl=None, qacc_warmstart=None,
+                           info: dict[str, Any] | None = None) -> State:
+        """Forwarded states of every row at given physics states: :meth:`DMCEnv.state_from_physics` row by row
+        with each row's model fields (e.g. states recorded from dm_control, replayed task by task).
+
+        Every argument leads with the structure's :attr:`num_rows` rows, task after task (``info``: each
+        leaf of the tasks' common per-episode layout, without ``step``); ``act``, ``ctrl`` and
+        ``qacc_warmstart`` may be None (zeros), ``time`` too.
+        """
+        rows = self.num_rows
+        if np.shape(qpos)[:1] != (rows,) or np.shape(qvel)[:1] != (rows,):
+            raise ValueError(f"qpos and qvel must lead with the structure's {rows} rows "
+                             f"({len(self.envs)} tasks x {self.copies} copies), got {np.shape(qpos)} and "
+                             f"{np.shape(qvel)}")
+        time = jnp.zeros((rows,)) if time is None else time
+        if act is not None and not np.size(act):
+            act = None
+        data = jax.vmap(self.rep.physics_data, in_axes=(0, 0, 0, 0, 0, 0, self.model_axes))(
+            qpos, qvel, act, time, ctrl, qacc_warmstart, self.model)
+        info = {**(info or {}), "step": jnp.zeros((rows,), jnp.int32)}
+        zero = jnp.zeros((rows,), jnp.float32)
+        return State(data=data, obs=self._obs(data, info), reward=zero, done=zero, metrics={}, info=info)
+
     def render_state(self, state: State, task: int, copy: int) -> dict[str, Any]:
         p = jax.tree_util.tree_map(lambda x: x[task * self.copies + copy], state)
         return {"qpos": p.data.qpos, "qvel": p.data.qvel, "act": p.data.act, "info": p.info}

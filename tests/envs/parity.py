@@ -5,6 +5,10 @@ Also the parity criterion itself (:data:`TOLERANCE`, :func:`step_ratios`, :func:
 that replays episodes in float64 MJX, used for steps that float32 does not reproduce::
 
     JAX_ENABLE_X64=1 python tests/envs/parity.py --out errors.npz <episode.npz> ...
+
+Episodes are replayed the way :class:`~mtdistill_jax.envs.multitask.MultiTaskEnv` steps tasks: through
+:class:`~mtdistill_jax.envs.structure.Structure`, one program for all the episodes of the tasks that share a
+physics structure (:func:`replay_all`), each task's rows with its own model fields, reward and observation.
 """
 
 from __future__ import annotations
@@ -17,10 +21,10 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mtdistill_jax import envs
+from mtdistill_jax.envs.structure import Structure, group_by_structure
 
 MODEL_FIELDS = ("geom_pos", "geom_size", "site_pos", "site_size", "body_pos", "body_quat")
 FIELDS = ("qpos", "qvel", "obs", "reward")
@@ -55,8 +59,12 @@ def load_episode(path) -> dict:
 
 
 def episode_info(env, ep: dict) -> dict:
+    """The task's per-episode ``info`` of a recorded episode, in the task's whole ``info`` layout (entries the
+    task does not randomise, e.g. finger-spin's target, which tasks sharing its physics carry, are zeros)."""
     fields = {f: ep[f"model_{f}"] for f in MODEL_FIELDS if f"model_{f}" in ep}
-    return env.info_from_model_fields(fields)
+    layout = jax.tree_util.tree_map(lambda v: np.zeros(v.shape, v.dtype),
+                                    {k: v for k, v in env.reset_shape.info.items() if k != "step"})
+    return {**layout, **env.info_from_model_fields(fields)}
 
 
 def obs_key_slices(ep) -> dict[str, slice]:
@@ -67,37 +75,92 @@ def obs_key_slices(ep) -> dict[str, slice]:
     return out
 
 
+def _rows(ep: dict, nu: int) -> dict:
+    """An episode's T + 1 recorded states as rows of the replay program, each with the action taken from it
+    (the last state's is zeros: its step is computed and dropped)."""
+    n = ep["qpos"].shape[0]
+    return {"qpos": ep["qpos"], "qvel": ep["qvel"], "act": ep["act"] if ep["act"].size else np.zeros((n, 0)),
+            "time": ep["time"], "ctrl": ep["ctrl"] if ep["ctrl"].shape[-1] == nu else np.zeros((n, nu)),
+            "qacc_warmstart": ep["qacc_warmstart"],
+            "action": np.concatenate([ep["action"], np.zeros((1, nu), ep["action"].dtype)])}
+
+
+# The replay programs run long (every recorded state, contact solves vmapped over hundreds of rows): LLVM at XLA's
+# default level for them, whatever the process's XLA_FLAGS say (tests/conftest.py sets -O0 for the suite, which
+# compiles far more than it runs). Measured on a 2-core Xeon, hopper's 3 tasks x 2 episodes as one program:
+# 247 s at -O0 (compile 25 s, the rest running it) against 51 s with this option (compile 37 s).
+REPLAY_COMPILER_OPTIONS = {"xla_backend_optimization_level": 3}
+
+
 @functools.cache
-def _batched_fns(task: str):
-    env = get_env(task)
+def _structure_fn(tasks: tuple[str, ...], copies: int):
+    """The replay program of tasks sharing one physics structure, ``copies`` rows each: the observation at
+    every row's state, and one step from it."""
+    structure = Structure([get_env(t) for t in tasks], copies)
 
-    def obs_at(qpos, qvel, act, time, ctrl, info):
-        return env.state_from_physics(qpos, qvel, act, time, ctrl=ctrl, info=info).obs
+    def fn(rows, info):
+        s = structure.state_from_physics(rows["qpos"], rows["qvel"], rows["act"], rows["time"], rows["ctrl"],
+                                         rows["qacc_warmstart"], info)
+        n = structure.step(s, rows["action"])
+        return s.obs, n.obs, n.reward, n.data.qpos, n.data.qvel
 
-    def step_from(qpos, qvel, act, time, ctrl, warm, info, action):
-        s = env.state_from_physics(qpos, qvel, act, time, ctrl=ctrl, qacc_warmstart=warm, info=info)
-        n = env.step(s, action)
-        return n.obs, n.reward, n.data.qpos, n.data.qvel
+    return jax.jit(fn, compiler_options=REPLAY_COMPILER_OPTIONS)
 
-    in_axes = (0, 0, 0, 0, 0, None)
-    return (jax.jit(jax.vmap(obs_at, in_axes=in_axes)),
-            jax.jit(jax.vmap(step_from, in_axes=(0, 0, 0, 0, 0, 0, None, 0))))
+
+def replay_group(items: list[tuple[str, dict]]) -> list[dict]:
+    """:func:`replay` of several ``(task, episode)`` whose tasks share one physics structure, as one program.
+
+    Rows are task-major (``envs.structure``); a task with fewer rows than the most repeats its last one.
+    """
+    tasks = list(dict.fromkeys(t for t, _ in items))
+    env0 = get_env(tasks[0])
+    per_task = {t: [] for t in tasks}
+    for i, (t, _) in enumerate(items):
+        per_task[t].append(i)
+    rows = [_rows(ep, env0.action_size) for _, ep in items]
+    infos = [episode_info(get_env(t), ep) for t, ep in items]
+    copies = max(sum(len(rows[i]["qpos"]) for i in idx) for idx in per_task.values())
+    blocks, spans = [], {}
+    for k, t in enumerate(tasks):
+        start = k * copies
+        for i in per_task[t]:
+            n = len(rows[i]["qpos"])
+            info = jax.tree_util.tree_map(lambda x, n=n: np.broadcast_to(np.asarray(x), (n, *np.shape(x))),
+                                          infos[i])
+            blocks.append({**rows[i], "info": info})
+            spans[i] = (start, n)
+            start += n
+        pad = copies - sum(len(rows[i]["qpos"]) for i in per_task[t])
+        if pad:
+            blocks.append(jax.tree_util.tree_map(lambda x, pad=pad: np.repeat(x[-1:], pad, axis=0), blocks[-1]))
+    cat = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *blocks)
+    info = cat.pop("info")
+    obs, s_obs, s_rew, s_qpos, s_qvel = (np.asarray(x) for x in _structure_fn(tuple(tasks), copies)(cat, info))
+    out = []
+    for i, (t, _) in enumerate(items):
+        a, n = spans[i]
+        dim, steps = get_env(t).observation_size, slice(a, a + n - 1)
+        out.append({"obs": obs[a:a + n, :dim], "step_obs": s_obs[steps, :dim], "step_reward": s_rew[steps],
+                    "step_qpos": s_qpos[steps], "step_qvel": s_qvel[steps]})
+    return out
+
+
+def replay_all(items: list[tuple[str, dict]]) -> list[dict]:
+    """:func:`replay` of every ``(task, episode)``: one program per physics structure among their tasks."""
+    tasks = list(dict.fromkeys(t for t, _ in items))
+    out: list = [None] * len(items)
+    for group in group_by_structure([get_env(t) for t in tasks]):
+        names = {tasks[g] for g in group}
+        idx = [i for i, (t, _) in enumerate(items) if t in names]
+        for i, o in zip(idx, replay_group([items[i] for i in idx]), strict=True):
+            out[i] = o
+    return out
 
 
 def replay(task: str, ep: dict) -> dict:
-    """Observations at every recorded state, and one step from every recorded state with its action."""
-    env = get_env(task)
-    info = episode_info(env, ep)
-    obs_fn, step_fn = _batched_fns(task)
-    T = ep["action"].shape[0]
-    act = ep["act"] if ep["act"].size else np.zeros((T + 1, 0))
-    nu = env.action_size
-    ctrl = ep["ctrl"] if ep["ctrl"].shape[-1] == nu else np.zeros((T + 1, nu))
-    obs = np.asarray(obs_fn(ep["qpos"], ep["qvel"], act, ep["time"], ctrl, info))
-    s_obs, s_rew, s_qpos, s_qvel = step_fn(ep["qpos"][:T], ep["qvel"][:T], act[:T], ep["time"][:T], ctrl[:T],
-                                           ep["qacc_warmstart"][:T], info, jnp.asarray(ep["action"]))
-    return {"obs": obs, "step_obs": np.asarray(s_obs), "step_reward": np.asarray(s_rew),
-            "step_qpos": np.asarray(s_qpos), "step_qvel": np.asarray(s_qvel)}
+    """Observations at every recorded state (``obs``, [T + 1, obs_dim]), and one step from every recorded
+    state with its action (``step_obs``, ``step_reward``, ``step_qpos``, ``step_qvel``, [T, ...])."""
+    return replay_group([(task, ep)])[0]
 
 
 def step_errors(ep: dict, out: dict) -> dict[str, np.ndarray]:
@@ -190,8 +253,8 @@ def _main(argv):
     p.add_argument("paths", nargs="+")
     a = p.parse_args(argv)
     arrays, keys = {}, None
-    for i, path in enumerate(a.paths):
-        out = replay(task_of(path), load_episode(path))
+    outs = replay_all([(task_of(path), load_episode(path)) for path in a.paths])
+    for i, out in enumerate(outs):
         keys = sorted(out)
         arrays.update({f"{i}/{k}": v for k, v in out.items()})
     arrays["index"] = np.asarray(json.dumps({"paths": a.paths, "keys": keys, "x64": jax.config.jax_enable_x64}))
