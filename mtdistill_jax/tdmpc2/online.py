@@ -125,8 +125,17 @@ class OnlineLoop:
         self.update = update_fn or make_update_fn(model, config)
         self.init_state = init_state or (lambda key: init_training_state(config, key))
         self.planner = make_plan_policy(model, config, "sample")
+        self._init = None
 
     def init(self, key) -> OnlineCarry:
+        """The carry a fresh run starts from, as one compiled program: run eagerly, the envs' MJX reset and the
+        learner's init dispatch hundreds of small ops, each compiled on first use and too small for the
+        persistent cache (measured: 56 s of each launch/train.py start on a 2-core CPU, smoke config)."""
+        if self._init is None:
+            self._init = jax.jit(self._fresh_carry)
+        return self._init(key)
+
+    def _fresh_carry(self, key) -> OnlineCarry:
         k_learn, k_env, k_replay, k_loop = jax.random.split(key, 4)
         return OnlineCarry(learner=self.init_state(k_learn), replay=self.replay.init(k_replay),
                            env_state=self.env.reset(k_env), policy_state=init_planner_state(self.config, self.M),

@@ -9,6 +9,8 @@ tasks are tested without code changes):
    step within atol + rtol in float32, or else, re-run in float64 MJX, within the same bounds there;
 3. observation/action dims equal the official ones.
 No per-task or per-file tolerance: ``experiments/env_parity.py`` reports the worst errors per task.
+Episodes are replayed as ``MultiTaskEnv`` steps tasks: the tasks of one physics structure as one program
+(``parity.replay_all``).
 """
 
 from __future__ import annotations

@@ -48,6 +48,7 @@ def test_online_chunk(loop):
                                   if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key) else
                                   bool(np.array_equal(np.asarray(a), np.asarray(b))), carry, again)
     assert all(jax.tree_util.tree_leaves(same))
+    assert loop._init._cache_size() == 1  # the fresh carry is one compiled program, made once
     moved = [not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(
         jax.tree_util.tree_leaves(init.learner.params), jax.tree_util.tree_leaves(carry.learner.params), strict=True)]
     assert any(moved)
