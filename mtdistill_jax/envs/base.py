@@ -107,6 +107,14 @@ def advance(state: State, ctrl: jax.Array, physics, reward, obs, action_repeat: 
     return state.replace(data=data, obs=obs(data, info, data_pre), reward=total, info=info)
 
 
+def first_state(data: mjx.Data, info: Mapping[str, Any] | None, obs, rows: tuple[int, ...] = ()) -> State:
+    """The :class:`State` an episode starts in at forwarded ``data``: ``obs(data, info)`` with the step counter
+    at 0 and no reward (``rows``: the leading batch shape, e.g. a physics structure's rows)."""
+    info = {**(info or {}), "step": jnp.zeros(rows, jnp.int32)}
+    zero = jnp.zeros(rows, jnp.float32)
+    return State(data=data, obs=obs(data, info), reward=zero, done=zero, metrics={}, info=info)
+
+
 class DMCEnv(mjx_env.MjxEnv, abc.ABC):
     """Base class of the MT30 tasks (stock and custom) on MJX."""
 
@@ -186,10 +194,7 @@ class DMCEnv(mjx_env.MjxEnv, abc.ABC):
     def state_from_physics(self, qpos, qvel, act=None, time=0.0, ctrl=None, qacc_warmstart=None,
                            info: Mapping[str, Any] | None = None) -> State:
         """A forwarded :class:`State` at a given physics state (e.g. one recorded from dm_control)."""
-        data = self.physics_data(qpos, qvel, act, time, ctrl, qacc_warmstart)
-        info = {**(info or {}), "step": jnp.zeros((), jnp.int32)}
-        zero = jnp.zeros((), jnp.float32)
-        return State(data=data, obs=self.get_obs(data, info), reward=zero, done=zero, metrics={}, info=info)
+        return first_state(self.physics_data(qpos, qvel, act, time, ctrl, qacc_warmstart), info, self.get_obs)
 
     def physics_data(self, qpos, qvel, act=None, time=0.0, ctrl=None, qacc_warmstart=None,
                      model: mjx.Model | None = None) -> mjx.Data:
@@ -262,10 +267,7 @@ class DMCEnv(mjx_env.MjxEnv, abc.ABC):
 
     def reset(self, rng: jax.Array) -> State:
         data, info = self.initial_state(rng, self.make_data())
-        data = self.finish_reset(data)
-        info = {**info, "step": jnp.zeros((), jnp.int32)}
-        zero = jnp.zeros((), jnp.float32)
-        return State(data=data, obs=self.get_obs(data, info), reward=zero, done=zero, metrics={}, info=info)
+        return first_state(self.finish_reset(data), info, self.get_obs)
 
     def step(self, state: State, action: jax.Array) -> State:
         return advance(state, self.scale_action(action), self.control_step, self.reward, self.get_obs,

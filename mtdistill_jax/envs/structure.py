@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from mujoco import mjx
 
-from mtdistill_jax.envs.base import DMCEnv, State, advance
+from mtdistill_jax.envs.base import DMCEnv, State, advance, first_state
 
 # Static (numpy) mjx.Model fields that only rendering reads: tasks that differ only there share their physics
 # (finger turn-easy / turn-hard differ in the target site's size, which no sensor or constraint uses).
@@ -152,9 +152,7 @@ class Structure:
 
         data, info = _cat([draw(e, k) for e, k in zip(self.envs, keys, strict=True)])
         data = jax.vmap(lambda m, d: self.rep.finish_reset(d, m), in_axes=(self.model_axes, 0))(self.model, data)
-        info = {**info, "step": jnp.zeros((self.num_rows,), jnp.int32)}
-        zero = jnp.zeros((self.num_rows,), jnp.float32)
-        return State(data=data, obs=self._obs(data, info), reward=zero, done=zero, metrics={}, info=info)
+        return first_state(data, info, self._obs, (self.num_rows,))
 
     def step(self, state: State, action: jax.Array) -> State:
         """``action``: [rows, action_size] in [-1, 1]."""
@@ -180,9 +178,7 @@ class Structure:
             act = None
         data = jax.vmap(self.rep.physics_data, in_axes=(0, 0, 0, 0, 0, 0, self.model_axes))(
             qpos, qvel, act, time, ctrl, qacc_warmstart, self.model)
-        info = {**(info or {}), "step": jnp.zeros((rows,), jnp.int32)}
-        zero = jnp.zeros((rows,), jnp.float32)
-        return State(data=data, obs=self._obs(data, info), reward=zero, done=zero, metrics={}, info=info)
+        return first_state(data, info, self._obs, (rows,))
 
     def render_state(self, state: State, task: int, copy: int) -> dict[str, Any]:
         p = jax.tree_util.tree_map(lambda x: x[task * self.copies + copy], state)

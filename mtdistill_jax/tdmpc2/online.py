@@ -125,14 +125,12 @@ class OnlineLoop:
         self.update = update_fn or make_update_fn(model, config)
         self.init_state = init_state or (lambda key: init_training_state(config, key))
         self.planner = make_plan_policy(model, config, "sample")
-        self._init = None
+        self._init = jax.jit(self._fresh_carry)
 
     def init(self, key) -> OnlineCarry:
         """The carry a fresh run starts from, as one compiled program: run eagerly, the envs' MJX reset and the
         learner's init dispatch hundreds of small ops, each compiled on first use and too small for the
         persistent cache (measured: 56 s of each launch/train.py start on a 2-core CPU, smoke config)."""
-        if self._init is None:
-            self._init = jax.jit(self._fresh_carry)
         return self._init(key)
 
     def _fresh_carry(self, key) -> OnlineCarry:

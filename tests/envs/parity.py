@@ -119,7 +119,8 @@ def replay_group(items: list[tuple[str, dict]]) -> list[dict]:
         per_task[t].append(i)
     rows = [_rows(ep, env0.action_size) for _, ep in items]
     infos = [episode_info(get_env(t), ep) for t, ep in items]
-    copies = max(sum(len(rows[i]["qpos"]) for i in idx) for idx in per_task.values())
+    counts = {t: sum(len(rows[i]["qpos"]) for i in idx) for t, idx in per_task.items()}
+    copies = max(counts.values())
     blocks, spans = [], {}
     for k, t in enumerate(tasks):
         start = k * copies
@@ -130,7 +131,7 @@ def replay_group(items: list[tuple[str, dict]]) -> list[dict]:
             blocks.append({**rows[i], "info": info})
             spans[i] = (start, n)
             start += n
-        pad = copies - sum(len(rows[i]["qpos"]) for i in per_task[t])
+        pad = copies - counts[t]
         if pad:
             blocks.append(jax.tree_util.tree_map(lambda x, pad=pad: np.repeat(x[-1:], pad, axis=0), blocks[-1]))
     cat = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *blocks)
