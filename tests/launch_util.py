@@ -24,17 +24,22 @@ def chunk():
     return CHUNK
 
 
-def launch(script: str, args: list[str], timeout: int = 300, devices: int = 1) -> subprocess.CompletedProcess:
-    """``python launch/<script> args`` on CPU with ``devices`` virtual devices (1: as in a user's run; conftest
-    asks for 8 in the test process)."""
+def subprocess_env(devices: int = 1) -> dict[str, str]:
+    """The environment of a child process on CPU with ``devices`` virtual devices (1: as in a user's run; conftest
+    asks for 8 in the test process) and the suite's other XLA flags (LLVM -O0) and persistent cache."""
     env = {**{k: v for k, v in os.environ.items() if k != cli.TRACEBACK_ENV}, "JAX_PLATFORMS": "cpu"}
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".cache" / "jax"))
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).strip()
     if devices > 1:
         flags = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
     env["XLA_FLAGS"] = flags
+    return env
+
+
+def launch(script: str, args: list[str], timeout: int = 300, devices: int = 1) -> subprocess.CompletedProcess:
+    """``python launch/<script> args`` in a :func:`subprocess_env` child."""
     return subprocess.run([sys.executable, f"launch/{script}", *args], capture_output=True, text=True, cwd=REPO,
-                          env=env, timeout=timeout)
+                          env=subprocess_env(devices), timeout=timeout)
 
 
 def read_csv(path):

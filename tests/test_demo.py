@@ -1,11 +1,11 @@
 """`make demo` end to end (quick planner budget): imports the paper student, plans for all MT30 tasks and
 evaluates it on 3 MJX tasks. Run as `make demo` runs it: a fresh `python -m mtdistill_jax.demo` process."""
 
-import os
 import subprocess
 import sys
 
 import pytest
+from launch_util import subprocess_env
 from refdata import REPO, reference_dir
 
 from mtdistill_jax import demo
@@ -15,9 +15,7 @@ from mtdistill_jax import demo
 def test_demo_runs_on_paper_student():
     if not (reference_dir() / "paper_student_fp16.pt").is_file():
         pytest.skip("paper student not available")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
-           "JAX_COMPILATION_CACHE_DIR": str(REPO / ".cache" / "jax")}
-    env.pop("XLA_FLAGS", None)  # one CPU device, as `make demo` has
+    env = {**subprocess_env(), "PYTHONPATH": str(REPO)}  # one CPU device, as `make demo` has; the suite's LLVM -O0
     r = subprocess.run([sys.executable, "-m", "mtdistill_jax.demo", "--quick", "--reference_dir", str(reference_dir())],
                        capture_output=True, text=True, env=env, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]

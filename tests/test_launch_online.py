@@ -12,10 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from launch_util import launch, read_csv
+from launch_util import launch, read_csv, subprocess_env
 from refdata import REPO
 
-from mtdistill_jax import cli
 from mtdistill_jax.checkpoint.manager import CheckpointManager
 from mtdistill_jax.configs.online import get_smoke_config
 from mtdistill_jax.tdmpc2.host_loop import NonFiniteLossError
@@ -67,9 +66,7 @@ def test_online_kill9_resume_matches_uninterrupted(tmp_path):
     assert (full / "agent" / "agent.json").is_file()
 
     # the same command (without evaluation), killed with SIGKILL once its first checkpoint is on disk
-    env = {**{k: v for k, v in os.environ.items() if k != cli.TRACEBACK_ENV}, "JAX_PLATFORMS": "cpu"}
-    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".cache" / "jax"))
-    env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).strip()
+    env = subprocess_env()
     cmd = [sys.executable, "launch/train.py", f"--workdir={killed}", *ONLINE]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 900
