@@ -114,8 +114,10 @@ def make_train_chunk(update: Callable, sampler: OfflineSampler | None, batch_con
             metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
             return (state, data_state, rng), metrics
 
+        # traced once: the eval_shape below and the loop body share the trace (index 0 weakly typed, as the loop's)
+        one = jax.jit(one)
         zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                       jax.eval_shape(one, (state, data_state, rng), jnp.int32(0))[1])
+                                       jax.eval_shape(one, (state, data_state, rng), 0)[1])
 
         def body(j, c):
             carry, total, _last = c

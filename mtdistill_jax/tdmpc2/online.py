@@ -126,6 +126,11 @@ class OnlineLoop:
         self.init_state = init_state or (lambda key: init_training_state(config, key))
         self.planner = make_plan_policy(model, config, "sample")
         self._init = jax.jit(self._fresh_carry)
+        # Traced once each per chunk: the accumulators' zeros come from eval_shape of these same jitted functions,
+        # whose traces the loop bodies then reuse (JAX caches a jitted function's trace per argument shapes).
+        # Plain functions would be traced twice, the update four times: 14 s of every chunk's 15 s trace.
+        self._agent_step = jax.jit(self.agent_step)
+        self._one_update_jit = jax.jit(self._one_update)
 
     def init(self, key) -> OnlineCarry:
         """The carry a fresh run starts from, as one compiled program: run eagerly, the envs' MJX reset and the
@@ -168,11 +173,11 @@ class OnlineLoop:
 
     def _updates(self, learner, replay: ReplayState, key, n):
         zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, jnp.float32),
-                                       jax.eval_shape(lambda: self._one_update(learner, replay, key)[2]))
+                                       jax.eval_shape(self._one_update_jit, learner, replay, key)[2])
 
         def body(i, c):
             learner, replay, total = c
-            learner, replay, metrics = self._one_update(learner, replay, jax.random.fold_in(key, i))
+            learner, replay, metrics = self._one_update_jit(learner, replay, jax.random.fold_in(key, i))
             return learner, replay, jax.tree_util.tree_map(jnp.add, total, metrics)
 
         return jax.lax.fori_loop(0, n, body, (learner, replay, zeros))
@@ -208,11 +213,11 @@ class OnlineLoop:
         """``num_agent_steps`` agent steps in one loop (a Python int, or a traced int32: then every chunk length
         runs the same compiled program, as the offline chunk); sums of what happened in them."""
         zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                       jax.eval_shape(self.agent_step, carry)[1])
+                                       jax.eval_shape(self._agent_step, carry)[1])
 
         def body(_, c):
             carry, total = c
-            carry, out = self.agent_step(carry)
+            carry, out = self._agent_step(carry)
             return carry, jax.tree_util.tree_map(jnp.add, total, out)
 
         carry, (metrics, n, ended, done) = jax.lax.fori_loop(0, num_agent_steps, body, (carry, zeros))
