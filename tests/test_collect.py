@@ -18,6 +18,8 @@ from mtdistill_jax.errors import UserError
 from mtdistill_jax.evaluate.collect import collect
 from mtdistill_jax.nn.world_model import action_masks
 
+# one xdist worker for the module: its collections share one compiled rollout program (the evaluator keeps it)
+pytestmark = pytest.mark.xdist_group("collect")
 STUDENT = reference_dir() / "paper_student_fp16.pt"
 TASKS = ["walker-walk", "cup-catch"]
 T = 10
