@@ -88,8 +88,9 @@ def test_bfloat16_planner_evaluates_the_same_envs(setup):
     bf16.planner.compute_dtype = "bfloat16"
     r16, r32 = evaluate(params, bf16, TASKS, **RUN), evaluate(params, config, TASKS, **RUN)
     assert r16.returns.shape == (2, 2) and np.all(np.isfinite(r16.returns))
-    # cartpole-balance from the same initial states pays ~1 per control step either way (20 steps x 2)
-    assert 10 < r16.returns[1].min() <= 40 + 1e-4 and 10 < r32.returns[1].min() <= 40 + 1e-4
+    # cartpole-balance from the same initial states pays ~1 per control step either way (20 steps x 2): more than
+    # half the most it can pay, as this test asked of its earlier 10-step episodes
+    assert 20 < r16.returns[1].min() <= 40 + 1e-4 and 20 < r32.returns[1].min() <= 40 + 1e-4
 
 
 def test_bad_input(setup):
