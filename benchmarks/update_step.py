@@ -1,6 +1,9 @@
 """Benchmark: ms per TD-MPC2 update (MT30, batch 256, horizon 3) for model sizes 1 and 5.
 
-Prints compile time separately and the median (p10-p90) over >= 20 timed updates after one warm-up.
+Prints compile time separately, the median (p10-p90) over >= 20 timed updates after one warm-up, the program's
+temporary buffer (XLA's memory analysis) and the page faults and kernel (system) time per update: on Linux, glibc
+page-faults that buffer in again at every call unless ``mtdistill_jax.xla_cpu.tune_malloc`` (run on import; off with
+``MTDISTILL_MALLOC_TUNING=0``) keeps it mapped.
 Usage: ``python benchmarks/update_step.py [--sizes 1,5] [--batch 256] [--repeats 20]``.
 """
 
@@ -8,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -40,7 +44,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
     print(header())
-    print(f"{'size':>5} {'params':>11} {'batch':>5} {'H':>2} {'compile s':>9} {'median ms':>9} {'p10-p90 ms':>15}")
+    print(f"{'size':>5} {'params':>11} {'batch':>5} {'H':>2} {'compile s':>9} {'median ms':>9} {'p10-p90 ms':>15} "
+          f"{'temp MB':>7} {'faults/update':>13} {'sys ms/update':>13}")
     for size in [int(s) for s in args.sizes.split(",")]:
         cfg = get_config(size, "mt30")
         cfg.train.batch_size = args.batch
@@ -53,10 +58,18 @@ def main():
         def args_fn(i, state=state, batches=batches):
             return state, batches[i % len(batches)], jax.random.key(i)
 
-        c, med, p10, p90 = time_jitted(learner.update_jit, args_fn, args.repeats)
+        c, med, p10, p90, compiled = time_jitted(learner.update_jit, args_fn, args.repeats, return_compiled=True)
+        calls = 5
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        for i in range(calls):
+            jax.block_until_ready(compiled(*args_fn(i)))
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        faults = (after.ru_minflt - before.ru_minflt) / calls
+        sys_ms = (after.ru_stime - before.ru_stime) / calls * 1e3
+        temp_mb = compiled.memory_analysis().temp_size_in_bytes / 2**20
         n = count_params(state.params)
         print(f"{size:>4}M {n:>11,} {args.batch:>5} {H:>2} {c:>9.1f} {med * 1e3:>9.1f} "
-              f"{p10 * 1e3:>7.1f}-{p90 * 1e3:<7.1f}")
+              f"{p10 * 1e3:>7.1f}-{p90 * 1e3:<7.1f} {temp_mb:>7.1f} {faults:>13,.0f} {sys_ms:>13.1f}")
 
 
 if __name__ == "__main__":
