@@ -137,30 +137,34 @@ def test_tune_malloc_sets_the_allocator_unless_told_not_to(monkeypatch):
 
 
 _FAULTS = """
-import resource, sys
-import mtdistill_jax, jax, jax.numpy as jnp
+import ctypes, resource
+import mtdistill_jax
 from mtdistill_jax import xla_cpu
-w = jnp.full((1280, 1280), 1e-3, jnp.float32)
-# the gradient of a 2-layer tanh MLP on 4096 rows: ~46 MB of activations and gradients in the temporary buffer
-f = jax.jit(jax.grad(lambda x: jnp.sum(jnp.tanh(jnp.tanh(x @ w) @ w))))
-x = jnp.ones((4096, 1280), jnp.float32)
-c = f.lower(x).compile()
-temp = c.memory_analysis().temp_size_in_bytes
-for _ in range(2):
-    c(x).block_until_ready()
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+n = 48 << 20  # above glibc's largest mmap threshold (32 MB), as XLA:CPU's temporary buffer of the 1M update (41 MB)
+
+def use_a_buffer():  # what XLA:CPU does at each call: allocate, write, free
+    p = libc.malloc(n)
+    ctypes.memset(p, 1, n)
+    libc.free(p)
+
+use_a_buffer()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(5):
-    c(x).block_until_ready()
-print(xla_cpu.malloc_tuned, temp, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+    use_a_buffer()
+print(xla_cpu.malloc_tuned, n, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or __import__("platform").libc_ver()[0] != "glibc",
                     reason="glibc's allocator only")
-def test_importing_the_package_keeps_xla_buffers_mapped_between_calls():
-    """The effect tune_malloc is for: without it every call page-faults XLA:CPU's temporary buffer in again (one
-    fault per 4 KiB page: ~12,000 for 46 MB); with it the buffer stays mapped. Measured: 15,900-17,000 faults per
-    call without, 0-7,100 with (what remains varies from process to process: buffers outside the temporary one)."""
+def test_importing_the_package_keeps_large_freed_blocks_mapped():
+    """The effect tune_malloc is for, in a fresh process that imports the package: a large block allocated, written
+    and freed again and again (as XLA:CPU's temporary buffer at each call) is page-faulted in anew each time
+    without it (one fault per 4 KiB page, 12,288 for 48 MB) and stays mapped with it. The effect on XLA's own
+    buffers is measured by ``benchmarks/update_step.py`` (faults per update), not here: a test program's buffers
+    depend on XLA's buffer assignment and threads."""
     drop = (xla_cpu.TUNING_ENV, xla_cpu.MALLOC_TUNING_ENV, *xla_cpu.USER_MALLOC_ENV)
     env = {**{k: v for k, v in os.environ.items() if k not in drop}, "JAX_PLATFORMS": "cpu"}
 
@@ -172,8 +176,8 @@ def test_importing_the_package_keeps_xla_buffers_mapped_between_calls():
         return tuned == "True", int(temp), float(per_call)
 
     tuned, temp, per_call = faults()
-    assert tuned and temp >= 40 * 2**20, (tuned, temp)  # above glibc's largest mmap threshold (32 MB)
+    assert tuned, temp
     untuned, _, per_call_untuned = faults(**{xla_cpu.MALLOC_TUNING_ENV: "0"})
     assert not untuned
     assert per_call_untuned > 0.5 * temp / 4096, per_call_untuned  # the premise: each call faults the buffer in
-    assert per_call < 0.5 * per_call_untuned, (per_call, per_call_untuned)
+    assert per_call < 0.02 * temp / 4096, (per_call, per_call_untuned)
