@@ -56,8 +56,8 @@ MALLOC_TUNING_ENV = "MTDISTILL_MALLOC_TUNING"  # "0" turns tune_malloc alone off
 # 1 GiB of free memory kept at the top of the heap instead of being returned to the kernel after every free.
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 MALLOC_SETTINGS = ((M_MMAP_MAX, 0), (M_ARENA_MAX, 1), (M_TRIM_THRESHOLD, 1 << 30))
-# Environment variables through which a user sets glibc's allocator themselves; tune_malloc then leaves it alone.
 malloc_tuned = False  # whether tune_malloc has set the allocator in this process
+# Environment variables through which a user sets glibc's allocator themselves; tune_malloc then leaves it alone.
 USER_MALLOC_ENV = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
                    "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
 # Per-program compiler options (``jax.jit(..., compiler_options=...)``) for YNNPACK's single-dot path, the one
@@ -127,6 +127,11 @@ def tune_for_cpu(environ=os.environ, jaxlib_version: str | None = None) -> list[
     return add_flags(SPEED_FLAGS, environ)
 
 
+def on_glibc() -> bool:
+    """Whether this process runs on Linux with glibc (whose allocator :func:`tune_malloc` sets)."""
+    return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
 def tune_malloc(environ=os.environ, libc=None) -> bool:
     """Set glibc's allocator to keep large freed buffers mapped (:data:`MALLOC_SETTINGS`, see the module
     docstring); return whether it did. Nothing is changed outside Linux with glibc, with
@@ -141,7 +146,7 @@ def tune_malloc(environ=os.environ, libc=None) -> bool:
     if any(name in environ for name in USER_MALLOC_ENV):
         return False
     if libc is None:
-        if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        if not on_glibc():
             return False
         try:
             libc = ctypes.CDLL(None)

@@ -157,8 +157,7 @@ print(xla_cpu.malloc_tuned, n, (resource.getrusage(resource.RUSAGE_SELF).ru_minf
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or __import__("platform").libc_ver()[0] != "glibc",
-                    reason="glibc's allocator only")
+@pytest.mark.skipif(not xla_cpu.on_glibc(), reason="glibc's allocator only")
 def test_importing_the_package_keeps_large_freed_blocks_mapped():
     """The effect tune_malloc is for, in a fresh process that imports the package: a large block allocated, written
     and freed again and again (as XLA:CPU's temporary buffer at each call) is page-faulted in anew each time
@@ -172,12 +171,12 @@ def test_importing_the_package_keeps_large_freed_blocks_mapped():
         r = subprocess.run([sys.executable, "-c", _FAULTS], env={**env, **extra}, cwd=REPO, capture_output=True,
                            text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
-        tuned, temp, per_call = r.stdout.split()[-3:]
-        return tuned == "True", int(temp), float(per_call)
+        tuned, size, per_call = r.stdout.split()[-3:]
+        return tuned == "True", int(size), float(per_call)
 
-    tuned, temp, per_call = faults()
-    assert tuned, temp
+    tuned, size, per_call = faults()
+    assert tuned, size
     untuned, _, per_call_untuned = faults(**{xla_cpu.MALLOC_TUNING_ENV: "0"})
     assert not untuned
-    assert per_call_untuned > 0.5 * temp / 4096, per_call_untuned  # the premise: each call faults the buffer in
-    assert per_call < 0.02 * temp / 4096, (per_call, per_call_untuned)
+    assert per_call_untuned > 0.5 * size / 4096, per_call_untuned  # the premise: each call faults the block in
+    assert per_call < 0.02 * size / 4096, (per_call, per_call_untuned)
