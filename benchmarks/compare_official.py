@@ -758,6 +758,22 @@ def time_eval(off: Official, steps: int, repeats: int, tasks: list[str] | None =
             "official": o, "ours": m, "flops": agent_steps * plan_flops(config), "agent_steps": agent_steps}
 
 
+def float32_peaks(res: dict) -> dict:
+    """Each framework's float32 matmul throughput in one setting: the higher of its measurements at the start and,
+    where taken, at the end."""
+    end = res.get("matmul_gflops_end") or {}
+    return {k: max(v, end.get(k, 0.0)) for k, v in res["matmul_gflops"].items()}
+
+
+def malloc_text(res: dict) -> str:
+    """How the glibc allocator ran in one thread setting, for the table's heading."""
+    if not res.get("malloc_tuned"):
+        return "as is"
+    arenas = res.get("malloc_arena_max")
+    arenas = "one arena" if arenas == 1 else f"arena limit {arenas}" if arenas else "arenas as is"
+    return f"tuned (mtdistill_jax.xla_cpu.tune_malloc, both sides; {arenas})"
+
+
 def setting_name(args) -> str:
     """How the progress lines and the table name a setting: its threads on CPU, the device's kind on GPU."""
     return "GPU" if args.device == "gpu" else f"{args.threads} thread(s)"
@@ -800,7 +816,7 @@ def measure(args) -> dict:
     n = 8192 if gpu else 2048
     result = {"threads": args.threads, "device": args.device, "jax": jax.__version__, "torch": torch.__version__,
               "matmul_n": n, "loadavg_start": os.getloadavg(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-              "malloc_tuned": xla_cpu.malloc_tuned,
+              "malloc_tuned": xla_cpu.malloc_tuned, "malloc_arena_max": xla_cpu.malloc_arena_max,
               "matmul_gflops": {"jax": matmul_peak_gflops(n),
                                 "torch": torch_matmul_gflops(torch, n, device=off.device)}}
     if gpu:
@@ -844,6 +860,9 @@ def measure(args) -> dict:
             continue
         print(f"[{setting_name(args)}] {r['row']}: official {r['official']['median_ms']:.1f} ms, ours "
               f"{r['ours']['median_ms']:.1f} ms", flush=True)
+    # measured again at the end: a dip in one measurement (another tenant of the host) would skew '% peak'
+    result["matmul_gflops_end"] = {"jax": matmul_peak_gflops(n),
+                                   "torch": torch_matmul_gflops(torch, n, device=off.device)}
     result["loadavg_end"] = os.getloadavg()
     return result
 
@@ -878,9 +897,14 @@ def table(results: list[dict], command: str) -> str:
              "update and distillation FLOPs as XLA's cost analysis counts our program, planning FLOPs as "
              "`benchmarks/plan.py` counts the planner's matmuls (XLA counts the MPPI loop's body once).", ""]
     for res in results:
-        g, n = res["matmul_gflops"], res.get("matmul_n", 2048)
+        g, n, end = float32_peaks(res), res.get("matmul_n", 2048), res.get("matmul_gflops_end")
         heading = "GPU" if res.get("device") == "gpu" else f"{res['threads']} thread(s)"
-        matmul = f"float32 matmul ({n}^2): jax {g['jax']:.0f} GFLOP/s, torch {g['torch']:.0f} GFLOP/s"
+        if end:
+            start = res["matmul_gflops"]
+            matmul = (f"float32 matmul ({n}^2, at start / at end; '% peak' against the higher): jax "
+                      f"{start['jax']:.0f} / {end['jax']:.0f} GFLOP/s, torch {start['torch']:.0f} / {end['torch']:.0f}")
+        else:
+            matmul = f"float32 matmul ({n}^2): jax {g['jax']:.0f} GFLOP/s, torch {g['torch']:.0f} GFLOP/s"
         if "matmul_gflops_bf16" in res:
             b = res["matmul_gflops_bf16"]
             matmul += f"; bf16: jax {b['jax']:.0f}, torch {b['torch']:.0f}"
@@ -892,7 +916,7 @@ def table(results: list[dict], command: str) -> str:
                   f"{matmul}; load "
                   f"average {res['loadavg_start'][0]:.2f} at start, {res['loadavg_end'][0]:.2f} at end; our "
                   f"XLA_FLAGS: `{res.get('xla_flags') or '(none)'}`; glibc allocator "
-                  f"{'tuned (mtdistill_jax.xla_cpu.tune_malloc, both sides)' if res.get('malloc_tuned') else 'as is'}.",
+                  f"{malloc_text(res)}.",
                   "",
                   "| row | official ms | ours ms | speed-up | first call: official / ours s | "
                   "% peak: official / ours |",
@@ -1068,6 +1092,9 @@ def main(argv=None) -> None:
     if args.child_json is not None:  # one thread setting: this process, pinned to its cores
         if hasattr(os, "sched_setaffinity") and args.device == "cpu":
             os.sched_setaffinity(0, set(range(args.threads)))
+            from mtdistill_jax import xla_cpu
+
+            xla_cpu.tune_malloc()  # its arena limit follows the affinity (one arena on one core)
         Path(args.child_json).write_text(json.dumps(measure(args)))
         return
     results = []

@@ -3,7 +3,8 @@
 Prints compile time separately, the median (p10-p90) over >= 20 timed updates after one warm-up, the program's
 temporary buffer (XLA's memory analysis) and the page faults and kernel (system) time per update: on Linux, glibc
 page-faults that buffer in again at every call unless ``mtdistill_jax.xla_cpu.tune_malloc`` (run on import; off with
-``MTDISTILL_MALLOC_TUNING=0``) keeps it mapped.
+``MTDISTILL_MALLOC_TUNING=0``) keeps it mapped; on more than one CPU a buffer above 64 MB (the 5M update's) still is
+(the module's docstring says why).
 Usage: ``python benchmarks/update_step.py [--sizes 1,5] [--batch 256] [--repeats 20]``.
 """
 

@@ -26,12 +26,16 @@ are used instead.
 Memory: :func:`tune_malloc` (also run on import) keeps glibc's allocator from returning the memory of each
 execution's buffers to the kernel. XLA:CPU allocates a program's temporary buffer (41 MB for the 1M update, 102 MB
 for the 5M one) afresh for every execution. glibc serves an allocation above its mmap threshold (at most 32 MB)
-with a fresh ``mmap``, and one above its 64 MB per-thread heap on one of XLA's threads too, and unmaps it on free;
-so every execution page-faults the whole buffer in again: measured 10,568 page faults and 20.9 ms of kernel time
-in a 159.8 ms 1M update on one core, 26,138 faults and 52.9 ms in a 520.5 ms 5M update. With no ``mmap``-served
-allocations, one arena (every thread allocates from the main heap) and a 1 GiB trim threshold, the buffer stays
-mapped between executions (0-48 faults per update): in back-to-back process pairs the 1M update took 9-10 % less
-time (user time up 3-5 %, system time down ~20 ms per update).
+with a fresh ``mmap`` and unmaps it on free, so every execution page-faults the whole buffer in again: measured
+10,568 page faults and 20.9 ms of kernel time in a 159.8 ms 1M update on one core, 26,138 faults and 52.9 ms in a
+520.5 ms 5M update. With no ``mmap``-served allocations and a 1 GiB trim threshold the buffer stays mapped between
+executions. One case remains: XLA runs a program on its own threads, and a thread other than the main one
+allocates from a glibc arena whose heaps are at most 64 MB; a larger block (the 5M update's) is still ``mmap``-ed
+there. One arena (every thread allocating from the main heap) removes that too, but it serialises every thread's
+allocations: measured on 2 cores, the 1M update took 87-105 ms against 74-76 ms and compiled in 10.7-13.2 s
+against 8.1-8.7 s. So the one-arena setting is made only where the process may run on a single CPU (its
+affinity), where threads never allocate at the same time: there the 5M update took 442-460 ms against 480-482 ms
+(26,000-29,500 faults per update) without it.
 """
 
 from __future__ import annotations
@@ -51,12 +55,16 @@ SPEED_FLAGS_MIN_JAXLIB = (0, 10, 2)
 TUNING_ENV = "MTDISTILL_XLA_CPU_TUNING"  # "0" turns tune_for_cpu and tune_malloc off, and
 # nn.layers.row_means_by_matmul
 MALLOC_TUNING_ENV = "MTDISTILL_MALLOC_TUNING"  # "0" turns tune_malloc alone off
-# glibc's mallopt parameters (malloc.h) and the values tune_malloc sets: no mmap-served allocations, one arena
-# (threads share the main heap, so no buffer outgrows a 64 MB per-thread heap and falls back to mmap), and up to
-# 1 GiB of free memory kept at the top of the heap instead of being returned to the kernel after every free.
+# glibc's mallopt parameters (malloc.h) and the values tune_malloc sets: no mmap-served allocations and up to 1 GiB
+# of free memory kept at the top of a heap instead of being returned to the kernel after every free; the number of
+# arenas: 1 where the process may run on one CPU only (threads share the main heap, so no buffer outgrows a 64 MB
+# per-thread heap and falls back to mmap), else glibc's own default of 8 per CPU (set explicitly, so that a second
+# call with more CPUs undoes a first with one).
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
-MALLOC_SETTINGS = ((M_MMAP_MAX, 0), (M_ARENA_MAX, 1), (M_TRIM_THRESHOLD, 1 << 30))
+MALLOC_SETTINGS = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 1 << 30))
+ARENAS_PER_CPU = 8  # glibc's default arena limit on 64-bit systems, per CPU
 malloc_tuned = False  # whether tune_malloc has set the allocator in this process
+malloc_arena_max = None  # the arena limit it set (1: one arena), None before it has
 # Environment variables through which a user sets glibc's allocator themselves; tune_malloc then leaves it alone.
 USER_MALLOC_ENV = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
                    "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
@@ -132,14 +140,30 @@ def on_glibc() -> bool:
     return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
 
-def tune_malloc(environ=os.environ, libc=None) -> bool:
-    """Set glibc's allocator to keep large freed buffers mapped (:data:`MALLOC_SETTINGS`, see the module
-    docstring); return whether it did. Nothing is changed outside Linux with glibc, with
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity where the OS tells, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def arena_limit(cpus: int) -> int:
+    """The glibc arena limit :func:`tune_malloc` sets for a process that may run on ``cpus`` CPUs: 1 for one CPU,
+    else glibc's default (8 per CPU of the machine)."""
+    return 1 if cpus <= 1 else ARENAS_PER_CPU * max(os.cpu_count() or 1, cpus)
+
+
+def tune_malloc(environ=os.environ, libc=None, cpus: int | None = None) -> bool:
+    """Set glibc's allocator to keep large freed buffers mapped (:data:`MALLOC_SETTINGS`, and one arena where the
+    process may run on one CPU only: :func:`arena_limit`; see the module docstring); return whether it did.
+    ``cpus`` defaults to :func:`usable_cpus`. Nothing is changed outside Linux with glibc, with
     ``MTDISTILL_XLA_CPU_TUNING=0`` or ``MTDISTILL_MALLOC_TUNING=0``, or where the user configures the allocator
     through any of :data:`USER_MALLOC_ENV`. It applies to the whole process (torch's CPU tensors too) from the
-    call on, and is best made before JAX's threads first allocate (``import mtdistill_jax`` before using jax).
-    The cost: memory freed inside the heap is reused by the process rather than returned to the kernel, so the
-    resident size stays near its peak (up to 1 GiB of free memory at the heap's top is kept).
+    call on; the arena limit binds only threads that have not yet allocated, so call it before JAX starts its
+    backend (``import mtdistill_jax`` does; call it again after changing the process's CPU affinity).
+    The cost: memory freed inside a heap is reused by the process rather than returned to the kernel, so the
+    resident size stays near its peak (up to 1 GiB of free memory at a heap's top is kept).
     """
     if environ.get(TUNING_ENV, "1") == "0" or environ.get(MALLOC_TUNING_ENV, "1") == "0":
         return False
@@ -155,8 +179,11 @@ def tune_malloc(environ=os.environ, libc=None) -> bool:
     mallopt = getattr(libc, "mallopt", None)
     if mallopt is None:
         return False
-    global malloc_tuned
-    malloc_tuned = all([mallopt(param, value) == 1 for param, value in MALLOC_SETTINGS])
+    global malloc_tuned, malloc_arena_max
+    arenas = arena_limit(usable_cpus() if cpus is None else cpus)
+    settings = (*MALLOC_SETTINGS, (M_ARENA_MAX, arenas))
+    malloc_tuned = all([mallopt(param, value) == 1 for param, value in settings])
+    malloc_arena_max = arenas if malloc_tuned else None
     return malloc_tuned
 
 

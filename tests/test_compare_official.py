@@ -61,6 +61,13 @@ def test_report_table():
     # speed-up 300 / 200; % peak: 2 GFLOP in 0.3 s = 6.7 GFLOP/s of torch's 50, in 0.2 s = 10 of jax's 100
     assert "| update MT30 1M, B 256, H 3 | 300.0 (290-320) | 200.0 (195-210) | 1.50 | 0.4 / 12.0 | 13 / 10 |" in text
     assert "## 2 thread(s)" in text and "within 5.0e-06 relative" in text and "same top-64 elites: True" in text
+    assert "glibc allocator as is" in text
+    # the peaks measured again at the end: '% peak' against the higher of the two, per framework
+    res = {**res, "rows": [row], "matmul_gflops_end": {"jax": 200.0, "torch": 40.0}, "malloc_tuned": True,
+           "malloc_arena_max": 1}
+    text = co.table([res], "python benchmarks/compare_official.py --quick")
+    assert "jax 100 / 200 GFLOP/s, torch 50 / 40" in text and "| 1.50 | 0.4 / 12.0 | 13 / 5 |" in text
+    assert "tune_malloc, both sides; one arena)" in text
 
 
 def test_gpu_arguments():

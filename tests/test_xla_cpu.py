@@ -123,60 +123,87 @@ class _FakeLibc:
 
 def test_tune_malloc_sets_the_allocator_unless_told_not_to(monkeypatch):
     monkeypatch.setattr(xla_cpu, "malloc_tuned", False)
+    monkeypatch.setattr(xla_cpu, "malloc_arena_max", None)
+    monkeypatch.setattr(xla_cpu.os, "cpu_count", lambda: 4)
     libc = _FakeLibc()
-    assert xla_cpu.tune_malloc({}, libc) and xla_cpu.malloc_tuned
-    assert libc.calls == list(xla_cpu.MALLOC_SETTINGS)
+    assert xla_cpu.tune_malloc({}, libc, cpus=1) and xla_cpu.malloc_tuned and xla_cpu.malloc_arena_max == 1
     assert dict(libc.calls) == {xla_cpu.M_MMAP_MAX: 0, xla_cpu.M_ARENA_MAX: 1, xla_cpu.M_TRIM_THRESHOLD: 1 << 30}
+    libc = _FakeLibc()  # more than one CPU: glibc's own arena limit, 8 per CPU of the machine (undoing the one arena)
+    assert xla_cpu.tune_malloc({}, libc, cpus=2) and xla_cpu.malloc_arena_max == 32
+    assert dict(libc.calls) == {xla_cpu.M_MMAP_MAX: 0, xla_cpu.M_ARENA_MAX: 32, xla_cpu.M_TRIM_THRESHOLD: 1 << 30}
+    monkeypatch.setattr(xla_cpu.os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert xla_cpu.usable_cpus() == 1 and xla_cpu.tune_malloc({}, _FakeLibc()) and xla_cpu.malloc_arena_max == 1
     for env in ({xla_cpu.TUNING_ENV: "0"}, {xla_cpu.MALLOC_TUNING_ENV: "0"}, {"MALLOC_ARENA_MAX": "4"},
                 {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}):  # off, or the user configures glibc themselves
         libc = _FakeLibc()
         assert not xla_cpu.tune_malloc(env, libc) and libc.calls == [], env
     failing = _FakeLibc(ok=0)  # mallopt refused: reported, every setting still tried
-    assert not xla_cpu.tune_malloc({}, failing) and len(failing.calls) == len(xla_cpu.MALLOC_SETTINGS)
+    assert not xla_cpu.tune_malloc({}, failing) and len(failing.calls) == len(xla_cpu.MALLOC_SETTINGS) + 1
+    assert xla_cpu.malloc_arena_max is None
     assert not xla_cpu.tune_malloc({}, object())  # a C library without mallopt (not glibc)
 
 
 _FAULTS = """
-import ctypes, resource
+import ctypes, os, resource, sys, threading
+n, in_thread, one_cpu = int(sys.argv[1]) << 20, sys.argv[2] == "thread", sys.argv[3] == "one_cpu"
+if one_cpu:  # before the import, as a user's taskset would be
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 import mtdistill_jax
 from mtdistill_jax import xla_cpu
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
-n = 48 << 20  # above glibc's largest mmap threshold (32 MB), as XLA:CPU's temporary buffer of the 1M update (41 MB)
 
 def use_a_buffer():  # what XLA:CPU does at each call: allocate, write, free
     p = libc.malloc(n)
     ctypes.memset(p, 1, n)
     libc.free(p)
 
-use_a_buffer()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
+def rounds():
     use_a_buffer()
-print(xla_cpu.malloc_tuned, n, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        use_a_buffer()
+    out.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+
+out = []
+if in_thread:  # as on XLA's own threads, which allocate from their own glibc arena unless there is one arena
+    t = threading.Thread(target=rounds)
+    t.start()
+    t.join()
+else:
+    rounds()
+print(xla_cpu.malloc_tuned, xla_cpu.malloc_arena_max, n, out[0])
 """
 
 
-@pytest.mark.skipif(not xla_cpu.on_glibc(), reason="glibc's allocator only")
+@pytest.mark.skipif(not xla_cpu.on_glibc() or not hasattr(os, "sched_getaffinity"), reason="glibc's allocator only")
 def test_importing_the_package_keeps_large_freed_blocks_mapped():
-    """The effect tune_malloc is for, in a fresh process that imports the package: a large block allocated, written
+    """The effect tune_malloc is for, in fresh processes that import the package: a large block allocated, written
     and freed again and again (as XLA:CPU's temporary buffer at each call) is page-faulted in anew each time
-    without it (one fault per 4 KiB page, 12,288 for 48 MB) and stays mapped with it. The effect on XLA's own
-    buffers is measured by ``benchmarks/update_step.py`` (faults per update), not here: a test program's buffers
-    depend on XLA's buffer assignment and threads."""
+    without it (one fault per 4 KiB page, 12,288 for 48 MB) and stays mapped with it. A block above glibc's 64 MB
+    per-thread heap, used on a thread other than the main one, stays mapped only with one arena, which is set
+    where the process runs on one CPU. The effect on XLA's own buffers is measured by
+    ``benchmarks/update_step.py`` (faults per update), not here: a test program's buffers depend on XLA's buffer
+    assignment and threads."""
     drop = (xla_cpu.TUNING_ENV, xla_cpu.MALLOC_TUNING_ENV, *xla_cpu.USER_MALLOC_ENV)
     env = {**{k: v for k, v in os.environ.items() if k not in drop}, "JAX_PLATFORMS": "cpu"}
 
-    def faults(**extra):
-        r = subprocess.run([sys.executable, "-c", _FAULTS], env={**env, **extra}, cwd=REPO, capture_output=True,
-                           text=True, timeout=300)
+    def faults(mb, where="main", cpus="all", **extra):
+        r = subprocess.run([sys.executable, "-c", _FAULTS, str(mb), where, cpus], env={**env, **extra}, cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
-        tuned, size, per_call = r.stdout.split()[-3:]
-        return tuned == "True", int(size), float(per_call)
+        tuned, arenas, size, per_call = r.stdout.split()[-4:]
+        return tuned == "True", arenas, int(size), float(per_call)
 
-    tuned, size, per_call = faults()
-    assert tuned, size
-    untuned, _, per_call_untuned = faults(**{xla_cpu.MALLOC_TUNING_ENV: "0"})
+    pages = 48 * 256  # 4 KiB pages in 48 MB
+    tuned, arenas, _, per_call = faults(48)
+    assert tuned
+    untuned, _, _, per_call_untuned = faults(48, **{xla_cpu.MALLOC_TUNING_ENV: "0"})
     assert not untuned
-    assert per_call_untuned > 0.5 * size / 4096, per_call_untuned  # the premise: each call faults the block in
-    assert per_call < 0.02 * size / 4096, (per_call, per_call_untuned)
+    assert per_call_untuned > 0.5 * pages, per_call_untuned  # the premise: each call faults the block in
+    assert per_call < 0.02 * pages, (per_call, per_call_untuned)
+    tuned, arenas, _, per_call = faults(96, "thread", "one_cpu")  # one CPU: one arena, the block stays mapped
+    assert tuned and arenas == "1" and per_call < 0.02 * 2 * pages, (arenas, per_call)
+    if len(os.sched_getaffinity(0)) > 1:  # more CPUs: per-thread arenas (no allocator lock shared by all threads)
+        tuned, arenas, _, per_call = faults(96, "thread")
+        assert tuned and arenas != "1" and per_call > 0.5 * 2 * pages, (arenas, per_call)
