@@ -13,16 +13,25 @@ so that all see the same machine state:
   reduction over more than 32 elements into a 32-wide reduce-window and a reduce: vectorised and more accurate).
 - ``opt1``: the library's update compiled at ``xla_backend_optimization_level=1`` (LLVM -O1 instead of -O2).
 - ``opt0``: the same at ``xla_backend_optimization_level=0`` (LLVM -O0).
-- ``ln_reduction``: the library's update with LayerNorm's row means as reductions, as before they became
-  matrix-vector products on CPU (``MTDISTILL_XLA_CPU_TUNING=0`` while it is traced;
-  ``mtdistill_jax.nn.layers.row_means_by_matmul``).
+- ``ln_reduction``: the library's update with every CPU matmul-for-a-sum change off: LayerNorm's row means and
+  the parameter gradients' column sums as reductions, as before they became matrix products on CPU
+  (``MTDISTILL_XLA_CPU_TUNING=0`` while it is traced; ``mtdistill_jax.nn.layers.row_means_by_matmul``).
+- ``sum_reduction``: the library's update with the bias and LayerNorm-parameter gradients' sums over rows as
+  reductions (``mtdistill_jax.nn.layers.column_sums_by_matmul`` patched off), not products with ones.
+- ``ln_autodiff``: the library's update with LayerNorm's normalisation differentiated by JAX's autodiff of its
+  matmul-mean forward instead of the closed-form backward (``mtdistill_jax.nn.layers.normalize_rows``);
+  ``ln_autodiff_sum_reduction``: both of the last two.
+- ``no_emitters``: the library's update compiled with ``xla_cpu_use_fusion_emitters=False`` (XLA:CPU's legacy
+  loop emitter instead of the MLIR fusion emitters); ``no_emitters_opt1`` / ``no_emitters_opt0``: the same at
+  LLVM -O1 / -O0.
 
 ``--phases`` traces each compile with ``jax.profiler`` and prints where it went (XLA's HLO passes, the fusion
 emitters' MLIR, LLVM's code generation), summed over the trace's events by name. ``--cache_dir=DIR`` turns JAX's
 persistent compilation cache on in ``DIR`` instead of off: a second run with the same ``DIR`` times warm compiles.
 
-Usage: ``python benchmarks/compile_update.py [--size 1] [--variants tree,flat,no_tree_reduction,opt1,opt0,ln_reduction]
-[--repeats 15] [--phases] [--cache_dir DIR]``; ``taskset -c 0 python benchmarks/compile_update.py`` for one core.
+Usage: ``python benchmarks/compile_update.py [--size 1] [--variants tree,flat,no_tree_reduction,opt1,...]
+[--repeats 15] [--phases] [--cache_dir DIR]`` (``--variants``: any of the above, comma-separated);
+``taskset -c 0 python benchmarks/compile_update.py`` for one core.
 """
 
 from __future__ import annotations
@@ -44,7 +53,28 @@ VARIANTS = {"tree": (False, None, True), "flat": (True, None, True),
             "no_tree_reduction": (False, {"xla_disable_hlo_passes": "tree_reduction_rewriter"}, True),
             "opt1": (False, {"xla_backend_optimization_level": 1}, True),
             "opt0": (False, {"xla_backend_optimization_level": 0}, True),
-            "ln_reduction": (False, None, False)}
+            "ln_reduction": (False, None, False),
+            "no_emitters": (False, {"xla_cpu_use_fusion_emitters": False}, True),
+            "no_emitters_opt1": (False, {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 1},
+                                 True),
+            "no_emitters_opt0": (False, {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 0},
+                                 True),
+            "sum_reduction": (False, None, True),
+            "ln_autodiff": (False, None, True),
+            "ln_autodiff_sum_reduction": (False, None, True)}
+
+
+def no_column_sums_by_matmul(g) -> bool:
+    """``layers.column_sums_by_matmul`` for the ``sum_reduction`` variant: every sum a reduction."""
+    return False
+
+
+def normalize_rows_by_autodiff(x, eps):
+    """``layers.normalize_rows`` for the ``ln_autodiff`` variants: its forward (row means by matmul) with
+    JAX's autodiff instead of the closed-form backward."""
+    from mtdistill_jax.nn.layers import _normalize_rows_fwd
+
+    return _normalize_rows_fwd(x, eps)[0]
 
 
 def flat_optimizers(config):
@@ -114,8 +144,11 @@ def main(argv=None):
     from benchmarks.common import header
     from benchmarks.update_step import random_batch
     from mtdistill_jax.configs import get_config
+    from mtdistill_jax.nn import layers
     from mtdistill_jax.tdmpc2 import train
     from mtdistill_jax.xla_cpu import TUNING_ENV
+
+    column_sums_by_matmul, normalize_rows = layers.column_sums_by_matmul, layers.normalize_rows
 
     print(header(), f"{len(os.sched_getaffinity(0))} core(s)")
     cfg = get_config(a.size, "mt30")
@@ -127,15 +160,20 @@ def main(argv=None):
         train.make_optimizers = flat_optimizers if flat else tree_optimizers
         if not ln_matmul:
             os.environ[TUNING_ENV] = "0"  # read while tracing (layers.row_means_by_matmul)
+        if v.endswith("sum_reduction"):
+            layers.column_sums_by_matmul = no_column_sums_by_matmul
+        if v.startswith("ln_autodiff"):
+            layers.normalize_rows = normalize_rows_by_autodiff
         try:
             learner = train.Learner(cfg, donate=False)
             state = learner.init(jax.random.key(0))
             t = time.perf_counter()
-            key = (flat, ln_matmul)
+            key = (flat, ln_matmul, v.endswith("sum_reduction"), v.startswith("ln_autodiff"))
             low = lowered[key] = lowered.get(key) or learner.update_jit.lower(state, batch, jax.random.key(1))
             lower_s = time.perf_counter() - t
         finally:
             train.make_optimizers = tree_optimizers
+            layers.column_sums_by_matmul, layers.normalize_rows = column_sums_by_matmul, normalize_rows
             if tuning is None:
                 os.environ.pop(TUNING_ENV, None)
             else:

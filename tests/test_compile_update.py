@@ -70,3 +70,17 @@ def test_compile_phases_reads_a_real_compile_trace(tmp_path):
 def test_compile_phases_without_a_trace_says_so(tmp_path):
     with pytest.raises(RuntimeError, match="no perfetto trace"):
         compile_update.compile_phases(str(tmp_path))
+
+
+def test_ln_autodiff_variant_differentiates_the_same_normalisation():
+    """The 'ln_autodiff' variant swaps layers.normalize_rows for autodiff of its forward: same values, same
+    gradients within float32 round-off, so the variants differ in the program only."""
+    from mtdistill_jax.nn import layers
+
+    kx, kg = jax.random.split(jax.random.key(3))
+    x = 2.0 + 3.0 * jax.random.normal(kx, (2, 9, 384))
+    g = jax.random.normal(kg, x.shape)
+    y, vjp = jax.vjp(lambda v: layers.normalize_rows(v, 1e-5), x)
+    y_ad, vjp_ad = jax.vjp(lambda v: compile_update.normalize_rows_by_autodiff(v, 1e-5), x)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ad), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(vjp(g)[0]), np.asarray(vjp_ad(g)[0]), rtol=1e-4, atol=1e-5)

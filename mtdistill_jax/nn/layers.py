@@ -7,6 +7,7 @@ Parameter names mirror the official state dict so the importer is a rename plus 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -123,15 +124,122 @@ def row_means_by_matmul(x) -> bool:
 def layer_norm(x, scale, bias, eps: float = LN_EPS):
     """LayerNorm over the last axis with the biased variance, as torch computes it."""
     if row_means_by_matmul(x):
-        col = jnp.full((x.shape[-1], 1), 1.0 / x.shape[-1], x.dtype)
-
-        def row_mean(y):
-            return jnp.matmul(y, col, precision=jax.lax.Precision.HIGHEST)
+        xhat = normalize_rows(x, eps)
     else:
-        def row_mean(y):
-            return jnp.mean(y, axis=-1, keepdims=True)
-    c = x - row_mean(x)
-    return c * jax.lax.rsqrt(row_mean(jnp.square(c)) + eps) * scale + bias
+        c = x - jnp.mean(x, axis=-1, keepdims=True)
+        xhat = c * jax.lax.rsqrt(jnp.mean(jnp.square(c), axis=-1, keepdims=True) + eps)
+    return scale_shift(xhat, scale, bias)
+
+
+def _row_mean(y):
+    """Means over the last axis, kept as a size-1 axis, as a product with a 1/D column (the matmul library)."""
+    col = jnp.full((y.shape[-1], 1), 1.0 / y.shape[-1], y.dtype)
+    return jnp.matmul(y, col, precision=jax.lax.Precision.HIGHEST)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def normalize_rows(x, eps: float = LN_EPS):
+    """``(x - mean) / sqrt(var + eps)`` over the last axis (LayerNorm without its affine part), every row mean,
+    forward and backward, a matrix-vector product (:func:`row_means_by_matmul`).
+
+    The backward is LayerNorm's closed form ``r * (g - mean(g) - xhat * mean(g * xhat))`` with
+    ``r = 1 / sqrt(var + eps)``; autodiff of the forward would sum the gradient over each row twice (the
+    transposes of the broadcast mean and of the broadcast ``r``), reductions that XLA:CPU rewrites into
+    reduce-window and reduce kernels.
+    """
+    return _normalize_rows_fwd(x, eps)[0]
+
+
+def _normalize_rows_fwd(x, eps):
+    c = x - _row_mean(x)
+    r = jax.lax.rsqrt(_row_mean(jnp.square(c)) + eps)
+    xhat = c * r
+    return xhat, (xhat, r)
+
+
+def _normalize_rows_bwd(eps, res, g):
+    xhat, r = res
+    return (r * (g - _row_mean(g) - xhat * _row_mean(g * xhat)),)
+
+
+normalize_rows.defvjp(_normalize_rows_fwd, _normalize_rows_bwd)
+
+
+def column_sums_by_matmul(g) -> bool:
+    """Whether :func:`sum_to` takes sums over rows as products with ones: where :func:`row_means_by_matmul`
+    holds (float32 on CPU, unless ``MTDISTILL_XLA_CPU_TUNING=0``)."""
+    return row_means_by_matmul(g)
+
+
+def sum_to(g, shape):
+    """``g`` summed over the axes along which an operand of ``shape`` was broadcast to ``g.shape`` (numpy's
+    right-aligned broadcasting): the gradient of a bias or scale of that shape.
+
+    Where :func:`column_sums_by_matmul` holds (float32 on CPU) and the axes kept, other than the last, lead
+    (``[h]``, or an ensemble's ``[members, 1, ..., 1, h]``), the sum is a product with a column of ones, which
+    goes to the matmul library; otherwise it is a reduction, which XLA:CPU's tree-reduction pass turns into a
+    32-wide reduce-window and a reduce: two generated kernels per gradient, and in the 5M update on 2 cores the
+    reduce-windows of the bias and LayerNorm gradients took 42 of 370 profiled ms.
+    """
+    shape = tuple(shape)
+    if len(shape) > g.ndim:
+        raise ValueError(f"sum_to: shape {shape} has more axes than the gradient {g.shape}")
+    full = (1,) * (g.ndim - len(shape)) + shape
+    for a, b in zip(full, g.shape, strict=True):
+        if a not in (1, b):
+            raise ValueError(f"sum_to: shape {shape} does not broadcast to {g.shape}")
+    axes = tuple(i for i, (a, b) in enumerate(zip(full, g.shape, strict=True)) if a == 1 and b != 1)
+    if not axes:
+        return g.reshape(shape)
+    keep = [i for i in range(g.ndim - 1) if i not in axes]
+    if column_sums_by_matmul(g) and g.ndim - 1 not in axes and keep == list(range(len(keep))):
+        k, h = math.prod(g.shape[:len(keep)]), g.shape[-1]
+        rows = g.size // (k * h)
+        g3 = g.reshape(k, rows, h)
+        if k == 1:
+            out = jnp.matmul(jnp.ones((rows,), g.dtype), g3[0], precision=jax.lax.Precision.HIGHEST)
+        else:
+            out = jnp.einsum("kr,krh->kh", jnp.ones((k, rows), g.dtype), g3, precision=jax.lax.Precision.HIGHEST)
+        return out.reshape(shape)
+    return jnp.sum(g, axis=axes).reshape(shape)
+
+
+@jax.custom_vjp
+def add_bias(x, bias):
+    """``x + bias`` (``bias`` broadcast to ``x``); its gradient's sums over rows are :func:`sum_to`'s."""
+    return x + bias
+
+
+def _add_bias_fwd(x, bias):
+    return x + bias, (x, bias)  # only their shapes and dtypes are read: XLA drops the buffers
+
+
+def _add_bias_bwd(res, g):
+    x, bias = res
+    return sum_to(g, x.shape).astype(x.dtype), sum_to(g, bias.shape).astype(bias.dtype)
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
+@jax.custom_vjp
+def scale_shift(x, scale, bias):
+    """``x * scale + bias`` (LayerNorm's affine part, parameters broadcast to ``x``); the parameters' gradients
+    are :func:`sum_to`'s."""
+    return x * scale + bias
+
+
+def _scale_shift_fwd(x, scale, bias):
+    return x * scale + bias, (x, scale, bias)
+
+
+def _scale_shift_bwd(res, g):
+    x, scale, bias = res
+    return (sum_to(g * scale, x.shape).astype(x.dtype), sum_to(g * x, scale.shape).astype(scale.dtype),
+            sum_to(g, bias.shape).astype(bias.dtype))
+
+
+scale_shift.defvjp(_scale_shift_fwd, _scale_shift_bwd)
 
 
 def _activation(name: str, simnorm_dim: int):
@@ -154,7 +262,7 @@ class NormedLinear(nn.Module):
     def __call__(self, x, deterministic: bool = True):
         kernel = self.param("kernel", nn.initializers.normal(INIT_STD), (x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        x = matmul(x, kernel) + bias
+        x = add_bias(matmul(x, kernel), bias)
         if self.dropout > 0 and not deterministic:
             x = dropout(x, self.dropout, self.make_rng("dropout"))
         ln_scale = self.param("ln_scale", nn.initializers.ones, (self.features,))
@@ -173,7 +281,7 @@ class Linear(nn.Module):
         init = nn.initializers.zeros if self.zero_init else nn.initializers.normal(INIT_STD)
         kernel = self.param("kernel", init, (x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        return matmul(x, kernel) + bias
+        return add_bias(matmul(x, kernel), bias)
 
 
 class MLP(nn.Module):
@@ -233,7 +341,7 @@ class EnsembleLinear(nn.Module):
             x = jnp.broadcast_to(x, (m,) + x.shape)
         x = matmul(x, kernel)
         bshape = (m,) + (1,) * (x.ndim - 2) + (h,)
-        x = x + bias.reshape(bshape)
+        x = add_bias(x, bias.reshape(bshape))
         if not self.normed:
             return x
         if self.dropout > 0 and not deterministic:

@@ -77,8 +77,8 @@ def test_bf16_matmul_accumulates_in_float32_forward_and_backward(x_shape, k_shap
 @pytest.mark.parametrize("shape", [(7, 384), (2, 3, 256)])
 def test_layer_norm_row_means_by_matmul_match_the_reduction(shape, monkeypatch):
     """On CPU in float32, layer_norm's row means are matrix-vector products: values and gradients equal the
-    plain reduction's within float32 round-off; MTDISTILL_XLA_CPU_TUNING=0 and non-float32 inputs take the
-    reduction."""
+    plain reduction's within float32 round-off (the backward is LayerNorm's closed form, normalize_rows);
+    MTDISTILL_XLA_CPU_TUNING=0 and non-float32 inputs take the reduction."""
     from mtdistill_jax.nn.layers import layer_norm, row_means_by_matmul
     from mtdistill_jax.xla_cpu import TUNING_ENV
 
@@ -103,7 +103,70 @@ def test_layer_norm_row_means_by_matmul_match_the_reduction(shape, monkeypatch):
     y = np.asarray(by_matmul[0])
     expected = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * scale + bias
     np.testing.assert_allclose(y, np.asarray(expected), rtol=1e-5, atol=1e-5)
-    if jax.default_backend() == "cpu":  # the matmul path has no reduction left in its jaxpr
+    if jax.default_backend() == "cpu":  # the matmul path has no reduction left, forward or backward
         monkeypatch.delenv(TUNING_ENV)
-        prims = {e.primitive.name for e in jax.make_jaxpr(layer_norm)(x, scale, bias).eqns}
-        assert "dot_general" in prims and "reduce_sum" not in prims, prims
+        jaxpr = jax.make_jaxpr(value_and_grads)()
+        assert list(equations(jaxpr, "dot_general")) and not list(equations(jaxpr, "reduce_sum"))
+        monkeypatch.setenv(TUNING_ENV, "0")
+        # a fresh function: make_jaxpr caches traces per function, and the setting is read while tracing
+        assert list(equations(jax.make_jaxpr(lambda: value_and_grads())(), "reduce_sum"))
+
+
+@pytest.mark.parametrize("g_shape,shape,by_matmul", [
+    ((1024, 96), (96,), True),  # a dense layer's bias
+    ((3, 4, 7, 96), (96,), True),  # a bias over batch and time axes
+    ((5, 4, 7, 96), (5, 1, 1, 96), True),  # an ensemble's per-member bias
+    ((5, 28, 96), (1, 96), True),  # kept leading axes of size 1
+    ((3, 4, 5), (4, 1), False),  # the last axis summed: a reduction
+    ((3, 4, 5), (3, 1, 5), True),  # a member-like leading axis kept
+    ((3, 4, 5), (4, 5), False),  # a kept axis after a summed one: a reduction
+    ((4, 5), (4, 5), False),  # nothing to sum
+])
+def test_sum_to_matches_the_reduction_and_uses_the_matmul_where_it_can(g_shape, shape, by_matmul, monkeypatch):
+    """sum_to sums a gradient to a broadcast operand's shape; on CPU in float32 the row sums of a bias-like
+    shape are a product with ones (a dot_general, no reduce_sum), elsewhere (and with MTDISTILL_XLA_CPU_TUNING=0)
+    a reduction; both equal numpy's float64 sum within float32 round-off."""
+    from mtdistill_jax.nn.layers import sum_to
+    from mtdistill_jax.xla_cpu import TUNING_ENV
+
+    g = jax.random.normal(jax.random.key(1), g_shape)
+    full = (1,) * (len(g_shape) - len(shape)) + shape
+    axes = tuple(i for i, (a, b) in enumerate(zip(full, g_shape, strict=True)) if a == 1 and b != 1)
+    expected = np.asarray(g, np.float64).sum(axis=axes).reshape(shape)
+    for tuning in ("1", "0"):
+        monkeypatch.setenv(TUNING_ENV, tuning)
+        out = jax.jit(sum_to, static_argnums=1)(g, shape)
+        assert out.shape == shape
+        np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=2e-5 * np.sqrt(g.size))
+        prims = {e.primitive.name for e in jax.make_jaxpr(lambda g: sum_to(g, shape))(g).eqns}
+        if by_matmul and tuning == "1" and jax.default_backend() == "cpu":
+            assert "dot_general" in prims and "reduce_sum" not in prims, prims
+        else:
+            assert "dot_general" not in prims, prims
+    with pytest.raises(ValueError, match="does not broadcast"):
+        sum_to(g, (2,) + g_shape[1:])
+    with pytest.raises(ValueError, match="more axes"):
+        sum_to(g, (1,) + g_shape)
+
+
+@pytest.mark.parametrize("x_shape,p_shape", [((6, 7, 96), (96,)), ((5, 6, 7, 96), (5, 1, 1, 96))])
+def test_add_bias_and_scale_shift_gradients_match_autodiff(x_shape, p_shape):
+    """The bias and LayerNorm-affine ops with the sum_to backward give the values and gradients of plain
+    autodiff of ``x + b`` and ``x * s + b`` within float32 round-off, cotangents in the primals' dtypes."""
+    from mtdistill_jax.nn.layers import add_bias, scale_shift
+
+    k = jax.random.split(jax.random.key(2), 4)
+    x, s, b = jax.random.normal(k[0], x_shape), jax.random.normal(k[1], p_shape), jax.random.normal(k[2], p_shape)
+    g = jax.random.normal(k[3], x_shape)
+    for ours, plain, args in ((add_bias, lambda x, b: x + b, (x, b)),
+                              (scale_shift, lambda x, s, b: x * s + b, (x, s, b))):
+        y, vjp = jax.jit(lambda *a, f=ours: jax.vjp(f, *a))(*args)
+        y_ref, vjp_ref = jax.vjp(plain, *args)
+        np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-6)
+        for a, r in zip(vjp(g), vjp_ref(g), strict=True):
+            assert a.shape == r.shape and a.dtype == r.dtype
+            np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=2e-5, atol=2e-5 * np.sqrt(np.prod(x_shape)))
+    # a bf16 activation with float32 parameters: the activation's cotangent comes back in bf16
+    xb = x.astype(jnp.bfloat16)
+    dx, ds, db = jax.grad(lambda x, s, b: scale_shift(x, s, b).astype(jnp.float32).sum(), argnums=(0, 1, 2))(xb, s, b)
+    assert dx.dtype == jnp.bfloat16 and ds.dtype == db.dtype == jnp.float32
