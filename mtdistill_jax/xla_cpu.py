@@ -53,7 +53,7 @@ FEWER_KERNELS_FLAG = "--xla_cpu_use_fusion_emitters=false"
 SPEED_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
 SPEED_FLAGS_MIN_JAXLIB = (0, 10, 2)
 TUNING_ENV = "MTDISTILL_XLA_CPU_TUNING"  # "0" turns tune_for_cpu and tune_malloc off, and
-# nn.layers.row_means_by_matmul
+# nn.layers.row_means_by_matmul (LayerNorm's means, its backward, the parameter gradients' row sums)
 MALLOC_TUNING_ENV = "MTDISTILL_MALLOC_TUNING"  # "0" turns tune_malloc alone off
 # glibc's mallopt parameters (malloc.h) and the values tune_malloc sets: no mmap-served allocations and up to 1 GiB
 # of free memory kept at the top of a heap instead of being returned to the kernel after every free; the number of
