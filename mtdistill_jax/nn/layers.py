@@ -192,7 +192,7 @@ def sum_to(g, shape):
     if not axes:
         return g.reshape(shape)
     keep = [i for i in range(g.ndim - 1) if i not in axes]
-    if column_sums_by_matmul(g) and g.ndim - 1 not in axes and keep == list(range(len(keep))):
+    if g.size and column_sums_by_matmul(g) and g.ndim - 1 not in axes and keep == list(range(len(keep))):
         k, h = math.prod(g.shape[:len(keep)]), g.shape[-1]
         rows = g.size // (k * h)
         g3 = g.reshape(k, rows, h)

@@ -121,6 +121,7 @@ def test_layer_norm_row_means_by_matmul_match_the_reduction(shape, monkeypatch):
     ((3, 4, 5), (3, 1, 5), True),  # a member-like leading axis kept
     ((3, 4, 5), (4, 5), False),  # a kept axis after a summed one: a reduction
     ((4, 5), (4, 5), False),  # nothing to sum
+    ((0, 5), (5,), False),  # no rows: zeros
 ])
 def test_sum_to_matches_the_reduction_and_uses_the_matmul_where_it_can(g_shape, shape, by_matmul, monkeypatch):
     """sum_to sums a gradient to a broadcast operand's shape; on CPU in float32 the row sums of a bias-like
