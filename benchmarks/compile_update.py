@@ -45,23 +45,32 @@ import os
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# variant -> (flat optimiser state, XLA compiler options, LayerNorm row means by matmul)
-VARIANTS = {"tree": (False, None, True), "flat": (True, None, True),
-            "no_tree_reduction": (False, {"xla_disable_hlo_passes": "tree_reduction_rewriter"}, True),
-            "opt1": (False, {"xla_backend_optimization_level": 1}, True),
-            "opt0": (False, {"xla_backend_optimization_level": 0}, True),
-            "ln_reduction": (False, None, False),
-            "no_emitters": (False, {"xla_cpu_use_fusion_emitters": False}, True),
-            "no_emitters_opt1": (False, {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 1},
-                                 True),
-            "no_emitters_opt0": (False, {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 0},
-                                 True),
-            "sum_reduction": (False, None, True),
-            "ln_autodiff": (False, None, True),
-            "ln_autodiff_sum_reduction": (False, None, True)}
+class Variant(NamedTuple):
+    """How a variant's update is built and compiled (the library's own with every default)."""
+
+    flat: bool = False  # optimiser state in one vector (flat_optimizers)
+    options: dict | None = None  # XLA compiler options
+    ln_matmul: bool = True  # every CPU matmul-for-a-sum change on (MTDISTILL_XLA_CPU_TUNING unset while traced)
+    sum_matmul: bool = True  # layers.column_sums_by_matmul as the library has it
+    ln_closed_form: bool = True  # layers.normalize_rows with its closed-form backward
+
+
+NO_EMITTERS = {"xla_cpu_use_fusion_emitters": False}
+VARIANTS = {"tree": Variant(), "flat": Variant(flat=True),
+            "no_tree_reduction": Variant(options={"xla_disable_hlo_passes": "tree_reduction_rewriter"}),
+            "opt1": Variant(options={"xla_backend_optimization_level": 1}),
+            "opt0": Variant(options={"xla_backend_optimization_level": 0}),
+            "ln_reduction": Variant(ln_matmul=False),
+            "no_emitters": Variant(options=NO_EMITTERS),
+            "no_emitters_opt1": Variant(options={**NO_EMITTERS, "xla_backend_optimization_level": 1}),
+            "no_emitters_opt0": Variant(options={**NO_EMITTERS, "xla_backend_optimization_level": 0}),
+            "sum_reduction": Variant(sum_matmul=False),
+            "ln_autodiff": Variant(ln_closed_form=False),
+            "ln_autodiff_sum_reduction": Variant(sum_matmul=False, ln_closed_form=False)}
 
 
 def no_column_sums_by_matmul(g) -> bool:
@@ -156,19 +165,19 @@ def main(argv=None):
     batch = jax.device_put(random_batch(np.random.default_rng(0), a.batch, cfg.train.horizon))
     tree_optimizers, rows, lowered, tuning = train.make_optimizers, {}, {}, os.environ.get(TUNING_ENV)
     for v in variants:
-        flat, options, ln_matmul = VARIANTS[v]
-        train.make_optimizers = flat_optimizers if flat else tree_optimizers
-        if not ln_matmul:
+        variant = VARIANTS[v]
+        train.make_optimizers = flat_optimizers if variant.flat else tree_optimizers
+        if not variant.ln_matmul:
             os.environ[TUNING_ENV] = "0"  # read while tracing (layers.row_means_by_matmul)
-        if v.endswith("sum_reduction"):
+        if not variant.sum_matmul:
             layers.column_sums_by_matmul = no_column_sums_by_matmul
-        if v.startswith("ln_autodiff"):
+        if not variant.ln_closed_form:
             layers.normalize_rows = normalize_rows_by_autodiff
         try:
             learner = train.Learner(cfg, donate=False)
             state = learner.init(jax.random.key(0))
             t = time.perf_counter()
-            key = (flat, ln_matmul, v.endswith("sum_reduction"), v.startswith("ln_autodiff"))
+            key = variant._replace(options=None)  # what the traced program depends on
             low = lowered[key] = lowered.get(key) or learner.update_jit.lower(state, batch, jax.random.key(1))
             lower_s = time.perf_counter() - t
         finally:
@@ -183,7 +192,7 @@ def main(argv=None):
                 jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
             t = time.perf_counter()
             try:
-                compiled = low.compile(options)
+                compiled = low.compile(variant.options)
             finally:
                 compile_s = time.perf_counter() - t
                 if a.phases:
