@@ -21,6 +21,9 @@ so that all see the same machine state:
 - ``ln_autodiff``: the library's update with LayerNorm's normalisation differentiated by JAX's autodiff of its
   matmul-mean forward instead of the closed-form backward (``mtdistill_jax.nn.layers.normalize_rows``);
   ``ln_autodiff_sum_reduction``: both of the last two.
+- ``nd_random``: the library's update with its policy-noise draws (``[H, B, A]`` and ``[H+1, B, A]``) taken by
+  ``jax.random.normal`` at their shapes, as before :func:`mtdistill_jax.math.normal` drew them as one vector and
+  reshaped them (the same values; a shorter compile).
 - ``no_emitters``: the library's update compiled with ``xla_cpu_use_fusion_emitters=False`` (XLA:CPU's legacy
   loop emitter instead of the MLIR fusion emitters); ``no_emitters_opt1`` / ``no_emitters_opt0``: the same at
   LLVM -O1 / -O0.
@@ -57,6 +60,7 @@ class Variant(NamedTuple):
     ln_matmul: bool = True  # every CPU matmul-for-a-sum change on (MTDISTILL_XLA_CPU_TUNING unset while traced)
     sum_matmul: bool = True  # layers.column_sums_by_matmul as the library has it
     ln_closed_form: bool = True  # layers.normalize_rows with its closed-form backward
+    flat_random: bool = True  # tdmath.normal as the library has it (False: jax.random.normal at the draw's shape)
 
 
 NO_EMITTERS = {"xla_cpu_use_fusion_emitters": False}
@@ -70,7 +74,8 @@ VARIANTS = {"tree": Variant(), "flat": Variant(flat=True),
             "no_emitters_opt0": Variant(options={**NO_EMITTERS, "xla_backend_optimization_level": 0}),
             "sum_reduction": Variant(sum_matmul=False),
             "ln_autodiff": Variant(ln_closed_form=False),
-            "ln_autodiff_sum_reduction": Variant(sum_matmul=False, ln_closed_form=False)}
+            "ln_autodiff_sum_reduction": Variant(sum_matmul=False, ln_closed_form=False),
+            "nd_random": Variant(flat_random=False)}
 
 
 def no_column_sums_by_matmul(g) -> bool:
@@ -152,12 +157,13 @@ def main(argv=None):
         jax.config.update("jax_enable_compilation_cache", False)
     from benchmarks.common import header
     from benchmarks.update_step import random_batch
+    from mtdistill_jax import math as tdmath
     from mtdistill_jax.configs import get_config
     from mtdistill_jax.nn import layers
     from mtdistill_jax.tdmpc2 import train
     from mtdistill_jax.xla_cpu import TUNING_ENV
 
-    column_sums_by_matmul, normalize_rows = layers.column_sums_by_matmul, layers.normalize_rows
+    column_sums_by_matmul, normalize_rows, normal = layers.column_sums_by_matmul, layers.normalize_rows, tdmath.normal
 
     print(header(), f"{len(os.sched_getaffinity(0))} core(s)")
     cfg = get_config(a.size, "mt30")
@@ -173,6 +179,8 @@ def main(argv=None):
             layers.column_sums_by_matmul = no_column_sums_by_matmul
         if not variant.ln_closed_form:
             layers.normalize_rows = normalize_rows_by_autodiff
+        if not variant.flat_random:
+            tdmath.normal = jax.random.normal
         try:
             learner = train.Learner(cfg, donate=False)
             state = learner.init(jax.random.key(0))
@@ -183,6 +191,7 @@ def main(argv=None):
         finally:
             train.make_optimizers = tree_optimizers
             layers.column_sums_by_matmul, layers.normalize_rows = column_sums_by_matmul, normalize_rows
+            tdmath.normal = normal
             if tuning is None:
                 os.environ.pop(TUNING_ENV, None)
             else:

@@ -4,9 +4,12 @@ trajectories, 64 elites) for B = 1 and B = 30 environments (one MT30 task each),
 Also prints the model matmul FLOPs per call (counted from the layer widths: XLA's cost analysis counts a
 loop body once) and the achieved fraction of this device's measured float32 matmul throughput.
 Usage: ``python benchmarks/plan.py [--sizes 1] [--batches 1,30] [--repeats 20] [--compute_dtypes float32,bfloat16]
-[--ynn_dot]``. ``--compute_dtypes``: the planner's ``planner.compute_dtype`` settings to time (bfloat16: the
+[--ynn_dot] [--draws flat,nd]``.
+``--compute_dtypes``: the planner's ``planner.compute_dtype`` settings to time (bfloat16: the
 model's matmuls in bf16, the same FLOPs, % of the float32 peak). ``--ynn_dot`` compiles the planner with XLA:CPU's
-YNNPACK single-dot library path, the one path that reached this CPU's AMX-BF16 units (see README).
+YNNPACK single-dot library path, the one path that reached this CPU's AMX-BF16 units (see README). ``--draws``:
+``flat`` is the library's planner; ``nd`` takes its noise draws with ``jax.random.normal`` at their shapes instead
+of :func:`mtdistill_jax.math.normal` (the same values, drawn as one vector): it measures what that saves in compile.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import header, matmul_peak_gflops, time_jitted  # noqa: E402
+from mtdistill_jax import math as tdmath  # noqa: E402
 from mtdistill_jax.configs import MT30, get_config  # noqa: E402
 from mtdistill_jax.nn import init_params  # noqa: E402
 from mtdistill_jax.tdmpc2.planner import Planner  # noqa: E402
@@ -55,14 +59,21 @@ def main():
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--compute_dtypes", default="float32")
     ap.add_argument("--ynn_dot", action="store_true", help="XLA:CPU YNNPACK single-dot fusions for this program")
+    ap.add_argument("--draws", default="flat", help="flat (the library's), nd (jax.random.normal at each shape)")
     args = ap.parse_args()
+    draws = args.draws.split(",")
+    if not draws or set(draws) - {"flat", "nd"}:
+        ap.error(f"--draws: flat and/or nd, got {args.draws!r}")
+    normal = tdmath.normal
     options = BF16_DOT_OPTIONS if args.ynn_dot else None
     print(header())
     peak = matmul_peak_gflops()
     print(f"measured float32 matmul throughput (2048^3): {peak:.1f} GFLOP/s")
-    print(f"{'size':>5} {'dtype':>8} {'B':>3} {'compile s':>9} {'median ms':>9} {'p10-p90 ms':>15} {'GFLOP/call':>10} "
-          f"{'GFLOP/s':>8} {'of peak':>7}")
-    for size, dtype in [(int(s), d) for s in args.sizes.split(",") for d in args.compute_dtypes.split(",")]:
+    print(f"{'size':>5} {'dtype':>8} {'draws':>5} {'B':>3} {'compile s':>9} {'median ms':>9} {'p10-p90 ms':>15} "
+          f"{'GFLOP/call':>10} {'GFLOP/s':>8} {'of peak':>7}")
+    for size, dtype, draw in [(int(s), d, r) for s in args.sizes.split(",") for d in args.compute_dtypes.split(",")
+                              for r in draws]:
+        tdmath.normal = normal if draw == "flat" else jax.random.normal  # read while the planner is traced
         cfg = get_config(size, "mt30")
         cfg.planner.compute_dtype = dtype
         planner = Planner(cfg)
@@ -80,8 +91,10 @@ def main():
             fn = jax.jit(planner.plan)
             c, med, p10, p90 = time_jitted(fn, args_fn, args.repeats, compiler_options=options)
             gflop = B * plan_flops(cfg) / 1e9
-            print(f"{size:>4}M {dtype:>8} {B:>3} {c:>9.1f} {med * 1e3:>9.1f} {p10 * 1e3:>7.1f}-{p90 * 1e3:<7.1f} "
-                  f"{gflop:>10.2f} {gflop / med:>8.1f} {gflop / med / peak:>7.0%}")
+            print(f"{size:>4}M {dtype:>8} {draw:>5} {B:>3} {c:>9.1f} {med * 1e3:>9.1f} "
+                  f"{p10 * 1e3:>7.1f}-{p90 * 1e3:<7.1f} {gflop:>10.2f} {gflop / med:>8.1f} {gflop / med / peak:>7.0%}",
+                  flush=True)
+    tdmath.normal = normal
 
 
 if __name__ == "__main__":

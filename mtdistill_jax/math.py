@@ -1,4 +1,5 @@
-"""Numerics of TD-MPC2 (official ``common/math.py``): symlog, two-hot regression, squashed Gaussians.
+"""Numerics of TD-MPC2 (official ``common/math.py``): symlog, two-hot regression, squashed Gaussians; and the
+random draws of the update and the planner (:func:`normal`, :func:`uniform`).
 
 All functions are pure ``jax.numpy`` and work on any leading batch shape. Scalars that the official code
 keeps as ``[..., 1]`` columns keep that trailing axis here too.
@@ -6,10 +7,49 @@ keeps as ``[..., 1]`` columns keep that trailing axis here too.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
 LOG_SQRT_2PI = 0.9189385175704956  # 0.5 * log(2 * pi), the constant of the official gaussian_logprob
+
+FLAT_DRAW_IMPLS = ("threefry2x32",)  # key kinds whose draws number their values in row-major order
+
+
+def _draws_flat(key, shape) -> bool:
+    """Whether a draw of ``shape`` from ``key`` may be taken as one vector and reshaped (same values)."""
+    if len(shape) < 2:
+        return False
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        impl = str(jax.random.key_impl(key))
+    else:  # a raw uint32 key: the default implementation's
+        impl = str(jax.config.jax_default_prng_impl)
+    return impl in FLAT_DRAW_IMPLS
+
+
+def normal(key, shape, dtype=jnp.float32):
+    """``jax.random.normal(key, shape, dtype)``, the same array bit for bit, with a shorter compile.
+
+    A threefry key numbers the values of a draw by their row-major index (``iota_2x32_shape`` with
+    ``jax_threefry_partitionable``, a flat iota without), so ``prod(shape)`` values drawn as one vector and
+    reshaped are the same array. XLA:CPU compiles the vector's kernels much faster than the multi-dimensional
+    ones: one ``[3, 256, 6]`` draw compiled in 0.9 s on one core, the same draw as a vector in 0.2 s (the update
+    draws two such arrays, the planner one in each MPPI iteration). Other key kinds, and draws of rank 0 or 1,
+    go to ``jax.random.normal`` as they are.
+    """
+    shape = tuple(shape)
+    if not _draws_flat(key, shape):
+        return jax.random.normal(key, shape, dtype)
+    return jax.random.normal(key, (math.prod(shape),), dtype).reshape(shape)
+
+
+def uniform(key, shape, dtype=jnp.float32, minval=0.0, maxval=1.0):
+    """``jax.random.uniform(key, shape, dtype, minval, maxval)`` for scalar bounds, drawn flat as :func:`normal`."""
+    shape = tuple(shape)
+    if not _draws_flat(key, shape) or jnp.ndim(minval) or jnp.ndim(maxval):
+        return jax.random.uniform(key, shape, dtype, minval, maxval)
+    return jax.random.uniform(key, (math.prod(shape),), dtype, minval, maxval).reshape(shape)
 
 
 def symlog(x):

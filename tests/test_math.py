@@ -1,7 +1,10 @@
 """symlog/symexp/two-hot/soft-CE/policy math against the official outputs (math_io.npz)."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxpr_util import equations
 from refdata import reference_dir
 
 from mtdistill_jax import math as tm
@@ -87,3 +90,41 @@ def test_mish_matches_the_textbook_form_in_float64():
     # forward-mode agrees with reverse-mode
     _, t = jax.jvp(tm.mish, (x32,), (jnp.ones_like(x32),))
     np.testing.assert_array_equal(np.asarray(t), np.asarray(dy, np.float32))
+
+
+RANDOM_SHAPES = [(), (7,), (5, 6), (3, 256, 6), (2, 3, 4, 5)]
+
+
+@pytest.mark.parametrize("shape", RANDOM_SHAPES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_draws_are_jax_randoms_values(shape, dtype):
+    """tm.normal / tm.uniform give jax.random's arrays bit for bit (the planner's and the update's streams)."""
+    key = jax.random.key(3)
+    np.testing.assert_array_equal(tm.normal(key, shape, dtype), jax.random.normal(key, shape, dtype))
+    np.testing.assert_array_equal(tm.uniform(key, shape, dtype, -1.0, 1.0),
+                                  jax.random.uniform(key, shape, dtype, -1.0, 1.0))
+
+
+def test_draws_are_jax_randoms_values_under_jit_vmap_and_other_settings():
+    keys = jax.random.split(jax.random.key(5), 4)
+    ours = jax.jit(jax.vmap(lambda k: tm.normal(k, (3, 9, 2))))(keys)
+    np.testing.assert_array_equal(ours, jax.vmap(lambda k: jax.random.normal(k, (3, 9, 2)))(keys))
+    with jax.threefry_partitionable(False):  # jax's other threefry numbering: a flat iota
+        np.testing.assert_array_equal(tm.normal(keys[0], (4, 5, 3)), jax.random.normal(keys[0], (4, 5, 3)))
+    for key in (jax.random.key(1, impl="rbg"), jax.random.key(1, impl="unsafe_rbg"), jax.random.PRNGKey(1)):
+        np.testing.assert_array_equal(tm.normal(key, (4, 5, 3)), jax.random.normal(key, (4, 5, 3)))
+    lo, hi = jnp.array([-1.0, 0.0, 2.0]), jnp.array([1.0, 0.5, 3.0])  # array bounds broadcast against the shape
+    np.testing.assert_array_equal(tm.uniform(keys[1], (4, 3), jnp.float32, lo, hi),
+                                  jax.random.uniform(keys[1], (4, 3), jnp.float32, lo, hi))
+
+
+def test_multi_dimensional_threefry_draws_are_one_vector():
+    """What makes the compile shorter: the random bits of a [3, 4, 5] draw are generated as 60 values."""
+    def bits_shapes(fn, key):
+        return [tuple(e.outvars[0].aval.shape) for e in equations(jax.make_jaxpr(fn)(key), "random_bits")]
+
+    key = jax.random.key(0)
+    assert bits_shapes(lambda k: tm.normal(k, (3, 4, 5)), key) == [(60,)]
+    assert bits_shapes(lambda k: tm.uniform(k, (3, 4)), key) == [(12,)]
+    assert bits_shapes(lambda k: jax.random.normal(k, (3, 4, 5)), key) == [(3, 4, 5)]  # what it replaces
+    assert bits_shapes(lambda k: tm.normal(k, (3, 4, 5)), jax.random.key(0, impl="rbg")) == [(3, 4, 5)]

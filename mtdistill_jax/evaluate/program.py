@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from mtdistill_jax import math as tdmath
 from mtdistill_jax.acting import env_step
 from mtdistill_jax.configs.tasks import get_task_set
 from mtdistill_jax.envs.registry import task_names
@@ -77,7 +78,7 @@ def make_actor(config: ml_collections.ConfigDict, policy: str = "planner", mode:
     def noisy(params, obs, task, first, state, key):
         k_act, k_noise = jax.random.split(key)
         action, state = act(params, obs, task, first, state, k_act)
-        eps = noise * jax.random.normal(k_noise, action.shape, action.dtype) * masks[task]
+        eps = noise * tdmath.normal(k_noise, action.shape, action.dtype) * masks[task]
         return jnp.clip(action + eps, -1.0, 1.0), state
 
     return noisy

@@ -114,9 +114,9 @@ def sample_draws(key, config: ml_collections.ConfigDict, batch_size: int, dtype=
     """Fresh :class:`Draws` for one update (pure; the default of the update step)."""
     H, A, num_q = config.train.horizon, get_task_set(config.model.task_set).action_pad, config.model.num_q
     k_td, k_tdq, k_pi, k_piq = jax.random.split(key, 4)
-    return Draws(td_eps=jax.random.normal(k_td, (H, batch_size, A), dtype),
+    return Draws(td_eps=tdmath.normal(k_td, (H, batch_size, A), dtype),
                  td_heads=jax.random.permutation(k_tdq, num_q)[:2],
-                 pi_eps=jax.random.normal(k_pi, (H + 1, batch_size, A), dtype),
+                 pi_eps=tdmath.normal(k_pi, (H + 1, batch_size, A), dtype),
                  pi_heads=jax.random.permutation(k_piq, num_q)[:2])
 
 

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mtdistill_jax import math as tdmath
 from mtdistill_jax.acting import Transition
 from mtdistill_jax.data.replay import ReplayBuffer, ReplayState
 from mtdistill_jax.errors import UserError
@@ -152,7 +153,7 @@ class OnlineLoop:
         seeding = carry.agent_steps <= self.seed_agent_steps  # official: random while step <= seed_steps
 
         def random_action(_):
-            a = jax.random.uniform(key, (self.M, self.env.action_pad), jnp.float32, -1.0, 1.0)
+            a = tdmath.uniform(key, (self.M, self.env.action_pad), jnp.float32, -1.0, 1.0)
             return a * self.env.action_masks, carry.policy_state
 
         def plan(_):

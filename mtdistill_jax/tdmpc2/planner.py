@@ -109,7 +109,7 @@ def make_planner(model: WorldModel, config: ml_collections.ConfigDict) -> Callab
         return model.apply({"params": params}, *args, method=method)
 
     def policy(params, z, task, key):
-        eps = jax.random.normal(key, z.shape[:-1] + (A,), z.dtype)
+        eps = tdmath.normal(key, z.shape[:-1] + (A,), z.dtype)
         return apply(params, z, task, eps, method=WorldModel.pi)[0].astype(z.dtype)
 
     value_of = make_value_estimator(model, config)
@@ -117,7 +117,7 @@ def make_planner(model: WorldModel, config: ml_collections.ConfigDict) -> Callab
     def estimate_value(params, z, actions, task, gamma, key):
         """:func:`make_value_estimator`'s value, its policy noise and Q heads drawn from ``key``."""
         k_pi, k_q = jax.random.split(key)
-        eps = jax.random.normal(k_pi, z.shape[:-1] + (A,), z.dtype)
+        eps = tdmath.normal(k_pi, z.shape[:-1] + (A,), z.dtype)
         heads = jax.random.permutation(k_q, mc.num_q)[:2]
         return value_of(params, z, actions, task, gamma, eps, heads)
 
@@ -147,7 +147,7 @@ def make_planner(model: WorldModel, config: ml_collections.ConfigDict) -> Callab
         def iteration(carry, k):
             mean, std, _, _ = carry
             k_r, k_v = jax.random.split(k)
-            r = jax.random.normal(k_r, (H, N - P, A), jnp.float32)
+            r = tdmath.normal(k_r, (H, N - P, A), jnp.float32)
             sampled = jnp.clip(mean[:, None] + std[:, None] * r, -1, 1)
             actions = jnp.concatenate([pi_actions, sampled], axis=1) if P > 0 else sampled
             actions = actions * mask
@@ -221,7 +221,7 @@ def make_prior_policy(model: WorldModel, config: ml_collections.ConfigDict, mode
     def policy(params, obs, task, first, state, key):
         del first
         z = model.apply({"params": params}, obs, task, method=WorldModel.encode)
-        eps = jax.random.normal(key, z.shape[:-1] + (A,), z.dtype)
+        eps = tdmath.normal(key, z.shape[:-1] + (A,), z.dtype)
         action, info = model.apply({"params": params}, z, task, eps, method=WorldModel.pi)
         return (info["mean"] if mode == "mean" else action), state
 
