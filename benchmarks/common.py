@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import jax
@@ -59,3 +60,83 @@ def cost_flops(program) -> float | None:
     if not ca or "flops" not in ca:
         return None
     return float(ca["flops"])
+
+
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")  # a computation's header line in HLO text
+_NAME = re.compile(r"%[\w.\-]+")
+_CALLED = re.compile(r"(calls|to_apply)=%?([\w.\-]+)")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_RANDOM = ("_threefry", "_normal", "_uniform", "_shuffle", "_random_bits", "_bernoulli")
+
+
+def _distinct_fusions(hlo_text: str) -> tuple[int, dict[str, str]]:
+    """(number of fusion instructions, {canonical fused computation: op_name of its first fusion})."""
+    bodies: dict[str, list[str]] = {}
+    current = None
+    for line in hlo_text.splitlines():
+        m = _COMPUTATION.match(line)
+        if m:
+            current = bodies.setdefault(m.group(1), [])
+        elif line.startswith("}"):
+            current = None
+        elif current is not None and line.strip():
+            current.append(line.strip())
+    canonical: dict[str, str] = {}
+
+    def canon(name: str, depth: int = 0) -> str:
+        if name not in canonical:
+            if depth > 64 or name not in bodies:
+                raise ValueError(f"fused_kernels: computation {name!r} missing or nested too deep in the HLO text")
+            lines = []
+            for ins in bodies[name]:
+                ins = re.sub(r", metadata=\{[^}]*\}", "", ins)
+                ins = _CALLED.sub(lambda c: f"{c.group(1)}=({canon(c.group(2), depth + 1)})", ins)
+                lines.append(_NAME.sub("%", ins))
+            canonical[name] = "\n".join(lines)
+        return canonical[name]
+
+    fusions = [ins for body in bodies.values() for ins in body if " fusion(" in ins and _CALLED.search(ins)]
+    kernels: dict[str, str] = {}
+    for ins in fusions:
+        op = _OP_NAME.search(ins)
+        kernels.setdefault(canon(_CALLED.search(ins).group(2)), op.group(1) if op else "")
+    return len(fusions), kernels
+
+
+def fused_kernels(hlo_text: str) -> tuple[int, int]:
+    """``(fusions, kernels)`` of a compiled program's HLO text (``compiled.as_text()``): its fusion instructions
+    (loop bodies included), and how many of them are distinct, i.e. how many kernels XLA:CPU compiles.
+
+    Two fusions are the same kernel when their fused computations are equal up to instruction names and
+    metadata (same ops, shapes, layouts, constants and called computations): XLA:CPU compiles such a kernel once
+    (``benchmarks/kernel_reuse.py`` measures it), so a loop unrolled into identical copies costs little compile
+    time, while every new shape costs a kernel.
+    """
+    n, kernels = _distinct_fusions(hlo_text)
+    return n, len(kernels)
+
+
+def kernel_source(op_name: str) -> str:
+    """Where a kernel comes from, by the ``op_name`` JAX gave its fusion (``jit(f)/jvp(WorldModel.Q)/Qs/...``).
+
+    ``random draws``; ``made by XLA`` (no op_name: copies, layout changes); else ``<where>, <pass>``, where
+    ``<where>`` is the first Flax module method on the path (``WorldModel.Q`` -> ``Q``) or ``other code`` (losses,
+    optimisers, ...) and ``<pass>`` is ``backward`` (under ``transpose(...)``), ``forward`` (under ``jvp(...)``) or
+    ``no gradient`` (neither: e.g. the TD target, the optimisers' and Polyak's arithmetic)."""
+    parts = op_name.split("/")[1:]
+    if not parts:
+        return "made by XLA"
+    if any(r in op_name for r in _RANDOM):
+        return "random draws"
+    where = re.search(r"WorldModel\.(\w+)", op_name)
+    grad = "backward" if "transpose(" in op_name else "forward" if "jvp(" in op_name else "no gradient"
+    return f"{where.group(1) if where else 'other code'}, {grad}"
+
+
+def kernels_by_source(hlo_text: str) -> dict[str, int]:
+    """Distinct kernels (see :func:`fused_kernels`) per :func:`kernel_source` of their first fusion, most first."""
+    counts: dict[str, int] = {}
+    for op_name in _distinct_fusions(hlo_text)[1].values():
+        src = kernel_source(op_name)
+        counts[src] = counts.get(src, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))

@@ -28,12 +28,16 @@ so that all see the same machine state:
   loop emitter instead of the MLIR fusion emitters); ``no_emitters_opt1`` / ``no_emitters_opt0``: the same at
   LLVM -O1 / -O0.
 
-``--phases`` traces each compile with ``jax.profiler`` and prints where it went (XLA's HLO passes, the fusion
-emitters' MLIR, LLVM's code generation), summed over the trace's events by name. ``--cache_dir=DIR`` turns JAX's
-persistent compilation cache on in ``DIR`` instead of off: a second run with the same ``DIR`` times warm compiles.
+'fusions' counts the compiled program's fusion instructions, 'kernels' the distinct ones among them
+(:func:`benchmarks.common.fused_kernels`): XLA:CPU compiles identical fusions once, so the compile follows the
+kernels. ``--phases`` traces each compile with ``jax.profiler`` and prints where it went (XLA's HLO passes, the
+fusion emitters' MLIR, LLVM's code generation), summed over the trace's events by name. ``--by_source`` prints
+each variant's kernels grouped by the module and pass they come from
+(:func:`benchmarks.common.kernels_by_source`). ``--cache_dir=DIR`` turns JAX's persistent compilation cache on in
+``DIR`` instead of off: a second run with the same ``DIR`` times warm compiles.
 
 Usage: ``python benchmarks/compile_update.py [--size 1] [--variants tree,flat,no_tree_reduction,opt1,...]
-[--repeats 15] [--phases] [--cache_dir DIR]`` (``--variants``: any of the above, comma-separated);
+[--repeats 15] [--phases] [--by_source] [--cache_dir DIR]`` (``--variants``: any of the above, comma-separated);
 ``taskset -c 0 python benchmarks/compile_update.py`` for one core.
 """
 
@@ -138,6 +142,8 @@ def main(argv=None):
     ap.add_argument("--variants", default="tree,flat,no_tree_reduction,opt1")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--phases", action="store_true", help="profile each compile and print where it went")
+    ap.add_argument("--by_source", action="store_true",
+                    help="print each variant's distinct kernels by where they come from (module, pass)")
     ap.add_argument("--cache_dir", default="", help="persistent compilation cache here (default: off)")
     a = ap.parse_args(argv)
     variants = [v for v in a.variants.split(",") if v]
@@ -155,7 +161,7 @@ def main(argv=None):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     else:
         jax.config.update("jax_enable_compilation_cache", False)
-    from benchmarks.common import header
+    from benchmarks.common import fused_kernels, header, kernels_by_source
     from benchmarks.update_step import random_batch
     from mtdistill_jax import math as tdmath
     from mtdistill_jax.configs import get_config
@@ -209,8 +215,13 @@ def main(argv=None):
             if a.phases:
                 for phase, sec, n in compile_phases(trace_dir):
                     print(f"    {v}: {sec:6.2f} s {phase} ({n} events)")
-        rows[v] = dict(lower_s=lower_s, compile_s=compile_s, state=state, compiled=compiled,
-                       fusions=compiled.as_text().count(" fusion("), times=[])
+        hlo = compiled.as_text()
+        fusions, kernels = fused_kernels(hlo)
+        if a.by_source:
+            print(f"    {v}: {kernels} kernels by source: "
+                  + ", ".join(f"{src} {n}" for src, n in kernels_by_source(hlo).items()))
+        rows[v] = dict(lower_s=lower_s, compile_s=compile_s, state=state, compiled=compiled, fusions=fusions,
+                       kernels=kernels, times=[])
         jax.block_until_ready(compiled(state, batch, jax.random.key(1)))
         print(f"  {v}: compiled", flush=True)
     for i in range(a.repeats):
@@ -221,10 +232,12 @@ def main(argv=None):
     caching = f"persistent cache {a.cache_dir}" if a.cache_dir else "cold compiles"
     print(f"update MT30 {a.size}M, batch {a.batch}, {caching}; steps interleaved, median of {a.repeats} "
           "(p10-p90); 'lower' is 0 where an earlier variant's lowering was reused")
-    print(f"{'variant':>17} {'lower s':>8} {'compile s':>9} {'fusions':>8} {'step ms':>8} {'p10-p90 ms':>12}")
+    print(f"{'variant':>17} {'lower s':>8} {'compile s':>9} {'fusions':>8} {'kernels':>8} {'step ms':>8} "
+          f"{'p10-p90 ms':>12}")
     for v, r in rows.items():
         ms = np.asarray(r["times"]) * 1e3
-        print(f"{v:>17} {r['lower_s']:>8.1f} {r['compile_s']:>9.1f} {r['fusions']:>8} {np.median(ms):>8.1f} "
+        print(f"{v:>17} {r['lower_s']:>8.1f} {r['compile_s']:>9.1f} {r['fusions']:>8} {r['kernels']:>8} "
+              f"{np.median(ms):>8.1f} "
               f"{np.percentile(ms, 10):>5.0f}-{np.percentile(ms, 90):<6.0f}")
 
 

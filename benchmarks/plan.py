@@ -4,12 +4,14 @@ trajectories, 64 elites) for B = 1 and B = 30 environments (one MT30 task each),
 Also prints the model matmul FLOPs per call (counted from the layer widths: XLA's cost analysis counts a
 loop body once) and the achieved fraction of this device's measured float32 matmul throughput.
 Usage: ``python benchmarks/plan.py [--sizes 1] [--batches 1,30] [--repeats 20] [--compute_dtypes float32,bfloat16]
-[--ynn_dot] [--draws flat,nd]``.
+[--ynn_dot] [--draws flat,nd] [--opt_levels default,1]``.
 ``--compute_dtypes``: the planner's ``planner.compute_dtype`` settings to time (bfloat16: the
 model's matmuls in bf16, the same FLOPs, % of the float32 peak). ``--ynn_dot`` compiles the planner with XLA:CPU's
 YNNPACK single-dot library path, the one path that reached this CPU's AMX-BF16 units (see README). ``--draws``:
 ``flat`` is the library's planner; ``nd`` takes its noise draws with ``jax.random.normal`` at their shapes instead
 of :func:`mtdistill_jax.math.normal` (the same values, drawn as one vector): it measures what that saves in compile.
+``--opt_levels``: the program's ``xla_backend_optimization_level`` (LLVM's -O level for XLA:CPU's kernels;
+``default`` leaves XLA's own, 2, or what ``XLA_FLAGS`` sets), one row each, for compile against call time.
 """
 
 from __future__ import annotations
@@ -60,19 +62,25 @@ def main():
     ap.add_argument("--compute_dtypes", default="float32")
     ap.add_argument("--ynn_dot", action="store_true", help="XLA:CPU YNNPACK single-dot fusions for this program")
     ap.add_argument("--draws", default="flat", help="flat (the library's), nd (jax.random.normal at each shape)")
+    ap.add_argument("--opt_levels", default="default",
+                    help="comma-separated: default and/or LLVM levels 0-3 (xla_backend_optimization_level)")
     args = ap.parse_args()
     draws = args.draws.split(",")
     if not draws or set(draws) - {"flat", "nd"}:
         ap.error(f"--draws: flat and/or nd, got {args.draws!r}")
+    levels = args.opt_levels.split(",")
+    if not levels or set(levels) - {"default", "0", "1", "2", "3"}:
+        ap.error(f"--opt_levels: default and/or 0-3, got {args.opt_levels!r}")
     normal = tdmath.normal
-    options = BF16_DOT_OPTIONS if args.ynn_dot else None
     print(header())
     peak = matmul_peak_gflops()
     print(f"measured float32 matmul throughput (2048^3): {peak:.1f} GFLOP/s")
-    print(f"{'size':>5} {'dtype':>8} {'draws':>5} {'B':>3} {'compile s':>9} {'median ms':>9} {'p10-p90 ms':>15} "
-          f"{'GFLOP/call':>10} {'GFLOP/s':>8} {'of peak':>7}")
-    for size, dtype, draw in [(int(s), d, r) for s in args.sizes.split(",") for d in args.compute_dtypes.split(",")
-                              for r in draws]:
+    print(f"{'size':>5} {'dtype':>8} {'draws':>5} {'-O':>7} {'B':>3} {'compile s':>9} {'median ms':>9} "
+          f"{'p10-p90 ms':>15} {'GFLOP/call':>10} {'GFLOP/s':>8} {'of peak':>7}")
+    for size, dtype, draw, level in [(int(s), d, r, o) for s in args.sizes.split(",")
+                                     for d in args.compute_dtypes.split(",") for r in draws for o in levels]:
+        options = {**(BF16_DOT_OPTIONS if args.ynn_dot else {}),
+                   **({} if level == "default" else {"xla_backend_optimization_level": int(level)})} or None
         tdmath.normal = normal if draw == "flat" else jax.random.normal  # read while the planner is traced
         cfg = get_config(size, "mt30")
         cfg.planner.compute_dtype = dtype
@@ -91,7 +99,7 @@ def main():
             fn = jax.jit(planner.plan)
             c, med, p10, p90 = time_jitted(fn, args_fn, args.repeats, compiler_options=options)
             gflop = B * plan_flops(cfg) / 1e9
-            print(f"{size:>4}M {dtype:>8} {draw:>5} {B:>3} {c:>9.1f} {med * 1e3:>9.1f} "
+            print(f"{size:>4}M {dtype:>8} {draw:>5} {level:>7} {B:>3} {c:>9.1f} {med * 1e3:>9.1f} "
                   f"{p10 * 1e3:>7.1f}-{p90 * 1e3:<7.1f} {gflop:>10.2f} {gflop / med:>8.1f} {gflop / med / peak:>7.0%}",
                   flush=True)
     tdmath.normal = normal

@@ -84,3 +84,109 @@ def test_ln_autodiff_variant_differentiates_the_same_normalisation():
     y_ad, vjp_ad = jax.vjp(lambda v: compile_update.normalize_rows_by_autodiff(v, 1e-5), x)
     np.testing.assert_allclose(np.asarray(y), np.asarray(y_ad), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(np.asarray(vjp(g)[0]), np.asarray(vjp_ad(g)[0]), rtol=1e-4, atol=1e-5)
+
+
+# Two fusions of one shape that differ in their reduction only (add vs max), and a third equal to the first up to
+# names and metadata; the entry computation calls all three.
+_HLO = """HloModule m
+
+%add_a (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %s = f32[] add(%x, %y)
+}
+
+%add_b (p: f32[], q: f32[]) -> f32[] {
+  %p = f32[] parameter(0)
+  %q = f32[] parameter(1)
+  ROOT %t = f32[] add(%p, %q), metadata={op_name="other"}
+}
+
+%max_c (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %m = f32[] maximum(%x, %y)
+}
+
+%fused_1 (param_0: f32[8,4]) -> f32[8] {
+  %param_0 = f32[8,4]{1,0} parameter(0)
+  %c = f32[] constant(0)
+  ROOT %r = f32[8]{0} reduce(%param_0, %c), dimensions={1}, to_apply=%add_a, metadata={op_name="a"}
+}
+
+%fused_2 (param_0.1: f32[8,4]) -> f32[8] {
+  %param_0.1 = f32[8,4]{1,0} parameter(0)
+  %c.1 = f32[] constant(0)
+  ROOT %r.1 = f32[8]{0} reduce(%param_0.1, %c.1), dimensions={1}, to_apply=%add_b, metadata={op_name="b"}
+}
+
+%fused_3 (param_0.2: f32[8,4]) -> f32[8] {
+  %param_0.2 = f32[8,4]{1,0} parameter(0)
+  %c.2 = f32[] constant(0)
+  ROOT %r.2 = f32[8]{0} reduce(%param_0.2, %c.2), dimensions={1}, to_apply=%max_c
+}
+
+ENTRY %main (a: f32[8,4], b: f32[8,4]) -> (f32[8], f32[8], f32[8]) {
+  %a = f32[8,4]{1,0} parameter(0)
+  %b = f32[8,4]{1,0} parameter(1)
+  %f1 = f32[8]{0} fusion(%a), kind=kLoop, calls=%fused_1
+  %f2 = f32[8]{0} fusion(%b), kind=kLoop, calls=%fused_2, metadata={op_name="jit(f)/reduce_sum"}
+  %f3 = f32[8]{0} fusion(%a), kind=kLoop, calls=%fused_3
+  ROOT %t = (f32[8]{0}, f32[8]{0}, f32[8]{0}) tuple(%f1, %f2, %f3)
+}
+"""
+
+
+def test_fused_kernels_counts_fusions_equal_up_to_names_once():
+    """fused_kernels: names and metadata do not make a kernel, a called reduction's body does."""
+    from benchmarks.common import fused_kernels
+
+    assert fused_kernels(_HLO) == (3, 2)
+    with pytest.raises(ValueError, match="fused_3"):
+        fused_kernels(_HLO.replace("%fused_3 (", "%gone (", 1))
+
+
+def test_kernel_reuse_finds_one_kernel_for_same_shape_chains(capsys):
+    """benchmarks/kernel_reuse.py on a real XLA compile: chains of one shape are one kernel, emitted once;
+    chains of three shapes are three (what fused_kernels counts is what the fusion emitter emits)."""
+    from benchmarks import kernel_reuse
+
+    kernel_reuse.main(["--chains=3", "--repeats=1"])
+    rows = {line.split()[0] + " " + line.split()[1]: line.split()[2:]
+            for line in capsys.readouterr().out.splitlines() if line.strip().startswith(("one shape", "N shapes"))}
+    fusions, kernels, emitted = (int(v) for v in rows["one shape"][:3])
+    assert (fusions, kernels) == (3, 1)
+    assert int(rows["N shapes"][0]) == 3 and int(rows["N shapes"][1]) == 3
+    if jax.default_backend() == "cpu":
+        assert emitted == 1 and int(rows["N shapes"][2]) == 3
+
+
+def test_kernel_reuse_bad_arguments_exit_with_a_message(capsys):
+    from benchmarks import kernel_reuse
+
+    with pytest.raises(SystemExit) as e:
+        kernel_reuse.main(["--chains=1"])
+    assert e.value.code == 2 and "--chains must be >= 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("op_name, source", [
+    ("jit(update)/jvp(WorldModel.Q)/Qs/layer0/add", "Q, forward"),
+    ("jit(update)/transpose(jvp(WorldModel.encode))/encoder/layer1/mul", "encode, backward"),
+    ("jit(update)/transpose(jvp())/while/body/closed_call/WorldModel.next/dynamics", "next, backward"),
+    ("jit(update)/jvp()/reduce_sum", "other code, forward"),
+    ("jit(update)/add", "other code, no gradient"),
+    ("jit(update)/jit(_normal)/jit(_normal_real)/erf_inv", "random draws"),
+    ("jit(update)/jit(_shuffle)/jit(_threefry_split)/while/body/add", "random draws"),
+    ("", "made by XLA")])
+def test_kernel_source_names_module_and_pass(op_name, source):
+    from benchmarks.common import kernel_source
+
+    assert kernel_source(op_name) == source
+
+
+def test_kernels_by_source_counts_each_kernel_once_under_its_first_fusion():
+    from benchmarks.common import kernels_by_source
+
+    assert kernels_by_source(_HLO) == {"made by XLA": 2}  # f1 (no op_name) is first of its kernel, f3 has none
+    named = _HLO.replace("calls=%fused_1", 'calls=%fused_1, metadata={op_name="jit(f)/jvp(WorldModel.pi)/x"}')
+    assert kernels_by_source(named) == {"made by XLA": 1, "pi, forward": 1}
