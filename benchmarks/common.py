@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import collections
+import glob
+import gzip
+import json
+import os
 import re
+import tempfile
 import time
 
 import jax
@@ -140,3 +146,69 @@ def kernels_by_source(hlo_text: str) -> dict[str, int]:
         src = kernel_source(op_name)
         counts[src] = counts.get(src, 0) + 1
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def trace_events(trace_dir: str) -> list[dict]:
+    """The complete events (``ph == 'X'``: name, ``tid``, ``ts`` and ``dur`` in microseconds) of the perfetto
+    trace that ``jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)`` wrote."""
+    files = glob.glob(os.path.join(trace_dir, "**", "*.json.gz"), recursive=True)
+    if not files:
+        raise RuntimeError(f"no perfetto trace under {trace_dir}")
+    with gzip.open(files[0]) as f:
+        return [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*? ([a-z][\w\-]*)\(")
+DOT_OPCODES = ("dot", "convolution", "custom-call")  # the matmul library's calls on CPU
+
+
+def instruction_table(hlo_text: str) -> dict[str, tuple[str, str]]:
+    """``{instruction name: (opcode, op_name)}`` for every instruction of a compiled program's HLO text."""
+    table = {}
+    for line in hlo_text.splitlines():
+        m = _INSTRUCTION.match(line)
+        if m:
+            op = _OP_NAME.search(line)
+            table[m.group(1)] = (m.group(2), op.group(1) if op else "")
+    return table
+
+
+def step_profile(compiled, args_fn, steps: int = 5) -> dict:
+    """Where a compiled program's execution time goes: ``steps`` calls traced with ``jax.profiler``, each
+    runtime event matched to the HLO instruction it runs (XLA:CPU names its thunks' events so).
+
+    Returns ``{"by_kind": {kind: s}, "by_source": {(kind, source): s}, "threads": {tid: s}, "wall": s}``, each
+    in seconds per call: ``kind`` is ``dot`` (the matmul library), ``fusion`` or the opcode of anything else
+    (copy, concatenate, while, ...); ``source`` is :func:`kernel_source` of the instruction's op_name; ``threads``
+    sums the matched events per thread (more than one thread where XLA splits a kernel or a dot); ``wall`` is
+    the calls' wall time. A ``while`` instruction's time includes its body's kernels, which are counted too.
+    """
+    if steps < 1:
+        raise ValueError(f"step_profile: steps must be >= 1, got {steps}")
+    import jax
+
+    table = instruction_table(compiled.as_text())
+    jax.block_until_ready(compiled(*args_fn(0)))
+    with tempfile.TemporaryDirectory(prefix="step_profile_") as trace_dir:
+        jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+        t = time.perf_counter()
+        try:
+            for i in range(steps):
+                jax.block_until_ready(compiled(*args_fn(i + 1)))
+        finally:
+            wall = time.perf_counter() - t
+            jax.profiler.stop_trace()
+        events = trace_events(trace_dir)
+    by_kind, by_source, threads = collections.Counter(), collections.Counter(), collections.Counter()
+    for e in events:
+        if e["name"] not in table:
+            continue
+        opcode, op_name = table[e["name"]]
+        kind = "dot" if opcode in DOT_OPCODES else opcode
+        sec = e.get("dur", 0) / 1e6 / steps
+        by_kind[kind] += sec
+        by_source[(kind, kernel_source(op_name))] += sec
+        if kind != "while":
+            threads[e["tid"]] += sec
+    return {"by_kind": dict(by_kind.most_common()), "by_source": dict(by_source.most_common()),
+            "threads": dict(threads.most_common()), "wall": wall / steps}

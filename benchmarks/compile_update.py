@@ -45,9 +45,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import gzip
-import json
 import os
 import sys
 import tempfile
@@ -121,13 +118,10 @@ PHASES = (("HLO passes", "HLO passes"), ("kernels emitted (thunks, fusion emitte
 def compile_phases(trace_dir: str) -> list[tuple[str, float, int]]:
     """Seconds and event counts of each :data:`PHASES` entry in a ``jax.profiler`` trace (perfetto JSON):
     ``(phase, seconds, events)``, summed over the events whose name starts with the phase's prefix."""
-    files = glob.glob(os.path.join(trace_dir, "**", "*.json.gz"), recursive=True)
-    if not files:
-        raise RuntimeError(f"no perfetto trace under {trace_dir}")
-    with gzip.open(files[0]) as f:
-        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+    from benchmarks.common import trace_events
+
     total, count = collections.Counter(), collections.Counter()
-    for e in events:
+    for e in trace_events(trace_dir):
         for phase, prefix in PHASES:
             if e["name"].startswith(prefix):
                 total[phase] += e.get("dur", 0) / 1e6

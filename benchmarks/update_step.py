@@ -5,7 +5,10 @@ temporary buffer (XLA's memory analysis) and the page faults and kernel (system)
 page-faults that buffer in again at every call unless ``mtdistill_jax.xla_cpu.tune_malloc`` (run on import; off with
 ``MTDISTILL_MALLOC_TUNING=0``) keeps it mapped; on more than one CPU a buffer above 64 MB (the 5M update's) still is
 (the module's docstring says why).
-Usage: ``python benchmarks/update_step.py [--sizes 1,5] [--batch 256] [--repeats 20]``.
+``--profile N`` then traces N more updates with ``jax.profiler`` and prints where their time went
+(:func:`benchmarks.common.step_profile`): per kind (the matmul library's dots, XLA's fusions, copies, ...), per
+thread, and the largest (kind, source) pairs, the source being the network and pass a kernel comes from.
+Usage: ``python benchmarks/update_step.py [--sizes 1,5] [--batch 256] [--repeats 20] [--profile 5]``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import header, time_jitted  # noqa: E402
+from benchmarks.common import header, step_profile, time_jitted  # noqa: E402
 from mtdistill_jax.configs import MT30, get_config  # noqa: E402
 from mtdistill_jax.nn import count_params  # noqa: E402
 from mtdistill_jax.tdmpc2.train import Learner  # noqa: E402
@@ -38,12 +41,16 @@ def random_batch(rng, B, H):
     return Batch(obs=obs, action=act, reward=rew, task=task.astype(np.int32))
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sizes", default="1,5")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=20)
-    args = ap.parse_args()
+    ap.add_argument("--profile", type=int, default=0, help="trace this many more updates and print where they went")
+    ap.add_argument("--profile_rows", type=int, default=12, help="(kind, source) rows of each profile")
+    args = ap.parse_args(argv)
+    if args.profile < 0 or args.repeats < 1:
+        ap.error("--profile must be >= 0 and --repeats >= 1")
     print(header())
     print(f"{'size':>5} {'params':>11} {'batch':>5} {'H':>2} {'compile s':>9} {'median ms':>9} {'p10-p90 ms':>15} "
           f"{'temp MB':>7} {'faults/update':>13} {'sys ms/update':>13}")
@@ -71,6 +78,20 @@ def main():
         n = count_params(state.params)
         print(f"{size:>4}M {n:>11,} {args.batch:>5} {H:>2} {c:>9.1f} {med * 1e3:>9.1f} "
               f"{p10 * 1e3:>7.1f}-{p90 * 1e3:<7.1f} {temp_mb:>7.1f} {faults:>13,.0f} {sys_ms:>13.1f}")
+        if args.profile:
+            print_profile(f"{size}M update", step_profile(compiled, args_fn, args.profile), args.profile,
+                          args.profile_rows)
+
+
+def print_profile(what: str, prof: dict, steps: int, rows: int) -> None:
+    """Print a :func:`benchmarks.common.step_profile` result (ms per call)."""
+    kinds = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in prof["by_kind"].items() if k != "while")
+    busiest = max(prof["threads"].values(), default=0.0)
+    threads = " / ".join(f"{v * 1e3:.1f}" for v in prof["threads"].values() if v >= 0.01 * busiest)
+    print(f"  profile of {what}, {steps} calls traced, {prof['wall'] * 1e3:.1f} ms per call: {kinds} ms "
+          f"(loop instructions apart); busy per thread {threads} ms")
+    for (kind, source), sec in list(prof["by_source"].items())[:rows]:
+        print(f"    {sec * 1e3:8.2f} ms  {kind:<12} {source}")
 
 
 if __name__ == "__main__":

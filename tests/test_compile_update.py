@@ -190,3 +190,23 @@ def test_kernels_by_source_counts_each_kernel_once_under_its_first_fusion():
     assert kernels_by_source(_HLO) == {"made by XLA": 2}  # f1 (no op_name) is first of its kernel, f3 has none
     named = _HLO.replace("calls=%fused_1", 'calls=%fused_1, metadata={op_name="jit(f)/jvp(WorldModel.pi)/x"}')
     assert kernels_by_source(named) == {"made by XLA": 1, "pi, forward": 1}
+
+
+def test_step_profile_attributes_a_programs_time_to_its_dots_and_fusions():
+    """step_profile on a real XLA:CPU execution: the matmul and the elementwise tail are found as a 'dot' and a
+    'fusion' of the code outside any module, their times positive and within the calls' wall time."""
+    from benchmarks.common import step_profile
+
+    x = jax.random.normal(jax.random.key(0), (256, 256))
+    salt = float(time.time_ns() % 1_000_003)
+    compiled = jax.jit(lambda a, b: jnp.tanh(a @ b) * jnp.exp(-a) + salt).lower(x, x).compile()
+    prof = step_profile(compiled, lambda i: (x, x), steps=3)
+    if jax.default_backend() != "cpu":
+        pytest.skip("event names are XLA:CPU's")
+    assert prof["by_kind"]["dot"] > 0 and prof["by_kind"]["fusion"] > 0, prof
+    assert prof["by_source"][("dot", "other code, no gradient")] == prof["by_kind"]["dot"]
+    busy = sum(prof["threads"].values())
+    assert busy == pytest.approx(prof["by_kind"]["dot"] + prof["by_kind"]["fusion"], rel=1e-6)
+    assert 0 < prof["by_kind"]["dot"] < prof["wall"] * len(prof["threads"])
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        step_profile(compiled, lambda i: (x, x), steps=0)
