@@ -5,6 +5,7 @@ from mtdistill_jax.nn.world_model import (
     abstract_params,
     action_masks,
     count_params,
+    heads_to_evaluate,
     init_params,
     make_world_model,
     q_reduce,
@@ -12,6 +13,6 @@ from mtdistill_jax.nn.world_model import (
     renorm_rows,
 )
 
-__all__ = ["WorldModel", "abstract_params", "action_masks", "count_params", "init_params",
+__all__ = ["WorldModel", "abstract_params", "action_masks", "count_params", "heads_to_evaluate", "init_params",
            "make_world_model", "q_reduce", "q_value",
            "renorm_rows"]

@@ -204,6 +204,18 @@ def q_value(logits, key, config, reduce: str = "min", heads=None):
     return q_reduce(logits[heads], config, reduce)
 
 
+def heads_to_evaluate(heads, num_q: int):
+    """What to pass as ``Q(..., heads=...)`` when :func:`q_reduce` then takes the min or mean of those 2 heads:
+    ``heads``, or ``None`` (every head, in stored order) when ``num_q == 2``.
+
+    With 2 heads the draw ``randperm(2)[:2]`` only orders both members, and the min and the mean of two values
+    do not depend on the order (bit for bit), so the stored order gives the same values without gathering the
+    members' parameters (an element-by-element gather on XLA:CPU: 4.3 ms of the 1M update's 139 ms on one core).
+    In train mode each dropout mask then falls on the member in its slot rather than on the drawn one.
+    """
+    return None if num_q == 2 else heads
+
+
 def q_reduce(logits, config, reduce: str = "min"):
     """Min or mean of the 2 Q heads whose logits ``[2, .., K]`` are given (e.g. ``Q(..., heads=heads)``)."""
     if logits.shape[0] != 2:

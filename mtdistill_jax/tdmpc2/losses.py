@@ -31,7 +31,7 @@ import ml_collections
 
 from mtdistill_jax import math as tdmath
 from mtdistill_jax.configs.tasks import get_task_set, task_discounts
-from mtdistill_jax.nn.world_model import WorldModel, q_reduce
+from mtdistill_jax.nn.world_model import WorldModel, heads_to_evaluate, q_reduce
 from mtdistill_jax.types import Batch
 
 __all__ = ["WM_KEYS", "PI_KEY", "Rollout", "PolicyOutputs", "Draws", "Losses", "make_losses", "sample_draws",
@@ -156,7 +156,9 @@ def make_losses(model: WorldModel, config: ml_collections.ConfigDict) -> Losses:
             z = apply(params, z, a, task, method=WorldModel.next)
             return z, z
 
-        _, zs_next = jax.lax.scan(step, z0, batch.action)
+        # unrolled (H is small): no loop carries to copy in and out, and XLA fuses across steps; on one core
+        # the 1M update took 128-129 ms instead of 138-148 (454 kernels instead of 464), the 5M one unchanged
+        _, zs_next = jax.lax.scan(step, z0, batch.action, unroll=True)
         zs = jnp.concatenate([z0[None], zs_next], axis=0)
         _zs = zs[:-1]
         q_logits = apply(params, _zs, batch.action, task, False, method=WorldModel.Q, rngs={"dropout": key})
@@ -171,7 +173,8 @@ def make_losses(model: WorldModel, config: ml_collections.ConfigDict) -> Losses:
         """
         params, next_z = jax.lax.stop_gradient(params), jax.lax.stop_gradient(next_z)
         action, _ = apply(params, next_z, task, eps, method=WorldModel.pi)
-        logits = apply({**params, "Qs": target_q}, next_z, action, task, True, heads, method=WorldModel.Q)
+        logits = apply({**params, "Qs": target_q}, next_z, action, task, True, heads_to_evaluate(heads, mc.num_q),
+                       method=WorldModel.Q)
         q = q_reduce(logits, mc, "min")
         return jax.lax.stop_gradient((reward + discounts[task][:, None] * q, {"td_action": action, "td_q": q}))
 
@@ -217,7 +220,8 @@ def make_losses(model: WorldModel, config: ml_collections.ConfigDict) -> Losses:
         full = {**jax.lax.stop_gradient(params), **trainable}
         zs = jax.lax.stop_gradient(zs)
         action, info = apply(full, zs, task, eps, method=WorldModel.pi)
-        logits = apply(full, zs, action, task, False, heads, method=WorldModel.Q, rngs={"dropout": key})
+        logits = apply(full, zs, action, task, False, heads_to_evaluate(heads, mc.num_q), method=WorldModel.Q,
+                       rngs={"dropout": key})
         q = q_reduce(logits, mc, "avg")  # [T, B, 1]
         return PolicyOutputs(action=action, mean=info["mean"], mean_presquash=info["mean_presquash"],
                              log_std=info["log_std"], entropy=info["entropy"],

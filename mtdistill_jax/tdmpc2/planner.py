@@ -48,7 +48,7 @@ import numpy as np
 from mtdistill_jax import math as tdmath
 from mtdistill_jax.checkpoint import transforms
 from mtdistill_jax.configs.tasks import get_task_set, task_discounts
-from mtdistill_jax.nn.world_model import WorldModel, action_masks, make_world_model, q_reduce
+from mtdistill_jax.nn.world_model import WorldModel, action_masks, heads_to_evaluate, make_world_model, q_reduce
 
 MODES = ("sample", "elite", "mean")  # planner action: official act (noise) / official eval_mode=True / MPPI mean
 PRIOR_MODES = ("sample", "mean")  # policy prior: official act / official eval_mode=True (the tanh of the mean)
@@ -83,7 +83,8 @@ def make_value_estimator(model: WorldModel, config: ml_collections.ConfigDict) -
             G = G + disc * r
             disc = disc * gamma
         a = apply(params, z, task, eps, method=WorldModel.pi)[0].astype(z.dtype)  # pi's squash returns float32
-        q = q_reduce(apply(params, z, a, task, True, heads, method=WorldModel.Q).astype(jnp.float32), mc, "avg")
+        q = apply(params, z, a, task, True, heads_to_evaluate(heads, mc.num_q), method=WorldModel.Q)
+        q = q_reduce(q.astype(jnp.float32), mc, "avg")
         return G + disc * q
 
     return estimate_value
