@@ -185,8 +185,6 @@ def step_profile(compiled, args_fn, steps: int = 5) -> dict:
     """
     if steps < 1:
         raise ValueError(f"step_profile: steps must be >= 1, got {steps}")
-    import jax
-
     table = instruction_table(compiled.as_text())
     jax.block_until_ready(compiled(*args_fn(0)))
     with tempfile.TemporaryDirectory(prefix="step_profile_") as trace_dir:

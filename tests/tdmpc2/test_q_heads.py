@@ -17,10 +17,15 @@ from mtdistill_jax.types import Batch
 B, H = 8, 3
 
 
-def _setup(num_q: int):
+def _config(num_q: int):
     config = get_smoke_config()
     config.model.num_q = num_q
     config.model.dropout = 0.0  # the policy's Q runs in train mode: no masks, so values compare exactly
+    return config
+
+
+def _setup(num_q: int):
+    config = _config(num_q)
     model = make_world_model(config.model)
     params = init_params(model, jax.random.key(0))
     # the Q output layers are zero-initialised (every head 0): perturb them so that the heads differ
@@ -86,8 +91,7 @@ def test_planner_value_is_the_drawn_heads_mean(setup):
 
 def _gathered_shapes(num_q: int) -> set:
     """Operand shapes of the gathers in the update's jaxpr (smoke batch; traced, not compiled)."""
-    config = _setup(num_q)[0]
-    learner = Learner(config, donate=False)
+    learner = Learner(_config(num_q), donate=False)
     state = learner.init(jax.random.key(0))
     batch = Batch(obs=jnp.zeros((H + 1, B, 24)), action=jnp.zeros((H, B, 6)), reward=jnp.zeros((H, B, 1)),
                   task=jnp.zeros(B, jnp.int32))
@@ -97,7 +101,6 @@ def _gathered_shapes(num_q: int) -> set:
 
 @pytest.mark.parametrize("num_q", [2, 5])
 def test_the_update_gathers_q_parameters_only_when_it_must(num_q):
-    config = _setup(num_q)[0]
-    m = config.model
+    m = _config(num_q).model
     q_kernel = (num_q, m.mlp_dim, m.mlp_dim)  # the Q ensemble's hidden layer
     assert (q_kernel in _gathered_shapes(num_q)) == (num_q > 2)
