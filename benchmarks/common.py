@@ -12,6 +12,7 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -52,6 +53,20 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 10, dtype: str = "float32")
     for _ in range(repeats):
         jax.block_until_ready(f(a))
     return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9
+
+
+def stream_gbps(megabytes: float = 3.0, repeats: int = 50) -> float:
+    """Measured elementwise throughput of the default device: ``a * b + c`` on float32 arrays of ``megabytes``
+    each (three read, one written per call), GB/s moved. Arrays of a few MB are the size of a TD-MPC2 update's
+    activations ([2, 1024, 384] float32 is 3 MB), so this is what an elementwise fusion there can expect."""
+    n = max(1, int(megabytes * 2**20 / 4))
+    a, b, c = (jax.random.normal(jax.random.key(i), (n,), jnp.float32) for i in range(3))
+    f = jax.jit(lambda a, b, c: a * b + c)
+    jax.block_until_ready(f(a, b, c))
+    t = time.perf_counter()
+    for _ in range(repeats):
+        jax.block_until_ready(f(a, b, c))
+    return 4 * 4 * n * repeats / (time.perf_counter() - t) / 1e9
 
 
 def cost_flops(program) -> float | None:
@@ -173,19 +188,95 @@ def instruction_table(hlo_text: str) -> dict[str, tuple[str, str]]:
     return table
 
 
+_SHAPED = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = \w+\[([\d,]*)\]")
+_DOT_OPERANDS = re.compile(r" dot\(([^)]*)\)")
+_DIMS = re.compile(r"\b(lhs_contracting_dims|lhs_batch_dims)=\{([\d,]*)\}")
+
+
+def _dims(text: str) -> tuple[int, ...]:
+    return tuple(int(d) for d in text.split(",") if d)
+
+
+def dot_table(hlo_text: str) -> dict[str, tuple[float, str]]:
+    """``{dot instruction: (flops, "lhs shape @ rhs shape")}`` for every ``dot`` of a compiled program's HLO text:
+    flops = 2 x (output elements) x (contracted elements), the operands' shapes read from their defining
+    instructions (or written inline). Dots whose operand shapes cannot be read are left out."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    lines = hlo_text.splitlines()
+    for line in lines:
+        m = _SHAPED.match(line)
+        if m:
+            shapes[m.group(1)] = _dims(m.group(2))
+    table = {}
+    for line in lines:
+        m, ops = _SHAPED.match(line), _DOT_OPERANDS.search(line)
+        if not (m and ops):
+            continue
+        operands = []
+        for operand in ops.group(1).split(", "):
+            inline = re.match(r"\w+\[([\d,]*)\]", operand)
+            name = operand.split()[-1].lstrip("%")
+            operands.append(_dims(inline.group(1)) if inline else shapes.get(name))
+        if len(operands) != 2 or None in operands:
+            continue
+        lhs, rhs = operands
+        dims = dict(_DIMS.findall(line))
+        contracted = int(np.prod([lhs[d] for d in _dims(dims.get("lhs_contracting_dims", ""))]))
+        table[m.group(1)] = (2.0 * float(np.prod(shapes[m.group(1)])) * contracted,
+                             f"[{','.join(map(str, lhs))}] @ [{','.join(map(str, rhs))}]")
+    return table
+
+
+_TYPED = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
+_ARRAY = re.compile(r"\b([a-z]+)(\d*)\[([\d,]*)\]")
+_BITS = {"pred": 8}
+
+
+def _bytes(type_text: str) -> int:
+    """Bytes of the arrays an HLO type names (``f32[768,384]{1,0}``, or a tuple of them)."""
+    total = 0
+    for kind, bits, dims in _ARRAY.findall(type_text):
+        width = int(bits) if bits else _BITS.get(kind, 0)
+        total += width // 8 * int(np.prod(_dims(dims)))
+    return total
+
+
+def fusion_bytes(hlo_text: str) -> dict[str, int]:
+    """``{fusion instruction: bytes}``: its operands' and result's sizes, what one call reads and writes when
+    it reads each operand once in full (more than it moves where it only slices an operand)."""
+    types, fusions = {}, {}
+    for line in hlo_text.splitlines():
+        m = _TYPED.match(line)
+        if not m:
+            continue
+        name, type_text, opcode, rest = m.groups()
+        types[name] = type_text
+        if opcode == "fusion":
+            fusions[name] = (type_text, _NAME.findall(rest.split("), kind=")[0]))
+    return {name: _bytes(type_text) + sum(_bytes(types.get(o.lstrip("%"), "")) for o in operands)
+            for name, (type_text, operands) in fusions.items()}
+
+
 def step_profile(compiled, args_fn, steps: int = 5) -> dict:
     """Where a compiled program's execution time goes: ``steps`` calls traced with ``jax.profiler``, each
     runtime event matched to the HLO instruction it runs (XLA:CPU names its thunks' events so).
 
-    Returns ``{"by_kind": {kind: s}, "by_source": {(kind, source): s}, "threads": {tid: s}, "wall": s}``, each
-    in seconds per call: ``kind`` is ``dot`` (the matmul library), ``fusion`` or the opcode of anything else
-    (copy, concatenate, while, ...); ``source`` is :func:`kernel_source` of the instruction's op_name; ``threads``
-    sums the matched events per thread (more than one thread where XLA splits a kernel or a dot); ``wall`` is
-    the calls' wall time. A ``while`` instruction's time includes its body's kernels, which are counted too.
+    Returns ``{"by_kind": {kind: s}, "by_source": {(kind, source): s}, "threads": {tid: s}, "wall": s,
+    "dot_flops": flops, "by_dot_shape": {shape: (s, flops)}, "fusion_bytes": bytes, "fusion_time": s}``, each
+    per call: ``kind`` is ``dot`` (the matmul
+    library), ``fusion`` or the opcode of anything else (copy, concatenate, while, ...); ``source`` is
+    :func:`kernel_source` of the instruction's op_name; ``threads`` sums the matched events per thread (more than
+    one thread where XLA splits a kernel or a dot); ``wall`` is the calls' wall time. A ``while`` instruction's
+    time includes its body's kernels, which are counted too. ``dot_flops`` are the executed ``dot`` events'
+    flops (:func:`dot_table`; a dot in a loop counts at every trip) and ``by_dot_shape`` groups them by operand
+    shapes, slowest first: flops / time is the rate the matmul library reached on the program's own shapes.
+    ``fusion_bytes`` / ``fusion_time`` are the executed fusions' operand and result bytes
+    (:func:`fusion_bytes`) and their time: the bandwidth the elementwise kernels reached.
     """
     if steps < 1:
         raise ValueError(f"step_profile: steps must be >= 1, got {steps}")
-    table = instruction_table(compiled.as_text())
+    hlo = compiled.as_text()
+    table, dots, moved = instruction_table(hlo), dot_table(hlo), fusion_bytes(hlo)
     jax.block_until_ready(compiled(*args_fn(0)))
     with tempfile.TemporaryDirectory(prefix="step_profile_") as trace_dir:
         jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
@@ -198,6 +289,8 @@ def step_profile(compiled, args_fn, steps: int = 5) -> dict:
             jax.profiler.stop_trace()
         events = trace_events(trace_dir)
     by_kind, by_source, threads = collections.Counter(), collections.Counter(), collections.Counter()
+    shape_time, shape_flops = collections.Counter(), collections.Counter()
+    fusion_time = fusion_moved = 0.0
     for e in events:
         if e["name"] not in table:
             continue
@@ -208,5 +301,14 @@ def step_profile(compiled, args_fn, steps: int = 5) -> dict:
         by_source[(kind, kernel_source(op_name))] += sec
         if kind != "while":
             threads[e["tid"]] += sec
+        if e["name"] in dots:
+            flops, shape = dots[e["name"]]
+            shape_time[shape] += sec
+            shape_flops[shape] += flops / steps
+        if e["name"] in moved:
+            fusion_time += sec
+            fusion_moved += moved[e["name"]] / steps
     return {"by_kind": dict(by_kind.most_common()), "by_source": dict(by_source.most_common()),
-            "threads": dict(threads.most_common()), "wall": wall / steps}
+            "threads": dict(threads.most_common()), "wall": wall / steps,
+            "dot_flops": float(sum(shape_flops.values())), "fusion_bytes": fusion_moved, "fusion_time": fusion_time,
+            "by_dot_shape": {k: (v, shape_flops[k]) for k, v in shape_time.most_common()}}

@@ -7,7 +7,10 @@ page-faults that buffer in again at every call unless ``mtdistill_jax.xla_cpu.tu
 (the module's docstring says why).
 ``--profile N`` then traces N more updates with ``jax.profiler`` and prints where their time went
 (:func:`benchmarks.common.step_profile`): per kind (the matmul library's dots, XLA's fusions, copies, ...), per
-thread, and the largest (kind, source) pairs, the source being the network and pass a kernel comes from.
+thread, and the largest (kind, source) pairs, the source being the network and pass a kernel comes from; then the
+rate the dots reached per operand shape against the float32 matmul peak, and the bandwidth the fusions reached against
+an elementwise kernel's, both measured in the same process (on one core, ``taskset -c 0``, where the traced events
+cover each kernel's work).
 Usage: ``python benchmarks/update_step.py [--sizes 1,5] [--batch 256] [--repeats 20] [--profile 5]``.
 """
 
@@ -23,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import header, step_profile, time_jitted  # noqa: E402
+from benchmarks.common import header, matmul_peak_gflops, step_profile, stream_gbps, time_jitted  # noqa: E402
 from mtdistill_jax.configs import MT30, get_config  # noqa: E402
 from mtdistill_jax.nn import count_params  # noqa: E402
 from mtdistill_jax.tdmpc2.train import Learner  # noqa: E402
@@ -79,12 +82,16 @@ def main(argv=None):
         print(f"{size:>4}M {n:>11,} {args.batch:>5} {H:>2} {c:>9.1f} {med * 1e3:>9.1f} "
               f"{p10 * 1e3:>7.1f}-{p90 * 1e3:<7.1f} {temp_mb:>7.1f} {faults:>13,.0f} {sys_ms:>13.1f}")
         if args.profile:
-            print_profile(f"{size}M update", step_profile(compiled, args_fn, args.profile), args.profile,
-                          args.profile_rows)
+            prof = step_profile(compiled, args_fn, args.profile)
+            print_profile(f"{size}M update", prof, args.profile, args.profile_rows, matmul_peak_gflops(),
+                          stream_gbps())
 
 
-def print_profile(what: str, prof: dict, steps: int, rows: int) -> None:
-    """Print a :func:`benchmarks.common.step_profile` result (ms per call)."""
+def print_profile(what: str, prof: dict, steps: int, rows: int, peak_gflops: float | None = None,
+                  stream: float | None = None) -> None:
+    """Print a :func:`benchmarks.common.step_profile` result (ms per call), the rate its dots reached (against
+    ``peak_gflops``, the square-matmul peak measured in the same run, where given) and the bandwidth its fusions
+    reached (against ``stream``, :func:`benchmarks.common.stream_gbps` measured in the same run)."""
     kinds = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in prof["by_kind"].items() if k != "while")
     busiest = max(prof["threads"].values(), default=0.0)
     threads = " / ".join(f"{v * 1e3:.1f}" for v in prof["threads"].values() if v >= 0.01 * busiest)
@@ -92,7 +99,24 @@ def print_profile(what: str, prof: dict, steps: int, rows: int) -> None:
           f"(loop instructions apart); busy per thread {threads} ms")
     for (kind, source), sec in list(prof["by_source"].items())[:rows]:
         print(f"    {sec * 1e3:8.2f} ms  {kind:<12} {source}")
-
+    dot_s = sum(sec for sec, _ in prof["by_dot_shape"].values())
+    if dot_s > 0:
+        peak = f"; matmul peak here {peak_gflops:.1f} GFLOP/s" if peak_gflops else ""
+        print(f"  dots: {prof['dot_flops'] / 1e9:.2f} GFLOP per call in {dot_s * 1e3:.1f} ms of dot time = "
+              f"{prof['dot_flops'] / dot_s / 1e9:.1f} GFLOP/s{peak}; slowest operand shapes:")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        if cores > 1:
+            print("    (more than one core: a dot's traced event does not cover the work XLA:CPU's thread pool does "
+                  "for it, so these rates overstate, up to 3x the peak; read them from a one-core run, "
+                  "`taskset -c 0`)")
+        for shape, (sec, flops) in list(prof["by_dot_shape"].items())[:rows]:
+            rate = flops / sec / 1e9
+            share = f" ({rate / peak_gflops:4.0%} of peak)" if peak_gflops else ""
+            print(f"    {sec * 1e3:8.2f} ms  {flops / 1e9:6.3f} GFLOP  {rate:6.1f} GFLOP/s{share}  {shape}")
+    if prof["fusion_time"] > 0:
+        here = f"; a 3 MB elementwise kernel here moves {stream:.1f} GB/s" if stream else ""
+        print(f"  fusions: {prof['fusion_bytes'] / 1e9:.2f} GB read + written per call in "
+              f"{prof['fusion_time'] * 1e3:.1f} ms = {prof['fusion_bytes'] / prof['fusion_time'] / 1e9:.1f} GB/s{here}")
 
 if __name__ == "__main__":
     main()

@@ -208,5 +208,41 @@ def test_step_profile_attributes_a_programs_time_to_its_dots_and_fusions():
     busy = sum(prof["threads"].values())
     assert busy == pytest.approx(prof["by_kind"]["dot"] + prof["by_kind"]["fusion"], rel=1e-6)
     assert 0 < prof["by_kind"]["dot"] < prof["wall"] * len(prof["threads"])
+    # the dot's flops and the fusion's bytes (reads the product and a, writes the result), once per call
+    assert prof["dot_flops"] == 2 * 256**3
+    assert list(prof["by_dot_shape"]) == ["[256,256] @ [256,256]"]
+    assert prof["by_dot_shape"]["[256,256] @ [256,256]"] == (prof["by_kind"]["dot"], 2 * 256**3)
+    assert prof["fusion_bytes"] == 3 * 256 * 256 * 4 and prof["fusion_time"] == prof["by_kind"]["fusion"]
     with pytest.raises(ValueError, match="steps must be >= 1"):
         step_profile(compiled, lambda i: (x, x), steps=0)
+
+
+_DOTS = """
+ENTRY %main (p0: f32[2,768,230], p1: f32[2,230,384]) -> f32[2,768,384] {
+  %p0 = f32[2,768,230]{2,1,0} parameter(0)
+  %p1 = f32[2,230,384]{2,1,0} parameter(1)
+  %dot.1 = f32[2,768,384]{2,1,0} dot(%p0, %p1), lhs_batch_dims={0}, lhs_contracting_dims={2}, \
+rhs_batch_dims={0}, rhs_contracting_dims={1}
+  %dot.2 = f32[230,384]{1,0} dot(f32[768,230]{1,0} %x, f32[768,384]{1,0} %y), lhs_contracting_dims={0}, \
+rhs_contracting_dims={0}
+  %dot.3 = f32[5,7]{1,0} dot(%unknown, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %f = (f32[4,8]{1,0}, bf16[4]{0}) fusion(%p0, %dot.2), kind=kLoop, calls=%fused_computation.1
+  ROOT %g = pred[3]{0} fusion(%f), kind=kLoop, calls=%fused_computation.2
+}
+"""
+
+
+def test_dot_table_reads_operand_shapes_from_their_definitions_or_inline():
+    """flops = 2 x output elements x contracted elements, batch dims counted once; a dot whose operand shape is
+    not in the text is left out rather than guessed."""
+    from benchmarks.common import dot_table
+
+    assert dot_table(_DOTS) == {"dot.1": (2.0 * 2 * 768 * 384 * 230, "[2,768,230] @ [2,230,384]"),
+                                "dot.2": (2.0 * 230 * 384 * 768, "[768,230] @ [768,384]")}
+
+
+def test_fusion_bytes_adds_operands_and_results_tuples_and_narrow_types_included():
+    from benchmarks.common import fusion_bytes
+
+    f = 4 * 8 * 4 + 4 * 2 + 2 * 768 * 230 * 4 + 230 * 384 * 4  # (f32[4,8], bf16[4]) + p0 + dot.2
+    assert fusion_bytes(_DOTS) == {"f": f, "g": 3 + 4 * 8 * 4 + 4 * 2}
