@@ -142,11 +142,17 @@ def mish(x):
     return x * (n / (n + 2.0))
 
 
-@mish.defjvp
-def _mish_jvp(primals, tangents):
-    (x,), (dx,) = primals, tangents
+def mish_and_derivative(x):
+    """``(mish(x), mish'(x))`` in the closed forms of :func:`mish`, from one exp."""
     e = jnp.exp(jnp.minimum(x, MISH_CLIP))
     n = e * (e + 2.0)
     d = n + 2.0
     r = n / d
-    return x * r, (r + x * (e / (1.0 + e)) * (4.0 * (n + 1.0)) / (d * d)) * dx
+    return x * r, r + x * (e / (1.0 + e)) * (4.0 * (n + 1.0)) / (d * d)
+
+
+@mish.defjvp
+def _mish_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    y, dy_dx = mish_and_derivative(x)
+    return y, dy_dx * dx

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtdistill_jax.math import mish, simnorm
+from mtdistill_jax.math import mish, mish_and_derivative, simnorm
 from mtdistill_jax.xla_cpu import TUNING_ENV
 
 LN_EPS = 1e-5  # torch.nn.LayerNorm default (Flax's default is 1e-6)
@@ -165,6 +165,63 @@ def _normalize_rows_bwd(eps, res, g):
 normalize_rows.defvjp(_normalize_rows_fwd, _normalize_rows_bwd)
 
 
+def layer_norm_mish(x, scale, bias, eps: float = LN_EPS):
+    """``mish(layer_norm(x, scale, bias))``, the tail of every hidden layer; where :func:`row_means_by_matmul`
+    holds and the parameters are per feature (``[h]``, or an ensemble's ``[members, 1, ..., 1, h]``), with one
+    backward for the three (:func:`_layer_norm_mish`), else as that composition."""
+    if row_means_by_matmul(x) and _per_member_features(scale, x) and bias.shape == scale.shape:
+        return _layer_norm_mish(x, scale, bias, eps)
+    return mish(layer_norm(x, scale, bias, eps))
+
+
+def _per_member_features(w, x) -> bool:
+    """Whether ``w`` is ``[h]`` or ``[1 or members, 1, ..., 1, h]`` for ``x [members, ..., h]``."""
+    if w.shape[-1] != x.shape[-1] or w.ndim > x.ndim:
+        return False
+    lead = w.shape[:-1]
+    return all(d == 1 for d in lead[1:]) and (not lead or lead[0] in (1, x.shape[0]))
+
+
+def _weighted_row_mean(y, w):
+    """``mean(y * w, axis=-1, keepdims=True)`` for per-feature weights ``w`` (see :func:`_per_member_features`)
+    as a matrix-vector product with the column ``w / h`` (one per member), without materialising ``y * w``."""
+    h = y.shape[-1]
+    if w.ndim == 1 or all(d == 1 for d in w.shape[:-1]):
+        return jnp.matmul(y, (w.reshape(h) / h)[:, None], precision=jax.lax.Precision.HIGHEST)
+    m = w.shape[0]
+    out = jnp.matmul(y.reshape(m, -1, h), (w.reshape(m, h) / h)[:, :, None], precision=jax.lax.Precision.HIGHEST)
+    return out.reshape(y.shape[:-1] + (1,))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm_mish(x, scale, bias, eps):
+    """``mish(normalize_rows(x) * scale + bias)`` with a closed-form backward that keeps two arrays of the
+    activation's size from the forward pass (``xhat`` and the per-row ``r``) and materialises two in the backward
+    (``gz``, the gradient at Mish's input, and ``gz * xhat``); every row mean and parameter sum is a matrix
+    product. Composed from :func:`mish`'s, :func:`scale_shift`'s and :func:`normalize_rows`' own backward
+    passes, XLA:CPU kept Mish's derivative as two saved arrays and re-read them, with the output gradient and the
+    pre-normalisation activation, in each of the three LayerNorm backward kernels. Same values and gradients
+    within float32 round-off (``tests/nn/test_layers.py``)."""
+    return _layer_norm_mish_fwd(x, scale, bias, eps)[0]
+
+
+def _layer_norm_mish_fwd(x, scale, bias, eps):
+    xhat, (_, r) = _normalize_rows_fwd(x, eps)
+    return mish(xhat * scale + bias), (xhat, r, scale, bias)
+
+
+def _layer_norm_mish_bwd(eps, res, g):
+    xhat, r, scale, bias = res
+    gz = g * mish_and_derivative(xhat * scale + bias)[1]
+    gzx = gz * xhat
+    # LayerNorm's closed form r * (gx - mean(gx) - xhat * mean(gx * xhat)) at gx = gz * scale
+    dx = r * (gz * scale - _weighted_row_mean(gz, scale) - xhat * _weighted_row_mean(gzx, scale))
+    return dx, sum_to(gzx, scale.shape), sum_to(gz, bias.shape)
+
+
+_layer_norm_mish.defvjp(_layer_norm_mish_fwd, _layer_norm_mish_bwd)
+
+
 def column_sums_by_matmul(g) -> bool:
     """Whether :func:`sum_to` takes sums over rows as products with ones: where :func:`row_means_by_matmul`
     holds (float32 on CPU, unless ``MTDISTILL_XLA_CPU_TUNING=0``)."""
@@ -267,6 +324,8 @@ class NormedLinear(nn.Module):
             x = dropout(x, self.dropout, self.make_rng("dropout"))
         ln_scale = self.param("ln_scale", nn.initializers.ones, (self.features,))
         ln_bias = self.param("ln_bias", nn.initializers.zeros, (self.features,))
+        if self.act == "mish":
+            return layer_norm_mish(x, ln_scale, ln_bias)
         return _activation(self.act, self.simnorm_dim)(layer_norm(x, ln_scale, ln_bias))
 
 
@@ -348,7 +407,7 @@ class EnsembleLinear(nn.Module):
             x = dropout(x, self.dropout, self.make_rng("dropout"))
         ln_scale = pick(self.param("ln_scale", nn.initializers.ones, (self.members, h)))
         ln_bias = pick(self.param("ln_bias", nn.initializers.zeros, (self.members, h)))
-        return mish(layer_norm(x, ln_scale.reshape(bshape), ln_bias.reshape(bshape)))
+        return layer_norm_mish(x, ln_scale.reshape(bshape), ln_bias.reshape(bshape))
 
 
 class EnsembleMLP(nn.Module):

@@ -171,3 +171,44 @@ def test_add_bias_and_scale_shift_gradients_match_autodiff(x_shape, p_shape):
     xb = x.astype(jnp.bfloat16)
     dx, ds, db = jax.grad(lambda x, s, b: scale_shift(x, s, b).astype(jnp.float32).sum(), argnums=(0, 1, 2))(xb, s, b)
     assert dx.dtype == jnp.bfloat16 and ds.dtype == db.dtype == jnp.float32
+
+
+
+@pytest.mark.parametrize("x_shape,p_shape,fused", [
+    ((7, 384), (384,), True),  # a dense layer
+    ((2, 3, 256, 64), (2, 1, 1, 64), True),  # an ensemble's per-member parameters
+    ((3, 5, 64), (1, 1, 64), True),  # leading axes of size 1
+    ((3, 5, 64), (5, 64), False),  # per-row parameters: the composition
+])
+def test_layer_norm_mish_matches_the_composition(x_shape, p_shape, fused, monkeypatch):
+    """layer_norm_mish gives mish(layer_norm(...))'s values and gradients (x, scale, bias) within float32
+    round-off; on CPU in float32, with per-feature parameters, through its own backward, which recomputes Mish's
+    derivative from the kept xhat (a second exp) and has no reduction; otherwise (and with
+    MTDISTILL_XLA_CPU_TUNING=0) it is the composition."""
+    from mtdistill_jax.math import mish
+    from mtdistill_jax.nn.layers import layer_norm, layer_norm_mish
+    from mtdistill_jax.xla_cpu import TUNING_ENV
+
+    k = jax.random.split(jax.random.key(3), 4)
+    x = 1.0 + 2.0 * jax.random.normal(k[0], x_shape)
+    scale, bias = 1.0 + jax.random.normal(k[1], p_shape), jax.random.normal(k[2], p_shape)
+    g = jax.random.normal(k[3], x_shape)
+
+    def exps():  # the number of exps in the backward pass; no reduction where the library's backward runs
+        jaxpr = jax.make_jaxpr(lambda *a: jax.vjp(layer_norm_mish, *a)[1](g))(x, scale, bias)
+        n = len(list(equations(jaxpr, "exp")))
+        assert n == 1 or not list(equations(jaxpr, "reduce_sum"))
+        return n
+
+    monkeypatch.delenv(TUNING_ENV, raising=False)
+    y, vjp = jax.jit(lambda *a: jax.vjp(layer_norm_mish, *a))(x, scale, bias)
+    y_ref, vjp_ref = jax.vjp(lambda x, s, b: mish(layer_norm(x, s, b)), x, scale, bias)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-6, atol=1e-6)
+    rows = np.prod(x_shape[:-1])
+    for a, r, tol in zip(vjp(g), vjp_ref(g), (2e-5, 2e-5 * np.sqrt(rows), 2e-5 * np.sqrt(rows)), strict=True):
+        assert a.shape == r.shape and a.dtype == r.dtype
+        np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=2e-5, atol=tol)
+    on_cpu = jax.default_backend() == "cpu"
+    assert exps() == (2 if fused and on_cpu else 1)
+    monkeypatch.setenv(TUNING_ENV, "0")
+    assert exps() == 1
