@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtdistill_jax.math import mish, mish_and_derivative, simnorm
+from mtdistill_jax.math import mish, mish_derivative_parts, simnorm
 from mtdistill_jax.xla_cpu import TUNING_ENV
 
 LN_EPS = 1e-5  # torch.nn.LayerNorm default (Flax's default is 1e-6)
@@ -212,7 +212,8 @@ def _layer_norm_mish_fwd(x, scale, bias, eps):
 
 def _layer_norm_mish_bwd(eps, res, g):
     xhat, r, scale, bias = res
-    gz = g * mish_and_derivative(xhat * scale + bias)[1]
+    p, q = mish_derivative_parts(xhat * scale + bias)
+    gz = g * p / q
     gzx = gz * xhat
     # LayerNorm's closed form r * (gx - mean(gx) - xhat * mean(gx * xhat)) at gx = gz * scale
     dx = r * (gz * scale - _weighted_row_mean(gz, scale) - xhat * _weighted_row_mean(gzx, scale))
