@@ -128,4 +128,3 @@ def test_multi_dimensional_threefry_draws_are_one_vector():
     assert bits_shapes(lambda k: tm.uniform(k, (3, 4)), key) == [(12,)]
     assert bits_shapes(lambda k: jax.random.normal(k, (3, 4, 5)), key) == [(3, 4, 5)]  # what it replaces
     assert bits_shapes(lambda k: tm.normal(k, (3, 4, 5)), jax.random.key(0, impl="rbg")) == [(3, 4, 5)]
-
