@@ -59,7 +59,7 @@ def stream_gbps(megabytes: float = 3.0, repeats: int = 50) -> float:
     """Measured elementwise throughput of the default device: ``a * b + c`` on float32 arrays of ``megabytes``
     each (three read, one written per call), GB/s moved. Arrays of a few MB are the size of a TD-MPC2 update's
     activations ([2, 1024, 384] float32 is 3 MB), so this is what an elementwise fusion there can expect."""
-    n = max(1, int(megabytes * 2**20 / 4))
+    n = max(1, int(megabytes * 1e6 / 4))
     a, b, c = (jax.random.normal(jax.random.key(i), (n,), jnp.float32) for i in range(3))
     f = jax.jit(lambda a, b, c: a * b + c)
     jax.block_until_ready(f(a, b, c))
@@ -200,7 +200,9 @@ def _dims(text: str) -> tuple[int, ...]:
 def dot_table(hlo_text: str) -> dict[str, tuple[float, str]]:
     """``{dot instruction: (flops, "lhs shape @ rhs shape")}`` for every ``dot`` of a compiled program's HLO text:
     flops = 2 x (output elements) x (contracted elements), the operands' shapes read from their defining
-    instructions (or written inline). Dots whose operand shapes cannot be read are left out."""
+    instructions (or written inline). Dots whose operand shapes cannot be read are left out, and so are matmuls
+    XLA emits otherwise: inside a fusion (YNNPACK's, which importing the library turns off on CPU) or as a custom
+    call, whose time :func:`step_profile` then counts without their flops."""
     shapes: dict[str, tuple[int, ...]] = {}
     lines = hlo_text.splitlines()
     for line in lines:

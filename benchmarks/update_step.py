@@ -109,7 +109,7 @@ def print_profile(what: str, prof: dict, steps: int, rows: int, peak_gflops: flo
             print("    (more than one core: a dot's traced event does not cover the work XLA:CPU's thread pool does "
                   "for it, so these rates overstate, up to 3x the peak; read them from a one-core run, "
                   "`taskset -c 0`)")
-        for shape, (sec, flops) in list(prof["by_dot_shape"].items())[:rows]:
+        for shape, (sec, flops) in [kv for kv in prof["by_dot_shape"].items() if kv[1][0] > 0][:rows]:
             rate = flops / sec / 1e9
             share = f" ({rate / peak_gflops:4.0%} of peak)" if peak_gflops else ""
             print(f"    {sec * 1e3:8.2f} ms  {flops / 1e9:6.3f} GFLOP  {rate:6.1f} GFLOP/s{share}  {shape}")

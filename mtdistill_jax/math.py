@@ -152,7 +152,10 @@ def mish_derivative_parts(x):
 
     A gradient ``g * p / q`` is then one divide, which XLA:CPU computes once and keeps for the kernels that read
     it; as a sum of two divided terms, XLA kept both terms and recomputed the sum in each of LayerNorm's three
-    backward kernels."""
+    backward kernels. 16-bit inputs are computed in float32 (``q`` would overflow float16 from x ~ 2.5); the
+    parts are then float32."""
+    if jnp.dtype(x.dtype).itemsize < 4:
+        x = x.astype(jnp.float32)
     m = jnp.minimum(x, MISH_GRAD_CLIP)
     e = jnp.exp(m)
     n = e * (e + 2.0)
@@ -164,4 +167,4 @@ def mish_derivative_parts(x):
 def _mish_jvp(primals, tangents):
     (x,), (dx,) = primals, tangents
     p, q = mish_derivative_parts(x)
-    return mish.fun(x), (p / q) * dx
+    return mish.fun(x), (p / q).astype(dx.dtype) * dx

@@ -169,14 +169,16 @@ def layer_norm_mish(x, scale, bias, eps: float = LN_EPS):
     """``mish(layer_norm(x, scale, bias))``, the tail of every hidden layer; where :func:`row_means_by_matmul`
     holds and the parameters are per feature (``[h]``, or an ensemble's ``[members, 1, ..., 1, h]``), with one
     backward for the three (:func:`_layer_norm_mish`), else as that composition."""
-    if row_means_by_matmul(x) and _per_member_features(scale, x) and bias.shape == scale.shape:
+    if (row_means_by_matmul(x) and _per_member_features(scale, x) and bias.shape == scale.shape
+            and scale.dtype == bias.dtype == x.dtype):
         return _layer_norm_mish(x, scale, bias, eps)
     return mish(layer_norm(x, scale, bias, eps))
 
 
 def _per_member_features(w, x) -> bool:
-    """Whether ``w`` is ``[h]`` or ``[1 or members, 1, ..., 1, h]`` for ``x [members, ..., h]``."""
-    if w.shape[-1] != x.shape[-1] or w.ndim > x.ndim:
+    """Whether ``w`` is ``[h]``, or ``[1 or members, 1, ..., 1, h]`` with as many axes as ``x [members, ..., h]``
+    (any other shape broadcasts along other axes than the ones :func:`_weighted_row_mean` reads)."""
+    if w.ndim not in (1, x.ndim) or x.ndim < 1 or w.shape[-1] != x.shape[-1]:
         return False
     lead = w.shape[:-1]
     return all(d == 1 for d in lead[1:]) and (not lead or lead[0] in (1, x.shape[0]))
