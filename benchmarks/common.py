@@ -173,7 +173,8 @@ def trace_events(trace_dir: str) -> list[dict]:
         return [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
 
 
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*? ([a-z][\w\-]*)\(")
+# an instruction line: (name, type, opcode, the rest after its opening parenthesis)
+_TYPED = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
 DOT_OPCODES = ("dot", "convolution", "custom-call")  # the matmul library's calls on CPU
 
 
@@ -181,20 +182,47 @@ def instruction_table(hlo_text: str) -> dict[str, tuple[str, str]]:
     """``{instruction name: (opcode, op_name)}`` for every instruction of a compiled program's HLO text."""
     table = {}
     for line in hlo_text.splitlines():
-        m = _INSTRUCTION.match(line)
+        m = _TYPED.match(line)
         if m:
             op = _OP_NAME.search(line)
-            table[m.group(1)] = (m.group(2), op.group(1) if op else "")
+            table[m.group(1)] = (m.group(3), op.group(1) if op else "")
     return table
 
 
-_SHAPED = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = \w+\[([\d,]*)\]")
-_DOT_OPERANDS = re.compile(r" dot\(([^)]*)\)")
-_DIMS = re.compile(r"\b(lhs_contracting_dims|lhs_batch_dims)=\{([\d,]*)\}")
+_ARRAY = re.compile(r"\b([a-z]+)(\d*)\[([\d,]*)\]")
+_BITS = {"pred": 8}
+_CONTRACTING = re.compile(r"\blhs_contracting_dims=\{([\d,]*)\}")
+_COMMENT = re.compile(r"/\*.*?\*/")  # operand comments, e.g. /*index=5*/
 
 
 def _dims(text: str) -> tuple[int, ...]:
     return tuple(int(d) for d in text.split(",") if d)
+
+
+def _typed_instructions(hlo_text: str) -> list[tuple[str, str, str, list[str], str]]:
+    """``(name, type text, opcode, operands, attributes)`` of every instruction of a compiled program's HLO text,
+    the operands as written (``%name``, or ``f32[768,230]{1,0} %name`` with the type inline)."""
+    out = []
+    for line in hlo_text.splitlines():
+        m = _TYPED.match(line)
+        if m:
+            name, type_text, opcode, rest = m.groups()
+            operands, _, attributes = rest.partition("), ")
+            operands = _COMMENT.sub("", operands).rstrip(")")
+            out.append((name, type_text, opcode, [o for o in operands.split(", ") if o], attributes))
+    return out
+
+
+def _operand_type(operand: str, types: dict[str, str]) -> str:
+    """An operand's type: written inline before its name, or its defining instruction's ("" if neither)."""
+    inline, _, name = operand.rpartition(" ")
+    return inline or types.get(name.lstrip("%"), "")
+
+
+def _array_dims(type_text: str) -> tuple[int, ...] | None:
+    """The dimensions of a single-array HLO type (``f32[768,384]{1,0}``); None for a tuple or no array."""
+    arrays = _ARRAY.findall(type_text)
+    return _dims(arrays[0][2]) if len(arrays) == 1 else None
 
 
 def dot_table(hlo_text: str) -> dict[str, tuple[float, str]]:
@@ -203,35 +231,22 @@ def dot_table(hlo_text: str) -> dict[str, tuple[float, str]]:
     instructions (or written inline). Dots whose operand shapes cannot be read are left out, and so are matmuls
     XLA emits otherwise: inside a fusion (YNNPACK's, which importing the library turns off on CPU) or as a custom
     call, whose time :func:`step_profile` then counts without their flops."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    lines = hlo_text.splitlines()
-    for line in lines:
-        m = _SHAPED.match(line)
-        if m:
-            shapes[m.group(1)] = _dims(m.group(2))
+    instructions = _typed_instructions(hlo_text)
+    types = {name: type_text for name, type_text, *_ in instructions}
     table = {}
-    for line in lines:
-        m, ops = _SHAPED.match(line), _DOT_OPERANDS.search(line)
-        if not (m and ops):
+    for name, type_text, opcode, operands, attributes in instructions:
+        if opcode != "dot":
             continue
-        operands = []
-        for operand in ops.group(1).split(", "):
-            inline = re.match(r"\w+\[([\d,]*)\]", operand)
-            name = operand.split()[-1].lstrip("%")
-            operands.append(_dims(inline.group(1)) if inline else shapes.get(name))
-        if len(operands) != 2 or None in operands:
+        shapes = [_array_dims(_operand_type(o, types)) for o in operands]
+        out = _array_dims(type_text)
+        if len(shapes) != 2 or None in shapes or out is None:
             continue
-        lhs, rhs = operands
-        dims = dict(_DIMS.findall(line))
-        contracted = int(np.prod([lhs[d] for d in _dims(dims.get("lhs_contracting_dims", ""))]))
-        table[m.group(1)] = (2.0 * float(np.prod(shapes[m.group(1)])) * contracted,
-                             f"[{','.join(map(str, lhs))}] @ [{','.join(map(str, rhs))}]")
+        lhs, rhs = shapes
+        contracting = _CONTRACTING.search(attributes)
+        contracted = int(np.prod([lhs[d] for d in _dims(contracting.group(1) if contracting else "")]))
+        table[name] = (2.0 * float(np.prod(out)) * contracted,
+                       f"[{','.join(map(str, lhs))}] @ [{','.join(map(str, rhs))}]")
     return table
-
-
-_TYPED = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
-_ARRAY = re.compile(r"\b([a-z]+)(\d*)\[([\d,]*)\]")
-_BITS = {"pred": 8}
 
 
 def _bytes(type_text: str) -> int:
@@ -246,17 +261,10 @@ def _bytes(type_text: str) -> int:
 def fusion_bytes(hlo_text: str) -> dict[str, int]:
     """``{fusion instruction: bytes}``: its operands' and result's sizes, what one call reads and writes when
     it reads each operand once in full (more than it moves where it only slices an operand)."""
-    types, fusions = {}, {}
-    for line in hlo_text.splitlines():
-        m = _TYPED.match(line)
-        if not m:
-            continue
-        name, type_text, opcode, rest = m.groups()
-        types[name] = type_text
-        if opcode == "fusion":
-            fusions[name] = (type_text, _NAME.findall(rest.split("), kind=")[0]))
-    return {name: _bytes(type_text) + sum(_bytes(types.get(o.lstrip("%"), "")) for o in operands)
-            for name, (type_text, operands) in fusions.items()}
+    instructions = _typed_instructions(hlo_text)
+    types = {name: type_text for name, type_text, *_ in instructions}
+    return {name: _bytes(type_text) + sum(_bytes(_operand_type(o, types)) for o in operands)
+            for name, type_text, opcode, operands, _ in instructions if opcode == "fusion"}
 
 
 def step_profile(compiled, args_fn, steps: int = 5) -> dict:

@@ -173,7 +173,6 @@ def test_add_bias_and_scale_shift_gradients_match_autodiff(x_shape, p_shape):
     assert dx.dtype == jnp.bfloat16 and ds.dtype == db.dtype == jnp.float32
 
 
-
 @pytest.mark.parametrize("x_shape,p_shape,fused", [
     ((7, 384), (384,), True),  # a dense layer
     ((2, 3, 256, 64), (2, 1, 1, 64), True),  # an ensemble's per-member parameters
