@@ -96,15 +96,15 @@ def flat_optimizers(config):
     """``make_optimizers`` with each optimiser's state in one vector (see the module docstring)."""
     import optax
 
-    from mtdistill_jax.tdmpc2.train import encoder_labels
+    from mtdistill_jax.tdmpc2.train import clip_by_global_norm, encoder_labels
 
     tc = config.train
     wm = optax.chain(
-        optax.flatten(optax.chain(optax.clip_by_global_norm(tc.grad_clip_norm), optax.scale_by_adam(eps=tc.adam_eps))),
+        optax.flatten(optax.chain(clip_by_global_norm(tc.grad_clip_norm), optax.scale_by_adam(eps=tc.adam_eps))),
         optax.multi_transform({"encoder": optax.scale_by_learning_rate(tc.lr * tc.enc_lr_scale),
                                "rest": optax.scale_by_learning_rate(tc.lr)}, encoder_labels),
     )
-    pi = optax.flatten(optax.chain(optax.clip_by_global_norm(tc.grad_clip_norm),
+    pi = optax.flatten(optax.chain(clip_by_global_norm(tc.grad_clip_norm),
                                    optax.adam(tc.lr, eps=tc.pi_adam_eps)))
     return wm, pi
 

@@ -264,6 +264,27 @@ def sum_to(g, shape):
     return jnp.sum(g, axis=axes).reshape(shape)
 
 
+SQUARED_NORM_ROWS = 16  # the most rows squared_norm splits x into (see there)
+
+
+def squared_norm(x) -> jax.Array:
+    """``sum(x ** 2)`` (a scalar). Where :func:`column_sums_by_matmul` holds and ``x``'s size has an even divisor
+    ``r``, the largest power of two up to 16, it is the trace of the ``[r, r]`` product of ``x`` split into
+    ``r`` rows with itself (one call of the matmul library, which reads ``x`` once); otherwise a reduction of
+    ``x ** 2``. XLA:CPU compiles that reduction into kernels of ``x``'s shape (the square, then its
+    tree-reduction pass's 32-wide reduce-window and a reduce), so a global gradient norm over a model's leaves
+    cost a few kernels per distinct leaf shape, and a pass writing and one reading back each squared gradient.
+    (A product of ``x`` with itself as vectors is rewritten by XLA into that same reduction.) Measured on one
+    core of the 2-core Xeon, ``[2, 384, 384]``: 16 rows 0.21 ms, relative error 1.6e-8 (float64 reference);
+    the reduction 0.46 ms, 7.8e-8; 2 rows 0.77 ms, 3.3e-5 (long sequential sums)."""
+    rows = math.gcd(x.size, SQUARED_NORM_ROWS)
+    if x.size and rows >= 2 and column_sums_by_matmul(x):
+        split = x.reshape(rows, -1)
+        gram = jax.lax.dot_general(split, split, (((1,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST)
+        return jnp.trace(gram)
+    return jnp.sum(jnp.square(x))
+
+
 @jax.custom_vjp
 def add_bias(x, bias):
     """``x + bias`` (``bias`` broadcast to ``x``); its gradient's sums over rows are :func:`sum_to`'s."""

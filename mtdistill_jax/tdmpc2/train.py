@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 from mtdistill_jax.configs.tasks import get_task_set
+from mtdistill_jax.nn.layers import squared_norm
 from mtdistill_jax.nn.world_model import WorldModel, init_params, make_world_model, renorm_rows
 from mtdistill_jax.tdmpc2.losses import (
     PI_KEY,
@@ -72,6 +73,36 @@ def encoder_labels(params: Params) -> dict:
             for k, v in params.items()}
 
 
+CLIP_EPS = 1e-6  # added to the norm in torch.nn.utils.clip_grad_norm_'s scale
+
+
+def global_norm(tree) -> jax.Array:
+    """The L2 norm over every leaf of ``tree`` (``optax.tree_utils.tree_norm``), each leaf's squared norm by
+    :func:`mtdistill_jax.nn.layers.squared_norm` (on CPU a matrix product, no kernel per leaf shape)."""
+    return jnp.sqrt(sum(squared_norm(x) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """Gradients scaled by ``min(1, max_norm / (norm + 1e-6))``, ``norm`` their :func:`global_norm`: what the
+    official code's ``torch.nn.utils.clip_grad_norm_`` does (``optax.clip_by_global_norm`` divides by the norm
+    only above ``max_norm`` and has no 1e-6). A product with one scalar, which XLA fuses into Adam's moment
+    updates; optax's division was its own kernel and pass over every gradient. Its state is optax's
+    ``EmptyState``, as ``optax.clip_by_global_norm``'s: checkpoints are unchanged."""
+    if not max_norm > 0:
+        raise ValueError(f"clip_by_global_norm: max_norm must be > 0, got {max_norm}")
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        del params
+        factor = jnp.minimum(max_norm / (global_norm(updates) + CLIP_EPS), 1.0)
+        return jax.tree_util.tree_map(lambda g: g * factor.astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def make_optimizers(
     config: ml_collections.ConfigDict,
 ) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
@@ -79,14 +110,14 @@ def make_optimizers(
     tc = config.train
 
     wm = optax.chain(
-        optax.clip_by_global_norm(tc.grad_clip_norm),
+        clip_by_global_norm(tc.grad_clip_norm),
         optax.multi_transform(
             {"encoder": optax.adam(tc.lr * tc.enc_lr_scale, eps=tc.adam_eps),
              "rest": optax.adam(tc.lr, eps=tc.adam_eps)},
             encoder_labels,
         ),
     )
-    pi = optax.chain(optax.clip_by_global_norm(tc.grad_clip_norm), optax.adam(tc.lr, eps=tc.pi_adam_eps))
+    pi = optax.chain(clip_by_global_norm(tc.grad_clip_norm), optax.adam(tc.lr, eps=tc.pi_adam_eps))
     return wm, pi
 
 
@@ -144,7 +175,7 @@ def gradient_update_fn(loss_fn: Callable, optimizer: optax.GradientTransformatio
         (loss, aux), (grads, side_grads) = grad_fn(params, side, *args)
         if adjust_grads is not None:
             grads = adjust_grads(grads)
-        grad_norm = optax.tree_utils.tree_norm(grads)
+        grad_norm = global_norm(grads)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return GradientStep(loss=loss, aux=aux, params=optax.apply_updates(params, updates), opt_state=opt_state,
                             grads=grads, grad_norm=grad_norm, side_grads=side_grads)

@@ -238,3 +238,39 @@ def test_a_layers_forward_and_backward_move_few_activation_sized_arrays_on_cpu(m
 
     moved = sum(fusion_bytes(jax.jit(step).lower(x, w, s, b).compile().as_text()).values())
     assert moved <= 14 * x.size * 4, moved / (x.size * 4)
+
+
+@pytest.mark.parametrize("shape,dtype,by_matmul", [
+    ((384, 128), jnp.float32, True),
+    ((2, 230, 384), jnp.float32, True),
+    ((12,), jnp.float32, True),  # 4 rows
+    ((101,), jnp.float32, False),  # odd: no rows
+    ((3, 5), jnp.float32, False),
+    ((64,), jnp.bfloat16, False),  # float32 only
+    ((0, 4), jnp.float32, False),  # empty: 0
+])
+def test_squared_norm_matches_the_sum_of_squares_and_uses_the_matmul_where_it_can(shape, dtype, by_matmul,
+                                                                                  monkeypatch):
+    """squared_norm is sum(x ** 2) within float32 round-off; on CPU in float32 with an even number of elements it
+    is one dot_general (no reduction), elsewhere (and with MTDISTILL_XLA_CPU_TUNING=0) a reduction."""
+    from mtdistill_jax.nn.layers import squared_norm
+    from mtdistill_jax.xla_cpu import TUNING_ENV
+
+    x = (jax.random.normal(jax.random.key(2), shape) * 3.0).astype(dtype)
+    expected = float(np.sum(np.square(np.asarray(x, np.float64))))
+    for tuning in ("1", "0"):
+        monkeypatch.setenv(TUNING_ENV, tuning)
+        out = jax.jit(lambda x: squared_norm(x))(x)  # a fresh function: traced again with this setting
+        assert out.shape == () and out.dtype == dtype
+        rtol = 1e-2 if dtype == jnp.bfloat16 else 1e-5
+        np.testing.assert_allclose(float(out), expected, rtol=rtol)
+        prims = {e.primitive.name for e in jax.make_jaxpr(lambda x: squared_norm(x))(x).eqns}
+        if by_matmul and tuning == "1" and jax.default_backend() == "cpu":
+            assert "dot_general" in prims and "reduce_sum" not in prims, prims
+            hlo = jax.jit(lambda x: squared_norm(x)).lower(x).compile().as_text()
+            assert " dot(" in hlo and "reduce-window" not in hlo, hlo  # XLA kept the product
+            x_type = f"{x.dtype.name.replace('float', 'f')}[{','.join(map(str, shape))}]"
+            on_x = [ln for ln in hlo.splitlines() if f"= {x_type}" in ln]
+            assert all(" parameter(" in ln or " bitcast(" in ln for ln in on_x), on_x  # nothing computed at x's shape
+        else:
+            assert "dot_general" not in prims, prims

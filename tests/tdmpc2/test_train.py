@@ -178,3 +178,78 @@ def test_the_latent_rollout_is_unrolled(learner, state0):
     for t in range(batch.action.shape[0]):
         z = learner.model.apply({"params": state0.params}, z, batch.action[t], batch.task, method=WorldModel.next)
         np.testing.assert_allclose(ro.zs[t + 1], z, rtol=1e-5, atol=1e-6)
+
+
+def _grads(scale):
+    k = jax.random.split(jax.random.key(5), 3)
+    return {"a": {"kernel": jax.random.normal(k[0], (6, 4)) * scale, "bias": jax.random.normal(k[1], (4,)) * scale},
+            "b": {"kernel": jax.random.normal(k[2], (3, 5)) * scale}}
+
+
+@pytest.mark.parametrize("scale", [0.01, 10.0])
+def test_clip_by_global_norm_scales_as_torch_clip_grad_norm(scale):
+    """Gradients times min(1, max_norm / (norm + 1e-6)) (torch.nn.utils.clip_grad_norm_), norm the float64
+    global norm; optax's clip (no 1e-6) agrees within float32 round-off; the state is optax's EmptyState."""
+    import optax
+
+    from mtdistill_jax.tdmpc2.train import clip_by_global_norm, global_norm
+
+    grads, max_norm = _grads(scale), 2.0
+    norm = np.sqrt(sum(np.sum(np.square(np.asarray(g, np.float64))) for g in jax.tree_util.tree_leaves(grads)))
+    assert float(global_norm(grads)) == pytest.approx(norm, rel=1e-6)
+    assert (norm > max_norm) == (scale == 10.0)  # one case clips, one does not
+    factor = min(1.0, max_norm / (norm + 1e-6))
+    clip = clip_by_global_norm(max_norm)
+    state = clip.init(grads)
+    assert state == optax.EmptyState() and state == optax.clip_by_global_norm(max_norm).init(grads)
+    out, _ = jax.jit(clip.update)(grads, state)
+    ref, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+    for g, o, r in zip(*(jax.tree_util.tree_leaves(t) for t in (grads, out, ref)), strict=True):
+        np.testing.assert_allclose(np.asarray(o), np.asarray(g, np.float64) * factor, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(o), np.asarray(r), rtol=1e-6)
+    with pytest.raises(ValueError, match="max_norm must be > 0"):
+        clip_by_global_norm(0.0)
+
+
+def test_optimiser_state_layout_is_optax_clip_then_adam():
+    """make_optimizers' states have the layout of optax.clip_by_global_norm + Adam (checkpoints unchanged)."""
+    import optax
+
+    from mtdistill_jax.configs import get_config
+    from mtdistill_jax.tdmpc2.train import encoder_labels, make_optimizers
+
+    tc = get_config(1, "mt30").train
+    params = {"encoder": _grads(1.0)["a"], "dynamics": _grads(1.0)["b"]}
+    wm, pi = make_optimizers(get_config(1, "mt30"))
+    wm_ref = optax.chain(optax.clip_by_global_norm(tc.grad_clip_norm), optax.multi_transform(
+        {"encoder": optax.adam(1.0), "rest": optax.adam(1.0)}, encoder_labels))
+    pi_ref = optax.chain(optax.clip_by_global_norm(tc.grad_clip_norm), optax.adam(1.0))
+    for opt, ref in ((wm, wm_ref), (pi, pi_ref)):
+        chex.assert_trees_all_equal_structs(opt.init(params), ref.init(params))
+
+
+def test_a_global_norm_clip_and_adam_step_compile_to_three_kernels_per_leaf_shape_on_cpu():
+    """The world-model optimiser's step (norm, clip, Adam, apply) over leaves of distinct shapes: on CPU each leaf
+    shape costs Adam's three elementwise kernels (first moment, second moment, parameter) and no more: the
+    norm's squares are matrix products, the clip a scalar factor fused into the moments (optax's clip
+    materialised g / norm, and the squares and their reduce-windows, per leaf shape)."""
+    import optax
+
+    from benchmarks.common import fused_kernels
+    from mtdistill_jax.configs import get_config
+    from mtdistill_jax.tdmpc2.train import global_norm, make_optimizers
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the kernel count is XLA:CPU's")
+    shapes = [(64, 32), (32, 16), (16, 8), (48,), (24,), (10,)]
+    params = {"rest": {f"w{i}": jnp.full(s, 0.5) for i, s in enumerate(shapes)}}
+    grads = jax.tree_util.tree_map(lambda p: p * 0.3, params)
+    wm, _ = make_optimizers(get_config(1, "mt30"))
+
+    def step(params, grads, state):
+        updates, state = wm.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, global_norm(grads)
+
+    hlo = jax.jit(step).lower(params, grads, wm.init(params)).compile().as_text()
+    _, kernels = fused_kernels(hlo)
+    assert kernels <= 3 * len(shapes) + 5, kernels  # + scalars: the norm, its factor, the count, two corrections
