@@ -194,13 +194,25 @@ def count_params(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
 
 
+def two_heads(key, num_q: int) -> jax.Array:
+    """Two distinct Q heads ``[2]`` (int32), uniform over the ``num_q * (num_q - 1)`` ordered pairs: the
+    distribution of the official ``randperm(num_q)[:2]``, from one ``randint`` instead of
+    ``jax.random.permutation``'s shuffle (a threefry draw, a split and a sort per round: 15 more XLA:CPU kernels
+    in the 5M update, whose two head draws share this one's)."""
+    if num_q < 2:
+        raise ValueError(f"two_heads: needs at least 2 Q heads, got num_q={num_q}")
+    pair = jax.random.randint(key, (), 0, num_q * (num_q - 1))
+    first, other = pair // (num_q - 1), pair % (num_q - 1)
+    return jnp.stack([first, other + (other >= first)]).astype(jnp.int32)
+
+
 def q_value(logits, key, config, reduce: str = "min", heads=None):
     """Scalar Q from ensemble logits ``[num_q, .., K]``: min or mean of 2 heads (official ``Q(return_type=...)``).
 
     The official code draws the 2 heads with ``randperm(num_q)[:2]``; pass ``heads`` to fix them.
     """
     if heads is None:
-        heads = jax.random.permutation(key, logits.shape[0])[:2]
+        heads = two_heads(key, logits.shape[0])
     return q_reduce(logits[heads], config, reduce)
 
 

@@ -31,7 +31,7 @@ import ml_collections
 
 from mtdistill_jax import math as tdmath
 from mtdistill_jax.configs.tasks import get_task_set, task_discounts
-from mtdistill_jax.nn.world_model import WorldModel, heads_to_evaluate, q_reduce
+from mtdistill_jax.nn.world_model import WorldModel, heads_to_evaluate, q_reduce, two_heads
 from mtdistill_jax.types import Batch
 
 __all__ = ["WM_KEYS", "PI_KEY", "Rollout", "PolicyOutputs", "Draws", "Losses", "make_losses", "sample_draws",
@@ -120,8 +120,7 @@ def sample_draws(key, config: ml_collections.ConfigDict, batch_size: int, dtype=
     H, A, num_q = config.train.horizon, get_task_set(config.model.task_set).action_pad, config.model.num_q
     k_eps, k_tdq, k_piq = jax.random.split(key, 3)
     eps = tdmath.normal(k_eps, (2 * H + 1, batch_size, A), dtype)
-    return Draws(td_eps=eps[:H], td_heads=jax.random.permutation(k_tdq, num_q)[:2], pi_eps=eps[H:],
-                 pi_heads=jax.random.permutation(k_piq, num_q)[:2])
+    return Draws(td_eps=eps[:H], td_heads=two_heads(k_tdq, num_q), pi_eps=eps[H:], pi_heads=two_heads(k_piq, num_q))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -48,7 +48,14 @@ import numpy as np
 from mtdistill_jax import math as tdmath
 from mtdistill_jax.checkpoint import transforms
 from mtdistill_jax.configs.tasks import get_task_set, task_discounts
-from mtdistill_jax.nn.world_model import WorldModel, action_masks, heads_to_evaluate, make_world_model, q_reduce
+from mtdistill_jax.nn.world_model import (
+    WorldModel,
+    action_masks,
+    heads_to_evaluate,
+    make_world_model,
+    q_reduce,
+    two_heads,
+)
 
 MODES = ("sample", "elite", "mean")  # planner action: official act (noise) / official eval_mode=True / MPPI mean
 PRIOR_MODES = ("sample", "mean")  # policy prior: official act / official eval_mode=True (the tanh of the mean)
@@ -119,7 +126,7 @@ def make_planner(model: WorldModel, config: ml_collections.ConfigDict) -> Callab
         """:func:`make_value_estimator`'s value, its policy noise and Q heads drawn from ``key``."""
         k_pi, k_q = jax.random.split(key)
         eps = tdmath.normal(k_pi, z.shape[:-1] + (A,), z.dtype)
-        heads = jax.random.permutation(k_q, mc.num_q)[:2]
+        heads = two_heads(k_q, mc.num_q)
         return value_of(params, z, actions, task, gamma, eps, heads)
 
     def plan_one(params, obs, task, prev_mean, t0, key, mode):
