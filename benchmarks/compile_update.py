@@ -161,11 +161,11 @@ def main(argv=None):
     from mtdistill_jax.configs import get_config
     from mtdistill_jax.nn import layers
     from mtdistill_jax.tdmpc2 import train
-    from mtdistill_jax.xla_cpu import TUNING_ENV
+    from mtdistill_jax.xla_cpu import TUNING_ENV, usable_cpus
 
     column_sums_by_matmul, normalize_rows, normal = layers.column_sums_by_matmul, layers.normalize_rows, tdmath.normal
 
-    print(header(), f"{len(os.sched_getaffinity(0))} core(s)")
+    print(header(), f"{usable_cpus()} core(s)")
     cfg = get_config(a.size, "mt30")
     cfg.train.batch_size = a.batch
     batch = jax.device_put(random_batch(np.random.default_rng(0), a.batch, cfg.train.horizon))

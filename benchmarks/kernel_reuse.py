@@ -45,8 +45,9 @@ def main(argv=None):
     import numpy as np
 
     from benchmarks.common import header
+    from mtdistill_jax.xla_cpu import usable_cpus
 
-    print(header(), f"{len(os.sched_getaffinity(0))} core(s)")
+    print(header(), f"{usable_cpus()} core(s)")
     cache_on = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)  # every compile cold (restored on return)
     try:

@@ -31,6 +31,7 @@ from mtdistill_jax.configs import MT30, get_config  # noqa: E402
 from mtdistill_jax.nn import count_params  # noqa: E402
 from mtdistill_jax.tdmpc2.train import Learner  # noqa: E402
 from mtdistill_jax.types import Batch  # noqa: E402
+from mtdistill_jax.xla_cpu import usable_cpus  # noqa: E402
 
 
 def random_batch(rng, B, H):
@@ -104,7 +105,7 @@ def print_profile(what: str, prof: dict, steps: int, rows: int, peak_gflops: flo
         peak = f"; matmul peak here {peak_gflops:.1f} GFLOP/s" if peak_gflops else ""
         print(f"  dots: {prof['dot_flops'] / 1e9:.2f} GFLOP per call in {dot_s * 1e3:.1f} ms of dot time = "
               f"{prof['dot_flops'] / dot_s / 1e9:.1f} GFLOP/s{peak}; slowest operand shapes:")
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        cores = usable_cpus()
         if cores > 1:
             print("    (more than one core: a dot's traced event does not cover the work XLA:CPU's thread pool does "
                   "for it, so these rates overstate, up to 3x the peak; read them from a one-core run, "
