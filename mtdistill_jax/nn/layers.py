@@ -7,6 +7,8 @@ Parameter names mirror the official state dict so the importer is a rename plus 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import os
@@ -150,8 +152,8 @@ def normalize_rows(x, eps: float = LN_EPS):
     return _normalize_rows_fwd(x, eps)[0]
 
 
-def _normalize_rows_fwd(x, eps):
-    c = x - _row_mean(x)
+def _normalize_rows_fwd(x, eps, centered: bool = False):
+    c = x if centered else x - _row_mean(x)
     r = jax.lax.rsqrt(_row_mean(jnp.square(c)) + eps)
     xhat = c * r
     return xhat, (xhat, r)
@@ -169,10 +171,69 @@ def layer_norm_mish(x, scale, bias, eps: float = LN_EPS):
     """``mish(layer_norm(x, scale, bias))``, the tail of every hidden layer; where :func:`row_means_by_matmul`
     holds and the parameters are per feature (``[h]``, or an ensemble's ``[members, 1, ..., 1, h]``), with one
     backward for the three (:func:`_layer_norm_mish`), else as that composition."""
-    if (row_means_by_matmul(x) and _per_member_features(scale, x) and bias.shape == scale.shape
-            and scale.dtype == bias.dtype == x.dtype):
-        return _layer_norm_mish(x, scale, bias, eps)
+    if _fused_layer_norm_mish(x, scale, bias):
+        return _layer_norm_mish(x, scale, bias, eps, False)
     return mish(layer_norm(x, scale, bias, eps))
+
+
+def _fused_layer_norm_mish(x, scale, bias) -> bool:
+    """Whether :func:`layer_norm_mish` of ``x`` (an array or a ``jax.ShapeDtypeStruct``) takes
+    :func:`_layer_norm_mish`."""
+    return (row_means_by_matmul(x) and _per_member_features(scale, x) and bias.shape == scale.shape
+            and scale.dtype == bias.dtype == x.dtype)
+
+
+def linear_layer_norm_mish(x, kernel, bias, scale, ln_bias, eps: float = LN_EPS, select=None):
+    """``mish(layer_norm(x @ kernel + bias, scale, ln_bias))`` (:func:`matmul`'s kernel layouts; ``bias``
+    broadcast to the product as :func:`add_bias` does), a hidden layer without dropout. ``select(kernel, bias)``
+    (optional) gives the weights to apply, e.g. an ensemble's members, reshaped for broadcasting.
+
+    Inside :func:`centred_hidden_layers`, where :func:`layer_norm_mish` takes its fused path, the product is
+    formed with the kernel's and the bias's columns less their means over the output features
+    (:func:`centered_affine`, before ``select``: each member's centred weights are the same whichever members are
+    selected): each row of the product is then already centred (LayerNorm is invariant to a shift of its input's
+    rows), so the forward pass neither materialises ``x @ kernel + bias`` nor takes its row means, only the
+    variance's. The gradients are LayerNorm's (:func:`_layer_norm_mish`, whose input gradient has zero row
+    means), the means being constants to autodiff, so values and gradients equal the uncentred layer's within
+    float32 round-off (``tests/nn/test_layers.py``)."""
+    select = select or (lambda k, b: (k, b))
+    k, b = select(kernel, bias)
+    out = jax.ShapeDtypeStruct(x.shape[:-1] + k.shape[-1:], jnp.result_type(x, k))
+    if (not _CENTRED.get() or not _fused_layer_norm_mish(out, scale, ln_bias) or k.dtype != out.dtype
+            or b.dtype != out.dtype):
+        return layer_norm_mish(add_bias(matmul(x, k), b), scale, ln_bias, eps)
+    k, b = select(*centered_affine(kernel, bias))
+    return _layer_norm_mish(add_bias(matmul(x, k), b), scale, ln_bias, eps, True)
+
+
+_CENTRED = contextvars.ContextVar("mtdistill_centred_hidden_layers", default=False)
+
+
+@contextlib.contextmanager
+def centred_hidden_layers(enabled: bool = True):
+    """While tracing inside this context, hidden layers without dropout (:func:`linear_layer_norm_mish`, where
+    its fused path applies: float32 on CPU) centre their weights instead of their activations.
+
+    The centred weights cost a pass over every kernel per program; each use of a layer then saves a pass over
+    its activations. That pays in the planner, whose loop runs every layer 6 times on 512 rows per environment
+    while XLA computes the centred weights once, outside the loop (1 core of the 2-core Xeon, 1M model: plan
+    for 1 env 105 -> 101 ms, for 30 envs 3,600 -> 3,300 ms); not in the update, which reads every kernel about
+    as often as it runs it (5M update 1-2 % slower, 1M unchanged), so it is off outside this context. A
+    trace-time choice, like ``jax.default_matmul_precision``: both ways compute the same values."""
+    token = _CENTRED.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _CENTRED.reset(token)
+
+
+def centered_affine(kernel, bias):
+    """``kernel`` ``[..., in, out]`` and ``bias`` ``[..., out]`` less their means over ``out`` (the means
+    under ``stop_gradient``): ``x @ kernel + bias`` less its row means, as one product. The kernel's means are a
+    product with a ``1/out`` column (the matmul library, one read of the kernel)."""
+    kernel_mean = jax.lax.stop_gradient(_row_mean(kernel))
+    bias_mean = jax.lax.stop_gradient(jnp.mean(bias, axis=-1, keepdims=True))
+    return kernel - kernel_mean, bias - bias_mean
 
 
 def _per_member_features(w, x) -> bool:
@@ -195,24 +256,26 @@ def _weighted_row_mean(y, w):
     return out.reshape(y.shape[:-1] + (1,))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _layer_norm_mish(x, scale, bias, eps):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _layer_norm_mish(x, scale, bias, eps, centered):
     """``mish(normalize_rows(x) * scale + bias)`` with a closed-form backward that keeps two arrays of the
     activation's size from the forward pass (``xhat`` and the per-row ``r``) and materialises two in the backward
     (``gz``, the gradient at Mish's input, and ``gz * xhat``); every row mean and parameter sum is a matrix
     product. Composed from :func:`mish`'s, :func:`scale_shift`'s and :func:`normalize_rows`' own backward
     passes, XLA:CPU kept Mish's derivative as two saved arrays and re-read them, with the output gradient and the
     pre-normalisation activation, in each of the three LayerNorm backward kernels. Same values and gradients
-    within float32 round-off (``tests/nn/test_layers.py``)."""
-    return _layer_norm_mish_fwd(x, scale, bias, eps)[0]
+    within float32 round-off (``tests/nn/test_layers.py``). ``centered``: ``x``'s rows have zero means already
+    (:func:`linear_layer_norm_mish`), so the forward pass does not subtract them; the gradient is the same
+    closed form, LayerNorm's with respect to its input before centring."""
+    return _layer_norm_mish_fwd(x, scale, bias, eps, centered)[0]
 
 
-def _layer_norm_mish_fwd(x, scale, bias, eps):
-    xhat, (_, r) = _normalize_rows_fwd(x, eps)
+def _layer_norm_mish_fwd(x, scale, bias, eps, centered):
+    xhat, (_, r) = _normalize_rows_fwd(x, eps, centered)
     return mish(xhat * scale + bias), (xhat, r, scale, bias)
 
 
-def _layer_norm_mish_bwd(eps, res, g):
+def _layer_norm_mish_bwd(eps, centered, res, g):
     xhat, r, scale, bias = res
     p, q = mish_derivative_parts(xhat * scale + bias)
     gz = g * p / q
@@ -343,11 +406,14 @@ class NormedLinear(nn.Module):
     def __call__(self, x, deterministic: bool = True):
         kernel = self.param("kernel", nn.initializers.normal(INIT_STD), (x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        x = add_bias(matmul(x, kernel), bias)
-        if self.dropout > 0 and not deterministic:
-            x = dropout(x, self.dropout, self.make_rng("dropout"))
         ln_scale = self.param("ln_scale", nn.initializers.ones, (self.features,))
         ln_bias = self.param("ln_bias", nn.initializers.zeros, (self.features,))
+        dropping = self.dropout > 0 and not deterministic
+        if self.act == "mish" and not dropping:
+            return linear_layer_norm_mish(x, kernel, bias, ln_scale, ln_bias)
+        x = add_bias(matmul(x, kernel), bias)
+        if dropping:
+            x = dropout(x, self.dropout, self.make_rng("dropout"))
         if self.act == "mish":
             return layer_norm_mish(x, ln_scale, ln_bias)
         return _activation(self.act, self.simnorm_dim)(layer_norm(x, ln_scale, ln_bias))
@@ -415,23 +481,26 @@ class EnsembleLinear(nn.Module):
         kernel = self.param("kernel", init, (m, x.shape[-1], h))
         bias = self.param("bias", nn.initializers.zeros, (m, h))
         pick = (lambda p: p) if heads is None else (lambda p: jnp.take(p, heads, axis=0))
-        kernel, bias = pick(kernel), pick(bias)
-        m = kernel.shape[0]
+        m = m if heads is None else jnp.shape(heads)[0]
         if self.shared_input:
             # One batched matmul over members on the broadcast input (as torch.vmap does), not a single
             # contraction over (members x out): the latter's backward transposes the [members, .., out]
             # gradient into an (in x members*out) layout, which costs more than the matmul itself on CPU.
             x = jnp.broadcast_to(x, (m,) + x.shape)
-        x = matmul(x, kernel)
         bshape = (m,) + (1,) * (x.ndim - 2) + (h,)
-        x = add_bias(x, bias.reshape(bshape))
+
+        def select(kernel, bias):
+            return pick(kernel), pick(bias).reshape(bshape)
+
         if not self.normed:
-            return x
+            return add_bias(matmul(x, pick(kernel)), pick(bias).reshape(bshape))
+        ln_scale = pick(self.param("ln_scale", nn.initializers.ones, (self.members, h))).reshape(bshape)
+        ln_bias = pick(self.param("ln_bias", nn.initializers.zeros, (self.members, h))).reshape(bshape)
         if self.dropout > 0 and not deterministic:
-            x = dropout(x, self.dropout, self.make_rng("dropout"))
-        ln_scale = pick(self.param("ln_scale", nn.initializers.ones, (self.members, h)))
-        ln_bias = pick(self.param("ln_bias", nn.initializers.zeros, (self.members, h)))
-        return layer_norm_mish(x, ln_scale.reshape(bshape), ln_bias.reshape(bshape))
+            k, b = select(kernel, bias)
+            x = dropout(add_bias(matmul(x, k), b), self.dropout, self.make_rng("dropout"))
+            return layer_norm_mish(x, ln_scale, ln_bias)
+        return linear_layer_norm_mish(x, kernel, bias, ln_scale, ln_bias, select=select)
 
 
 class EnsembleMLP(nn.Module):

@@ -37,6 +37,7 @@ the policy prior alone (the official ``act`` with ``mpc=False``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import flax.struct
@@ -48,6 +49,7 @@ import numpy as np
 from mtdistill_jax import math as tdmath
 from mtdistill_jax.checkpoint import transforms
 from mtdistill_jax.configs.tasks import get_task_set, task_discounts
+from mtdistill_jax.nn.layers import centred_hidden_layers
 from mtdistill_jax.nn.world_model import (
     WorldModel,
     action_masks,
@@ -68,6 +70,14 @@ class PlannerState:
     prev_mean: jax.Array
 
 
+def apply_centred(model: WorldModel, params, *args, method):
+    """``model.apply`` of ``method`` with :func:`~mtdistill_jax.nn.layers.centred_hidden_layers`: the planner
+    runs every layer several times per call, so it centres the weights once rather than the activations at
+    each use (the same values)."""
+    with centred_hidden_layers():
+        return model.apply({"params": params}, *args, method=method)
+
+
 def make_value_estimator(model: WorldModel, config: ml_collections.ConfigDict) -> Callable:
     """The planner's trajectory value (official ``_estimate_value``) with its noise given:
     ``estimate_value(params, z [n, D], actions [H, n, A], task [n], gamma [n, 1], eps [n, A], heads [2]) -> [n, 1]``,
@@ -76,8 +86,7 @@ def make_value_estimator(model: WorldModel, config: ml_collections.ConfigDict) -
     comparable with the official code's on the same draws (``benchmarks/compare_official.py``)."""
     mc = config.model
 
-    def apply(params, *args, method):
-        return model.apply({"params": params}, *args, method=method)
+    apply = functools.partial(apply_centred, model)
 
     def estimate_value(params, z, actions, task, gamma, eps, heads):
         # the model runs in z's dtype (planner.compute_dtype); rewards, Q values and the return in float32
@@ -113,8 +122,7 @@ def make_planner(model: WorldModel, config: ml_collections.ConfigDict) -> Callab
     compute_dtype = pc.get("compute_dtype", "float32")
     cdt = jnp.bfloat16 if compute_dtype == "bfloat16" else jnp.float32
 
-    def apply(params, *args, method):
-        return model.apply({"params": params}, *args, method=method)
+    apply = functools.partial(apply_centred, model)
 
     def policy(params, z, task, key):
         eps = tdmath.normal(key, z.shape[:-1] + (A,), z.dtype)

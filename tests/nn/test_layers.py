@@ -215,6 +215,77 @@ def test_layer_norm_mish_matches_the_composition(x_shape, p_shape, fused, monkey
     assert not takes_its_own_backward()
 
 
+@pytest.mark.parametrize("x_shape,k_shape,b_shape,p_shape", [
+    ((7, 96), (96, 64), (64,), (64,)),  # a dense layer
+    ((2, 3, 5, 96), (2, 96, 64), (2, 1, 1, 64), (2, 1, 1, 64)),  # an ensemble's members
+])
+def test_linear_layer_norm_mish_centred_matches_the_layer(x_shape, k_shape, b_shape, p_shape, monkeypatch):
+    """A hidden layer gives mish(layer_norm(x @ kernel + bias))'s values and gradients (all five inputs) within
+    float32 round-off, with its weights centred (inside centred_hidden_layers) or not, on rows whose means are
+    large against their spread. Centred, on CPU in float32, its forward takes one row mean of the activation
+    (the variance's) where the uncentred layer takes two; with MTDISTILL_XLA_CPU_TUNING=0 neither (reductions)."""
+    from jaxpr_util import equations
+
+    from mtdistill_jax.math import mish
+    from mtdistill_jax.nn.layers import centred_hidden_layers, layer_norm, linear_layer_norm_mish
+    from mtdistill_jax.xla_cpu import TUNING_ENV
+
+    k = jax.random.split(jax.random.key(5), 6)
+    x = 0.5 + jax.random.normal(k[0], x_shape)
+    kernel = 0.3 + 0.1 * jax.random.normal(k[1], k_shape)  # rows of the product have means ~ 0.3 * 0.5 * in
+    bias, scale = 3.0 + jax.random.normal(k[2], b_shape), 1.0 + jax.random.normal(k[3], p_shape)
+    ln_bias = jax.random.normal(k[4], p_shape)
+    out_shape = x_shape[:-1] + k_shape[-1:]
+    g = jax.random.normal(k[5], out_shape)
+    args = (x, kernel, bias, scale, ln_bias)
+
+    def reference(x, kernel, bias, scale, ln_bias):
+        y = jnp.einsum("...i,io->...o" if kernel.ndim == 2 else "m...i,mio->m...o", x, kernel,
+                       precision=jax.lax.Precision.HIGHEST)
+        return mish(layer_norm(y + bias, scale, ln_bias))
+
+    def activation_row_means(centred: bool) -> int:
+        with centred_hidden_layers(centred):
+            jaxpr = jax.make_jaxpr(lambda *a: linear_layer_norm_mish(*a))(*args)  # fresh: traces are cached
+        return sum(1 for e in equations(jaxpr, "dot_general")
+                   if e.invars[0].aval.shape == out_shape and e.invars[1].aval.shape[-1] == 1)
+
+    monkeypatch.delenv(TUNING_ENV, raising=False)
+    y_ref, vjp_ref = jax.vjp(reference, *args)
+    rows = np.prod(x_shape[:-1])
+    for centred in (False, True):
+        with centred_hidden_layers(centred):
+            y, vjp = jax.vjp(linear_layer_norm_mish, *args)
+        np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=2e-5, atol=2e-5)
+        for a, r in zip(vjp(g), vjp_ref(g), strict=True):
+            assert a.shape == r.shape and a.dtype == r.dtype
+            scale_of = float(np.max(np.abs(np.asarray(r))))
+            np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-4,
+                                       atol=2e-5 * np.sqrt(rows) * max(scale_of, 1.0))
+    if jax.default_backend() == "cpu":
+        assert (activation_row_means(False), activation_row_means(True)) == (2, 1)
+    monkeypatch.setenv(TUNING_ENV, "0")
+    assert (activation_row_means(False), activation_row_means(True)) == (0, 0)
+    with centred_hidden_layers():
+        np.testing.assert_allclose(np.asarray(linear_layer_norm_mish(*args)), np.asarray(y_ref), rtol=2e-5, atol=2e-5)
+
+
+def test_centred_hidden_layers_is_scoped():
+    """The context sets the choice for the traces inside it only, nested contexts included."""
+    from mtdistill_jax.nn.layers import _CENTRED, centred_hidden_layers
+
+    assert not _CENTRED.get()
+    with centred_hidden_layers():
+        assert _CENTRED.get()
+        with centred_hidden_layers(False):
+            assert not _CENTRED.get()
+        assert _CENTRED.get()
+    assert not _CENTRED.get()
+    with pytest.raises(RuntimeError), centred_hidden_layers():
+        raise RuntimeError
+    assert not _CENTRED.get()
+
+
 def test_a_layers_forward_and_backward_move_few_activation_sized_arrays_on_cpu(monkeypatch):
     """A Q-ensemble layer's tail (matmul, LayerNorm, Mish) forward and backward in one program: its elementwise
     kernels read and write at most 14 arrays of the activation's size in all (13.1 with this library and jax

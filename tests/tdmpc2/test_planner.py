@@ -276,3 +276,36 @@ def test_bfloat16_values_are_the_float32_values_to_bf16_precision(planner, param
     err = np.abs(v16 - v32)
     assert err.max() < 0.05 * spread, (err.max(), spread)
     assert np.corrcoef(v16, v32)[0, 1] > 0.99
+
+
+def test_the_planner_centres_its_hidden_layers_with_the_same_values(planner, params, monkeypatch):
+    """The value estimator runs its hidden layers with centred weights (nn.layers.centred_hidden_layers): on CPU
+    in float32 one row mean of each hidden activation (the variance's) per layer use instead of two; the values
+    are the uncentred layers' within float32 round-off."""
+    from mtdistill_jax.nn import layers
+    from mtdistill_jax.tdmpc2 import planner as planner_module
+    from mtdistill_jax.tdmpc2.planner import make_value_estimator
+
+    trained = _train_reward_towards_first_action_dim(planner.model, params)
+    cfg, rng = get_smoke_config(), np.random.default_rng(4)
+    n, H, h = 7, cfg.planner.horizon, cfg.model.mlp_dim
+    z = planner.model.apply({"params": trained}, jnp.asarray(obs_for([3] * n)), jnp.full(n, 3, jnp.int32),
+                            method=WorldModel.encode)
+    args = (trained, z, jnp.asarray(rng.uniform(-1, 1, (H, n, 6)).astype(np.float32)), jnp.full(n, 3, jnp.int32),
+            jnp.full((n, 1), 0.99), jnp.asarray(rng.normal(size=(n, 6)).astype(np.float32)), jnp.arange(2))
+
+    def run():  # a fresh estimator and trace each time (traces are cached)
+        fn = make_value_estimator(planner.model, cfg)
+        jaxpr = jax.make_jaxpr(lambda *a: fn(*a))(*args)
+        row_means = sum(1 for e in equations(jaxpr, "dot_general")
+                        if e.invars[0].aval.shape[-2:] == (n, h) and e.invars[1].aval.shape[-1] == 1)
+        return np.asarray(jax.jit(fn)(*args))[:, 0], row_means
+
+    centred, centred_means = run()
+    monkeypatch.setattr(planner_module, "centred_hidden_layers", lambda: layers.centred_hidden_layers(False))
+    plain, plain_means = run()
+    assert np.ptp(plain) > 0.1
+    np.testing.assert_allclose(centred, plain, rtol=1e-5, atol=1e-5 * np.ptp(plain))
+    uses = 4 * H + 2 + 2  # reward and next (2 hidden each) per step, then pi and the 2 Q heads (2 hidden each)
+    if jax.default_backend() == "cpu":
+        assert (centred_means, plain_means) == (uses, 2 * uses)
