@@ -13,6 +13,8 @@ so that all see the same machine state:
   reduction over more than 32 elements into a 32-wide reduce-window and a reduce: vectorised and more accurate).
 - ``opt1``: the library's update compiled at ``xla_backend_optimization_level=1`` (LLVM -O1 instead of -O2).
 - ``opt0``: the same at ``xla_backend_optimization_level=0`` (LLVM -O0).
+- ``vector512``: the library's update compiled with ``xla_cpu_prefer_vector_width=512`` (XLA:CPU's kernels in
+  512-bit vectors on AVX-512 CPUs; 256 by default).
 - ``ln_reduction``: the library's update with every CPU matmul-for-a-sum change off: LayerNorm's row means and
   the parameter gradients' column sums as reductions, as before they became matrix products on CPU
   (``MTDISTILL_XLA_CPU_TUNING=0`` while it is traced; ``mtdistill_jax.nn.layers.row_means_by_matmul``).
@@ -68,6 +70,7 @@ NO_EMITTERS = {"xla_cpu_use_fusion_emitters": False}
 VARIANTS = {"tree": Variant(), "flat": Variant(flat=True),
             "no_tree_reduction": Variant(options={"xla_disable_hlo_passes": "tree_reduction_rewriter"}),
             "opt1": Variant(options={"xla_backend_optimization_level": 1}),
+            "vector512": Variant(options={"xla_cpu_prefer_vector_width": 512}),
             "opt0": Variant(options={"xla_backend_optimization_level": 0}),
             "ln_reduction": Variant(ln_matmul=False),
             "no_emitters": Variant(options=NO_EMITTERS),

@@ -11,7 +11,11 @@ thread, and the largest (kind, source) pairs, the source being the network and p
 rate the dots reached per operand shape against the float32 matmul peak, and the bandwidth the fusions reached against
 an elementwise kernel's, both measured in the same process (on one core, ``taskset -c 0``, where the traced events
 cover each kernel's work).
-Usage: ``python benchmarks/update_step.py [--sizes 1,5] [--batch 256] [--repeats 20] [--profile 5]``.
+``--task_emb_policy_grad release,head``: one row per setting of ``train.task_emb_policy_grad`` (``release``, the
+default: the policy gradient stops at the task embedding; ``head``, the official HEAD code's, which
+``benchmarks/compare_official.py`` runs).
+Usage: ``python benchmarks/update_step.py [--sizes 1,5] [--batch 256] [--repeats 20] [--profile 5]
+[--task_emb_policy_grad release]``.
 """
 
 from __future__ import annotations
@@ -52,15 +56,20 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--profile", type=int, default=0, help="trace this many more updates and print where they went")
     ap.add_argument("--profile_rows", type=int, default=12, help="(kind, source) rows of each profile")
+    ap.add_argument("--task_emb_policy_grad", default="release", help="comma-separated: release and/or head")
     args = ap.parse_args(argv)
     if args.profile < 0 or args.repeats < 1:
         ap.error("--profile must be >= 0 and --repeats >= 1")
+    grads = args.task_emb_policy_grad.split(",")
+    if not grads or set(grads) - {"release", "head"}:
+        ap.error(f"--task_emb_policy_grad: release and/or head, got {args.task_emb_policy_grad!r}")
     print(header())
-    print(f"{'size':>5} {'params':>11} {'batch':>5} {'H':>2} {'compile s':>9} {'median ms':>9} {'p10-p90 ms':>15} "
-          f"{'temp MB':>7} {'faults/update':>13} {'sys ms/update':>13}")
-    for size in [int(s) for s in args.sizes.split(",")]:
+    print(f"{'size':>5} {'params':>11} {'batch':>5} {'H':>2} {'emb grad':>8} {'compile s':>9} {'median ms':>9} "
+          f"{'p10-p90 ms':>15} {'temp MB':>7} {'faults/update':>13} {'sys ms/update':>13}")
+    for size, grad in [(int(s), g) for s in args.sizes.split(",") for g in grads]:
         cfg = get_config(size, "mt30")
         cfg.train.batch_size = args.batch
+        cfg.train.task_emb_policy_grad = grad
         learner = Learner(cfg, donate=False)
         state = learner.init(jax.random.key(0))
         H = cfg.train.horizon
@@ -80,11 +89,11 @@ def main(argv=None):
         sys_ms = (after.ru_stime - before.ru_stime) / calls * 1e3
         temp_mb = compiled.memory_analysis().temp_size_in_bytes / 2**20
         n = count_params(state.params)
-        print(f"{size:>4}M {n:>11,} {args.batch:>5} {H:>2} {c:>9.1f} {med * 1e3:>9.1f} "
+        print(f"{size:>4}M {n:>11,} {args.batch:>5} {H:>2} {grad:>8} {c:>9.1f} {med * 1e3:>9.1f} "
               f"{p10 * 1e3:>7.1f}-{p90 * 1e3:<7.1f} {temp_mb:>7.1f} {faults:>13,.0f} {sys_ms:>13.1f}")
         if args.profile:
             prof = step_profile(compiled, args_fn, args.profile)
-            print_profile(f"{size}M update", prof, args.profile, args.profile_rows, matmul_peak_gflops(),
+            print_profile(f"{size}M update ({grad})", prof, args.profile, args.profile_rows, matmul_peak_gflops(),
                           stream_gbps())
 
 
