@@ -152,8 +152,8 @@ def normalize_rows(x, eps: float = LN_EPS):
     return _normalize_rows_fwd(x, eps)[0]
 
 
-def _normalize_rows_fwd(x, eps, centered: bool = False):
-    c = x if centered else x - _row_mean(x)
+def _normalize_rows_fwd(x, eps, centred: bool = False):
+    c = x if centred else x - _row_mean(x)
     r = jax.lax.rsqrt(_row_mean(jnp.square(c)) + eps)
     xhat = c * r
     return xhat, (xhat, r)
@@ -190,20 +190,20 @@ def linear_layer_norm_mish(x, kernel, bias, scale, ln_bias, eps: float = LN_EPS,
 
     Inside :func:`centred_hidden_layers`, where :func:`layer_norm_mish` takes its fused path, the product is
     formed with the kernel's and the bias's columns less their means over the output features
-    (:func:`centered_affine`, before ``select``: each member's centred weights are the same whichever members are
+    (:func:`centred_affine`, before ``select``: each member's centred weights are the same whichever members are
     selected): each row of the product is then already centred (LayerNorm is invariant to a shift of its input's
     rows), so the forward pass neither materialises ``x @ kernel + bias`` nor takes its row means, only the
     variance's. The gradients are LayerNorm's (:func:`_layer_norm_mish`, whose input gradient has zero row
     means), the means being constants to autodiff, so values and gradients equal the uncentred layer's within
     float32 round-off (``tests/nn/test_layers.py``)."""
     select = select or (lambda k, b: (k, b))
-    k, b = select(kernel, bias)
+    k, b = jax.eval_shape(select, kernel, bias)  # the selected weights' shapes and dtypes, nothing traced
     out = jax.ShapeDtypeStruct(x.shape[:-1] + k.shape[-1:], jnp.result_type(x, k))
-    if (not _CENTRED.get() or not _fused_layer_norm_mish(out, scale, ln_bias) or k.dtype != out.dtype
-            or b.dtype != out.dtype):
-        return layer_norm_mish(add_bias(matmul(x, k), b), scale, ln_bias, eps)
-    k, b = select(*centered_affine(kernel, bias))
-    return _layer_norm_mish(add_bias(matmul(x, k), b), scale, ln_bias, eps, True)
+    centre = (_CENTRED.get() and _fused_layer_norm_mish(out, scale, ln_bias) and k.dtype == out.dtype
+              and b.dtype == out.dtype)
+    k, b = select(*centred_affine(kernel, bias)) if centre else select(kernel, bias)
+    y = add_bias(matmul(x, k), b)
+    return _layer_norm_mish(y, scale, ln_bias, eps, True) if centre else layer_norm_mish(y, scale, ln_bias, eps)
 
 
 _CENTRED = contextvars.ContextVar("mtdistill_centred_hidden_layers", default=False)
@@ -228,7 +228,7 @@ def centred_hidden_layers(enabled: bool = True):
         _CENTRED.reset(token)
 
 
-def centered_affine(kernel, bias):
+def centred_affine(kernel, bias):
     """``kernel`` ``[..., in, out]`` and ``bias`` ``[..., out]`` less their means over ``out`` (the means
     under ``stop_gradient``): ``x @ kernel + bias`` less its row means, as one product. The kernel's means are a
     product with a ``1/out`` column (the matmul library, one read of the kernel)."""
@@ -258,25 +258,25 @@ def _weighted_row_mean(y, w):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _layer_norm_mish(x, scale, bias, eps, centered):
+def _layer_norm_mish(x, scale, bias, eps, centred):
     """``mish(normalize_rows(x) * scale + bias)`` with a closed-form backward that keeps two arrays of the
     activation's size from the forward pass (``xhat`` and the per-row ``r``) and materialises two in the backward
     (``gz``, the gradient at Mish's input, and ``gz * xhat``); every row mean and parameter sum is a matrix
     product. Composed from :func:`mish`'s, :func:`scale_shift`'s and :func:`normalize_rows`' own backward
     passes, XLA:CPU kept Mish's derivative as two saved arrays and re-read them, with the output gradient and the
     pre-normalisation activation, in each of the three LayerNorm backward kernels. Same values and gradients
-    within float32 round-off (``tests/nn/test_layers.py``). ``centered``: ``x``'s rows have zero means already
+    within float32 round-off (``tests/nn/test_layers.py``). ``centred``: ``x``'s rows have zero means already
     (:func:`linear_layer_norm_mish`), so the forward pass does not subtract them; the gradient is the same
     closed form, LayerNorm's with respect to its input before centring."""
-    return _layer_norm_mish_fwd(x, scale, bias, eps, centered)[0]
+    return _layer_norm_mish_fwd(x, scale, bias, eps, centred)[0]
 
 
-def _layer_norm_mish_fwd(x, scale, bias, eps, centered):
-    xhat, (_, r) = _normalize_rows_fwd(x, eps, centered)
+def _layer_norm_mish_fwd(x, scale, bias, eps, centred):
+    xhat, (_, r) = _normalize_rows_fwd(x, eps, centred)
     return mish(xhat * scale + bias), (xhat, r, scale, bias)
 
 
-def _layer_norm_mish_bwd(eps, centered, res, g):
+def _layer_norm_mish_bwd(eps, centred, res, g):
     xhat, r, scale, bias = res
     p, q = mish_derivative_parts(xhat * scale + bias)
     gz = g * p / q

@@ -224,8 +224,6 @@ def test_linear_layer_norm_mish_centred_matches_the_layer(x_shape, k_shape, b_sh
     float32 round-off, with its weights centred (inside centred_hidden_layers) or not, on rows whose means are
     large against their spread. Centred, on CPU in float32, its forward takes one row mean of the activation
     (the variance's) where the uncentred layer takes two; with MTDISTILL_XLA_CPU_TUNING=0 neither (reductions)."""
-    from jaxpr_util import equations
-
     from mtdistill_jax.math import mish
     from mtdistill_jax.nn.layers import centred_hidden_layers, layer_norm, linear_layer_norm_mish
     from mtdistill_jax.xla_cpu import TUNING_ENV
