@@ -615,6 +615,10 @@ def time_act(off: Official, size: int, envs: int, repeats: int, bf16: bool = Fal
             "peak": "bfloat16" if bf16 else "float32"}
 
 
+def distill_row_name(teacher_size: int, teacher_bf16: bool, student_size: int, batch_size: int) -> str:
+    return f"distill step, teacher {teacher_size}M{' in bf16' * teacher_bf16} + student {student_size}M, B {batch_size}"
+
+
 def official_teacher(off: Official, size: int, batch_size: int, dropout: float | None = None):
     """(the frozen official ``WorldModel`` of ``size`` with our teacher weights, our teacher model config, those
     weights): our initialisation with noise, seed 10 (the student's is 0)."""
@@ -684,8 +688,8 @@ def time_distill(off: Official, teacher_size: int, repeats: int, student_size: i
     o, m = interleaved(official, ours, repeats)
     flops = _flops(jax.jit(make_distill_update(config, teacher_config)), state, batch_d, jax.random.key(0), None,
                    teacher_d)
-    row = f"distill step, teacher {teacher_size}M{' in bf16' * teacher_bf16} + student {student_size}M, B {batch_size}"
-    return {"row": row, "official": o, "ours": m, "flops": flops, "peak": "bfloat16" if teacher_bf16 else "float32"}
+    return {"row": distill_row_name(teacher_size, teacher_bf16, student_size, batch_size), "official": o, "ours": m,
+            "flops": flops, "peak": "bfloat16" if teacher_bf16 else "float32"}
 
 
 def official_mt30_env(off: Official, tasks: list[str], seed: int = 1):
@@ -708,14 +712,16 @@ def official_mt30_env(off: Official, tasks: list[str], seed: int = 1):
 
 
 def time_eval(off: Official, steps: int, repeats: int, tasks: list[str] | None = None, size: int = 1,
-              episodes: int = 1) -> dict:
-    """Evaluation throughput, ``episodes`` episodes per task (``len(tasks) x episodes`` envs): every call resets
+              episodes: int = 1, official_episodes: int | None = None) -> dict:
+    """Evaluation throughput, ``episodes`` episodes per task (``len(tasks) x episodes`` envs; the official loop
+    ``official_episodes`` per task, default the same: it runs one env after another, so its agent steps per second
+    do not depend on how many episodes follow, and fewer keep a 300-env row's official side short): every call resets
     each env and runs ``steps`` agent steps of the planner (mean action, as evaluations use). Official: its
     evaluation loop (``offline_trainer.eval``: task by task, episode by episode, ``env.reset(task_idx)``, then
     ``act(eval_mode=True)`` and ``env.step`` in dm_control); ours: the batched evaluation program
     (``evaluate.program``: all envs in MJX and the planner, the ``steps`` agent steps in one compiled ``lax.scan``).
     Same weights; the envs' initial states differ (dm_control's and MJX's random draws), the work per agent step is
-    the same."""
+    the same. The speed-up is the ratio of agent steps per second; each side's '% peak' counts its own steps."""
     import jax
 
     from mtdistill_jax.configs import MT30
@@ -723,6 +729,7 @@ def time_eval(off: Official, steps: int, repeats: int, tasks: list[str] | None =
 
     torch = off.torch
     tasks = list(MT30.tasks) if tasks is None else list(tasks)
+    official_episodes = episodes if official_episodes is None else official_episodes
     config = our_config(size, BATCH)
     params, target = same_weights(config.model)
     agent = off.agent(size, config, params, target)
@@ -733,7 +740,7 @@ def time_eval(off: Official, steps: int, repeats: int, tasks: list[str] | None =
         return torch.nn.functional.pad(obs, (0, MT30.obs_pad - obs.shape[0]))
 
     def official():
-        for idx, task_id in [(i, t) for i, t in enumerate(task_ids) for _ in range(episodes)]:
+        for idx, task_id in [(i, t) for i, t in enumerate(task_ids) for _ in range(official_episodes)]:
             obs = padded(env.reset(idx))
             for t in range(steps):
                 obs, _, _, _ = env.step(agent.act(obs, t0=t == 0, eval_mode=True, task=task_id))
@@ -748,14 +755,17 @@ def time_eval(off: Official, steps: int, repeats: int, tasks: list[str] | None =
         jax.block_until_ready(carry)
 
     o, m = interleaved(official, ours, repeats, warmup=False)
-    agent_steps = steps * len(tasks) * episodes
-    for side in (o, m):
-        side["agent_steps_per_s"] = agent_steps / (side["median_ms"] / 1e3)
     from benchmarks.plan import plan_flops
 
-    return {"row": f"evaluation, {len(tasks)} tasks x {episodes} episode{'s' * (episodes > 1)}, {steps} agent steps "
-                   f"({size}M planner)",
-            "official": o, "ours": m, "flops": agent_steps * plan_flops(config), "agent_steps": agent_steps}
+    for side, n in ((o, official_episodes), (m, episodes)):
+        side["agent_steps"] = steps * len(tasks) * n
+        side["agent_steps_per_s"] = side["agent_steps"] / (side["median_ms"] / 1e3)
+        side["flops"] = side["agent_steps"] * plan_flops(config)
+    official_part = "" if official_episodes == episodes else (
+        f"; official x {official_episodes} episode{'s' * (official_episodes > 1)}, one env after another")
+    return {"row": f"evaluation, {len(tasks)} tasks x {episodes} episode{'s' * (episodes > 1)}{official_part}, {steps} "
+                   f"agent steps ({size}M planner)",
+            "official": o, "ours": m, "flops": m["flops"], "agent_steps": m["agent_steps"]}
 
 
 def float32_peaks(res: dict) -> dict:
@@ -780,7 +790,9 @@ def setting_name(args) -> str:
 
 
 def measure(args) -> dict:
-    """One thread setting (this process): versions, matmul throughput, equality checks, timing rows."""
+    """One thread setting (this process): versions, matmul throughput, equality checks, timing rows (those not
+    started within ``--time_budget_s`` of this process's start: skipped, and said so)."""
+    deadline = time.monotonic() + args.time_budget_s if args.time_budget_s else None
     import jax
     import torch
 
@@ -809,6 +821,21 @@ def measure(args) -> dict:
         precision(check=False)
         return checks
 
+    mismatches = []
+
+    def check(fn, *a, **kw) -> dict | None:
+        """One equality check; with ``--on_mismatch=report`` a difference is recorded (the table says so first)
+        and the rows are timed anyway, for machines lent for minutes; by default it stops the run."""
+        try:
+            return fn(*a, **kw)
+        except MismatchError as e:
+            if args.on_mismatch == "stop":
+                raise
+            print(f"[{setting_name(args)}] EQUALITY CHECK FAILED (timing anyway, --on_mismatch=report): {e}",
+                  flush=True)
+            mismatches.append(str(e))
+            return None
+
     precision(check=False)
     off = load_official(args.tdmpc2_repo, TORCH_DEVICES[args.device])
     from benchmarks.common import matmul_peak_gflops
@@ -830,36 +857,48 @@ def measure(args) -> dict:
     precision(check=True)
     if args.child_part == "eval":
         if "main" not in args.parts:  # the planner the evaluation row runs, checked on the same input first
-            result["checks"] = checked({"values": check_values(off)})
+            result["checks"] = checked({"values": check(check_values, off)})
+            result["mismatches"] = mismatches
         precision(check=False)
-        r = time_eval(off, args.eval_steps, args.eval_repeats, args.eval_tasks, episodes=args.eval_episodes)
+        r = time_eval(off, args.eval_steps, args.eval_repeats, args.eval_tasks, episodes=args.eval_episodes,
+                      official_episodes=args.eval_official_episodes)
         print(f"[{setting_name(args)}] {r['row']}: official {r['official']['agent_steps_per_s']:.2f}, ours "
               f"{r['ours']['agent_steps_per_s']:.2f} agent steps/s", flush=True)
+        print(table_row(r, result), flush=True)
         return {**result, "rows": [r], "loadavg_end": os.getloadavg()}
-    checks = {"update": check_update(off), "values": check_values(off)}
+    checks = {"update": check(check_update, off), "values": check(check_values, off)}
     for t in args.teachers:
-        checks[f"distill_{t}"] = check_update(off, teacher_size=t)
+        checks[f"distill_{t}"] = check(check_update, off, teacher_size=t)
     result["checks"] = checked(checks)
-    rows = [lambda s=s: time_update(off, s, args.repeats) for s in args.sizes]
-    rows += [lambda e=e: time_act(off, 1, e, args.repeats if e == 1 else args.act30_repeats) for e in args.act_envs]
+    result["mismatches"] = mismatches
+    c1 = our_config(1, BATCH)  # the rows' names, for a row skipped or failing before it names itself
+    H, c1_bf16 = c1.train.horizon, our_config(1, BATCH)
+    c1_bf16.planner.compute_dtype = "bfloat16"
+    rows = [(update_row_name(s, BATCH, H, False), lambda s=s: time_update(off, s, args.repeats)) for s in args.sizes]
+    rows += [(act_row_name(1, e, c1, False, False),
+              lambda e=e: time_act(off, 1, e, args.repeats if e == 1 else args.act30_repeats)) for e in args.act_envs]
+    rows += [(distill_row_name(t, args.teacher_bf16, 1, BATCH),
+              lambda t=t: time_distill(off, t, args.repeats, teacher_bf16=args.teacher_bf16)) for t in args.teachers]
     if args.bf16:
-        rows += [lambda: time_act(off, 1, 1, args.repeats, bf16=True)]
-    rows += [lambda t=t: time_distill(off, t, args.repeats, teacher_bf16=args.teacher_bf16) for t in args.teachers]
+        rows += [(act_row_name(1, 1, c1_bf16, True, False), lambda: time_act(off, 1, 1, args.repeats, bf16=True))]
     if args.torch_compile:
-        c1 = our_config(1, BATCH)  # the names the rows take when their compile fails
-        rows += [lambda: compile_row(update_row_name(1, BATCH, c1.train.horizon, True),
-                                     lambda: time_update(off, 1, args.repeats, torch_compile=True)),
-                 lambda: compile_row(act_row_name(1, 1, c1, False, True),
-                                     lambda: time_act(off, 1, 1, args.repeats, torch_compile=True))]
+        compiled = [(update_row_name(1, BATCH, H, True), lambda: time_update(off, 1, args.repeats, torch_compile=True)),
+                    (act_row_name(1, 1, c1, False, True),
+                     lambda: time_act(off, 1, 1, args.repeats, torch_compile=True))]
+        rows += [(name, lambda name=name, timed=timed: compile_row(name, timed)) for name, timed in compiled]
     result["rows"] = []
-    for row in rows:
-        r = row()
+    for name, row in rows:
+        if deadline is not None and time.monotonic() > deadline:
+            r = {"row": name, "skipped": f"not started: the run's time budget ({args.time_budget_s:.0f} s) was spent"}
+        else:
+            r = row()
         result["rows"].append(r)
-        if "error" in r:
-            print(f"[{setting_name(args)}] {r['row']}: {r['error']}", flush=True)
+        if "error" in r or "skipped" in r:
+            print(f"[{setting_name(args)}] {r['row']}: {r.get('error') or r['skipped']}", flush=True)
             continue
         print(f"[{setting_name(args)}] {r['row']}: official {r['official']['median_ms']:.1f} ms, ours "
               f"{r['ours']['median_ms']:.1f} ms", flush=True)
+        print(table_row(r, result), flush=True)  # the table's row now: a run stopped later keeps it in its log
     # measured again at the end: a dip in one measurement (another tenant of the host) would skew '% peak'
     result["matmul_gflops_end"] = {"jax": matmul_peak_gflops(n),
                                    "torch": torch_matmul_gflops(torch, n, device=off.device)}
@@ -878,6 +917,34 @@ def cpu_model() -> str:
     except (OSError, subprocess.CalledProcessError):
         pass
     return platform.processor() or "unknown CPU"
+
+
+def eval_steps_text(r: dict) -> str:
+    """The evaluation row's agent steps per call: one count, or each side's where they differ."""
+    official = r["official"].get("agent_steps", r["agent_steps"])
+    if official == r["agent_steps"]:
+        return f"{official}"
+    return f"{official} / {r['agent_steps']} (official / ours; speed-up: the ratio of agent steps per second)"
+
+
+def table_row(r: dict, res: dict) -> str:
+    """One row of the table (``r``: a timing row of the setting ``res``, whose matmul peaks give '% peak')."""
+    if "error" in r or "skipped" in r:
+        return f"| {r['row']} | {'fails: ' + r['error'] if 'error' in r else r['skipped']} | | | | |"
+    o, m = r["official"], r["ours"]
+    peak = ""
+    if r.get("flops"):  # a side's own count where the sides did different work (the evaluation row)
+        g = float32_peaks(res)
+        pk = res["matmul_gflops_bf16"] if r.get("peak") == "bfloat16" and "matmul_gflops_bf16" in res else g
+        po = o.get("flops", r["flops"]) / (o["median_ms"] / 1e3) / 1e9 / pk["torch"] * 100
+        pm = m.get("flops", r["flops"]) / (m["median_ms"] / 1e3) / 1e9 / pk["jax"] * 100
+        peak = f"{po:.0f} / {pm:.0f}"
+    speedup = (m["agent_steps_per_s"] / o["agent_steps_per_s"] if "agent_steps_per_s" in o
+               else o["median_ms"] / m["median_ms"])
+    return (f"| {r['row']} | {o['median_ms']:,.1f} ({o['p10_ms']:,.0f}-{o['p90_ms']:,.0f}) | "
+            f"{m['median_ms']:,.1f} ({m['p10_ms']:,.0f}-{m['p90_ms']:,.0f}) | "
+            f"{speedup:.2f} | {o['first_s']:.1f} / {m['first_s']:.1f} "
+            f"({m['first_s'] - m['median_ms'] / 1e3:.1f}) | {peak} |")
 
 
 def table(results: list[dict], command: str) -> str:
@@ -922,39 +989,29 @@ def table(results: list[dict], command: str) -> str:
                   "| row | official ms | ours ms | speed-up | first call: official / ours s (ours' compile) | "
                   "% peak: official / ours |",
                   "|---|---|---|---|---|---|"]
-        for r in res["rows"]:
-            if "error" in r:
-                lines.append(f"| {r['row']} | fails: {r['error']} | | | | |")
-                continue
-            o, m = r["official"], r["ours"]
-            peak = ""
-            if r.get("flops"):
-                pk = res["matmul_gflops_bf16"] if r.get("peak") == "bfloat16" and "matmul_gflops_bf16" in res else g
-                po = r["flops"] / (o["median_ms"] / 1e3) / 1e9 / pk["torch"] * 100
-                pm = r["flops"] / (m["median_ms"] / 1e3) / 1e9 / pk["jax"] * 100
-                peak = f"{po:.0f} / {pm:.0f}"
-            lines.append(f"| {r['row']} | {o['median_ms']:,.1f} ({o['p10_ms']:,.0f}-{o['p90_ms']:,.0f}) | "
-                         f"{m['median_ms']:,.1f} ({m['p10_ms']:,.0f}-{m['p90_ms']:,.0f}) | "
-                         f"{o['median_ms'] / m['median_ms']:.2f} | {o['first_s']:.1f} / {m['first_s']:.1f} "
-                         f"({m['first_s'] - m['median_ms'] / 1e3:.1f}) | {peak} |")
+        lines += [table_row(r, res) for r in res["rows"]]
         for r in res["rows"]:
             if "agent_steps" in r:
                 lines += ["", f"Evaluation row: official {r['official']['agent_steps_per_s']:.2f} agent steps/s "
                           f"(dm_control + its act loop, one task after another), ours "
                           f"{r['ours']['agent_steps_per_s']:.2f} (one MJX + planner program, all tasks batched); "
-                          f"every call resets the envs and runs {r['agent_steps']} agent steps; first call: ours "
+                          f"every call resets the envs and runs {eval_steps_text(r)} agent steps; first call: ours "
                           f"compiles the program. That process's XLA_FLAGS: `{res.get('eval_xla_flags', '')}`."]
-        c = res["checks"]
+        c = {k: v for k, v in res["checks"].items() if v is not None}  # None: that check failed (mismatches)
         checked = []
         if "update" in c:
             checked.append(f"TD targets within {c['update']['td_targets_max_abs']:.1e}, losses and grad norms within "
                            f"{max(v for k, v in c['update'].items() if k.endswith('_rel')):.1e} relative, parameters "
                            f"after one update within {c['update']['params_after_max_abs']:.1e}")
-        checked.append(f"planner values of 512 samples within {c['values']['values_max_abs']:.1e} (|value| "
-                       f"{c['values']['values_abs_range'][0]:.2g}-{c['values']['values_abs_range'][1]:.2g}), same "
-                       f"top-64 elites: {c['values']['same_elites']}")
+        if "values" in c:
+            checked.append(f"planner values of 512 samples within {c['values']['values_max_abs']:.1e} (|value| "
+                           f"{c['values']['values_abs_range'][0]:.2g}-{c['values']['values_abs_range'][1]:.2g}), "
+                           f"same top-64 elites: {c['values']['same_elites']}")
         lines += ["", "Equality before timing (size 1, dropout 0, same weights and draws): " + "; ".join(checked)
                   + "."]
+        if res.get("mismatches"):
+            lines += ["", "**Equality checks FAILED** (the rows above were timed anyway, `--on_mismatch=report`): "
+                      + "; ".join(res["mismatches"]) + "."]
         for name, d in c.items():
             if name.startswith("distill_"):
                 lines[-1] += (f" Distillation step (teacher {name.split('_')[1]}M, the two-pass PyTorch version): "
@@ -994,7 +1051,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval_steps", type=int, default=None,
                    help="agent steps per task of the evaluation-throughput row (default 10; --quick: 0, no row)")
     p.add_argument("--eval_tasks", default="all", help="MT30 tasks of the evaluation row (comma-separated, or all)")
+    p.add_argument("--eval_official_episodes", type=int, default=None,
+                   help="episodes per task of the official side of the evaluation row (default --eval_episodes): "
+                        "its loop runs one env after another, so its agent steps/s do not depend on the count")
     p.add_argument("--eval_repeats", type=int, default=2, help="timed calls per side of the evaluation row")
+    p.add_argument("--on_mismatch", default="stop", choices=("stop", "report"),
+                   help="an equality check that fails: stop before timing (default), or report it in the table "
+                        "and time the rows anyway (for machines lent for minutes)")
+    p.add_argument("--time_budget_s", type=float, default=0.0,
+                   help="seconds after a thread setting's process starts past which no further row is started "
+                        "(those are listed as skipped; 0: no budget), for machines that cap a command's time")
     p.add_argument("--parts", default="main,eval",
                    help="what to run, comma-separated: main (the equality checks, then the update, act and "
                         "distillation rows), eval (the evaluation row; alone, after the planner-value check)")
@@ -1010,8 +1076,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.threads = args.threads or ("2" if args.quick else "1,2")
     if args.act_envs is None:
         args.act_envs = "1,30,300" if args.device == "gpu" else "1,30"
-    if args.eval_episodes < 1:
-        p.error(f"--eval_episodes must be >= 1, got {args.eval_episodes}")
+    if args.eval_official_episodes is None:
+        args.eval_official_episodes = args.eval_episodes
+    if args.eval_episodes < 1 or args.eval_official_episodes < 1:
+        p.error(f"--eval_episodes and --eval_official_episodes must be >= 1, got {args.eval_episodes}, "
+                f"{args.eval_official_episodes}")
+    if args.time_budget_s < 0:
+        p.error(f"--time_budget_s must be >= 0 (0: no budget), got {args.time_budget_s}")
     args.repeats = args.repeats or (6 if args.quick else 20)
     args.act30_repeats = args.act30_repeats or (3 if args.quick else 20)
     if args.eval_steps is None:
@@ -1060,19 +1131,22 @@ def run_child(args, threads: int, part: str) -> dict:
     """One thread setting's rows in a fresh process (``part`` "main": checks and rows 1-3; "eval": the evaluation
     row, in a process of its own because its 30-task program needs XLA:CPU's fewer-kernel emitters, as
     ``launch/evaluate.py`` sets them, which must not change the other rows)."""
-    from mtdistill_jax.xla_cpu import FEWER_KERNELS_FLAG, add_flags
+    from mtdistill_jax.xla_cpu import add_flags, use_fewer_kernels
 
     out = Path(args.out).with_suffix(f".threads{threads}.{part}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     if threads == 1 and args.device == "cpu":  # XLA's Eigen thread pool off; affinity keeps both frameworks on one core
         add_flags(("--xla_cpu_multi_thread_eigen=false",), env)
     if part == "eval" and args.device == "cpu":
-        add_flags((FEWER_KERNELS_FLAG,), env)
+        use_fewer_kernels(env)
     if args.device == "gpu":  # JAX takes GPU memory as it needs it: torch shares the device in this process
         env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     cmd = [sys.executable, str(Path(__file__).resolve()), f"--tdmpc2_repo={args.tdmpc2_repo}",
            f"--device={args.device}", f"--act_envs={','.join(map(str, args.act_envs))}",
            "--teacher_bf16" if args.teacher_bf16 else "--no-teacher_bf16", f"--eval_episodes={args.eval_episodes}",
+           f"--eval_official_episodes={args.eval_official_episodes}", f"--time_budget_s={args.time_budget_s}",
+           f"--on_mismatch={args.on_mismatch}",
            f"--threads={threads}", f"--sizes={','.join(map(str, args.sizes))}",
            f"--teachers={','.join(map(str, args.teachers))}", f"--repeats={args.repeats}",
            f"--act30_repeats={args.act30_repeats}", f"--eval_steps={args.eval_steps}",

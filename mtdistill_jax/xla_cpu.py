@@ -48,6 +48,8 @@ import sys
 from mtdistill_jax.errors import UserError
 
 FEWER_KERNELS_FLAG = "--xla_cpu_use_fusion_emitters=false"
+# The first jaxlib whose XLA no longer knows that flag (0.11.2 aborts on it: "Unknown flag in XLA_FLAGS").
+FEWER_KERNELS_MAX_JAXLIB = (0, 11, 0)
 # Flags tune_for_cpu adds (each only where XLA_FLAGS does not already name it), and the jaxlib version they were
 # measured on: an XLA that does not know a flag aborts the process, so older jaxlibs are left alone.
 SPEED_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
@@ -88,14 +90,28 @@ def fewer_kernels_on(environ=os.environ) -> bool:
     return FEWER_KERNELS_FLAG in environ.get("XLA_FLAGS", "").split()
 
 
-def use_fewer_kernels(environ=os.environ) -> bool:
-    """Add :data:`FEWER_KERNELS_FLAG` to ``XLA_FLAGS`` unless the user set ``xla_cpu_use_fusion_emitters``.
+def use_fewer_kernels(environ=os.environ, jaxlib_version: str | None = None) -> bool:
+    """Add :data:`FEWER_KERNELS_FLAG` to ``XLA_FLAGS`` unless the user set ``xla_cpu_use_fusion_emitters`` or the
+    installed jaxlib (``jaxlib_version``, default the installed one) is :data:`FEWER_KERNELS_MAX_JAXLIB` or newer,
+    whose XLA would abort on the flag.
 
     Returns whether the flag is now in effect. Call before JAX initialises its backends (first
     ``jax.devices()`` or computation); afterwards XLA has already read its flags.
     """
-    add_flags((FEWER_KERNELS_FLAG,), environ)
+    if jaxlib_version is None:
+        jaxlib_version = _installed_jaxlib()
+    if jaxlib_version is None or _version_tuple(jaxlib_version) < FEWER_KERNELS_MAX_JAXLIB:
+        add_flags((FEWER_KERNELS_FLAG,), environ)
     return fewer_kernels_on(environ)
+
+
+def _installed_jaxlib() -> str | None:
+    """The installed jaxlib's version, read without starting JAX, or None."""
+    try:
+        from jaxlib.version import __version__
+    except ImportError:
+        return None
+    return __version__
 
 
 def add_flags(flags, environ=os.environ) -> list[str]:
@@ -126,11 +142,8 @@ def tune_for_cpu(environ=os.environ, jaxlib_version: str | None = None) -> list[
     if environ.get(TUNING_ENV, "1") == "0":
         return []
     if jaxlib_version is None:
-        try:
-            from jaxlib.version import __version__ as jaxlib_version
-        except ImportError:
-            return []
-    if _version_tuple(jaxlib_version) < SPEED_FLAGS_MIN_JAXLIB:
+        jaxlib_version = _installed_jaxlib()
+    if jaxlib_version is None or _version_tuple(jaxlib_version) < SPEED_FLAGS_MIN_JAXLIB:
         return []
     return add_flags(SPEED_FLAGS, environ)
 

@@ -117,7 +117,7 @@ def test_report_table_of_the_evaluation_row_alone():
     """``--parts=eval``: the row, and of the equality checks only the planner values that row's planner ran."""
     ev = {"row": "evaluation, 30 tasks x 1 episode, 10 agent steps (1M planner)", "agent_steps": 300,
           "official": {"median_ms": 90000.0, "p10_ms": 89000.0, "p90_ms": 91000.0, "first_s": 80.0,
-                       "agent_steps_per_s": 3.3},
+                       "agent_steps_per_s": 300 / 90},
           "ours": {"median_ms": 60000.0, "p10_ms": 59000.0, "p90_ms": 61000.0, "first_s": 600.0,
                    "agent_steps_per_s": 5.0}}
     res = {"threads": 1, "jax": "0.x", "torch": "2.x", "matmul_gflops": {"jax": 100.0, "torch": 50.0},
@@ -208,3 +208,62 @@ def test_bf16_teacher_distillation_row_runs(official):
     r = co.time_distill(official, 1, repeats=2, batch_size=8, teacher_bf16=True)
     assert r["row"] == "distill step, teacher 1M in bf16 + student 1M, B 8" and r["peak"] == "bfloat16"
     assert r["official"]["median_ms"] > 0 and r["ours"]["median_ms"] > 0 and r["flops"] > 0
+
+
+def test_budget_mismatch_and_official_episode_arguments():
+    args = co.parse_args(["--tdmpc2_repo=x"])
+    assert (args.time_budget_s, args.on_mismatch, args.eval_official_episodes) == (0.0, "stop", 1)
+    args = co.parse_args(["--tdmpc2_repo=x", "--eval_episodes=10", "--time_budget_s=200", "--on_mismatch=report"])
+    assert (args.time_budget_s, args.on_mismatch, args.eval_official_episodes) == (200.0, "report", 10)
+    assert co.parse_args(["--tdmpc2_repo=x", "--eval_episodes=10", "--eval_official_episodes=1"]
+                         ).eval_official_episodes == 1
+    for bad in (["--time_budget_s=-1"], ["--on_mismatch=ignore"], ["--eval_official_episodes=0"]):
+        with pytest.raises(SystemExit):
+            co.parse_args(["--tdmpc2_repo=x", *bad])
+
+
+def test_report_table_with_skipped_rows_a_failed_check_and_fewer_official_episodes():
+    """A row not started within the time budget is listed as skipped; a failed equality check (``--on_mismatch=
+    report``) is stated and its check left out; an evaluation row whose official side ran 1 episode per task where
+    ours ran 10 compares agent steps per second, each side's '% peak' from its own steps."""
+    skipped = {"row": "update MT30 5M, B 256, H 3", "skipped": "not started: the run's time budget (200 s) was spent"}
+    ev = {"row": "evaluation, 30 tasks x 10 episodes; official x 1 episode, one env after another, 10 agent steps "
+                 "(1M planner)", "flops": 3000 * 1e9, "agent_steps": 3000,
+          "official": {"median_ms": 10000.0, "p10_ms": 9900.0, "p90_ms": 10100.0, "first_s": 10.0,
+                       "agent_steps": 300, "agent_steps_per_s": 30.0, "flops": 300 * 1e9},
+          "ours": {"median_ms": 1000.0, "p10_ms": 990.0, "p90_ms": 1010.0, "first_s": 100.0, "agent_steps": 3000,
+                   "agent_steps_per_s": 3000.0, "flops": 3000 * 1e9}}
+    res = {"threads": 16, "device": "gpu", "device_name": "NVIDIA H200", "jax": "0.x", "torch": "2.x",
+           "matmul_n": 8192, "matmul_gflops": {"jax": 50000.0, "torch": 40000.0}, "loadavg_start": (0.1, 0, 0),
+           "loadavg_end": (0.2, 0, 0), "rows": [skipped, ev], "xla_flags": "", "eval_xla_flags": "",
+           "checks": {"update": None, "values": {"values_max_abs": 3e-6, "values_abs_range": [0.001, 0.5],
+                                                 "same_elites": True}},
+           "mismatches": ["update step, size 1: TD targets differ by 2.00e-05 (> 1e-05)"]}
+    text = co.table([res], "cmd")
+    assert "| update MT30 5M, B 256, H 3 | not started: the run's time budget (200 s) was spent | | | | |" in text
+    assert ("**Equality checks FAILED** (the rows above were timed anyway, `--on_mismatch=report`): update step, "
+            "size 1: TD targets differ by 2.00e-05 (> 1e-05).") in text
+    assert "TD targets within" not in text and "planner values of 512 samples within 3.0e-06" in text
+    # speed-up 3000 / 30 agent steps/s = 100 (the calls' times alone would say 10); % peak: 300 GFLOP in 10 s of
+    # torch's 40,000 GFLOP/s = 0.075 %, 3000 GFLOP in 1 s of jax's 50,000 = 6 %
+    assert "| 10,000.0 (9,900-10,100) | 1,000.0 (990-1,010) | 100.00 | 10.0 / 100.0 (99.0) | 0 / 6 |" in text
+    assert "runs 300 / 3000 (official / ours; speed-up: the ratio of agent steps per second) agent steps" in text
+    assert co.table_row(ev, res) in text.splitlines()
+
+
+def test_a_spent_budget_skips_rows_and_report_keeps_timing(official, monkeypatch, tmp_path):
+    """``measure`` with a budget spent before the first row: the equality checks run, every row is listed as
+    skipped; with ``--on_mismatch=report`` a failing check (planner values, tolerance 0) is recorded, not raised,
+    and with the default ``stop`` it raises."""
+    monkeypatch.setattr(co, "VALUE_ATOL", 0.0)
+    argv = [f"--tdmpc2_repo={official.root.parent}", "--threads=1", "--sizes=1", "--teachers=1", "--act_envs=1",
+            "--no-bf16", "--time_budget_s=1e-9", "--on_mismatch=report", f"--child_json={tmp_path / 'r.json'}"]
+    res = co.measure(co.parse_args(argv))
+    assert [r["row"] for r in res["rows"]] == [co.update_row_name(1, co.BATCH, 3, False),
+                                               co.act_row_name(1, 1, co.our_config(1, co.BATCH), False, False),
+                                               co.distill_row_name(1, False, 1, co.BATCH)]
+    assert all("time budget" in r["skipped"] for r in res["rows"])
+    assert res["checks"]["values"] is None and res["checks"]["update"]["td_targets_max_abs"] < co.TD_ATOL
+    assert len(res["mismatches"]) == 1 and res["mismatches"][0].startswith("planner values, size 1")
+    with pytest.raises(co.MismatchError, match="planner values"):
+        co.measure(co.parse_args([a for a in argv if not a.startswith("--on_mismatch")]))

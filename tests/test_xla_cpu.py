@@ -28,6 +28,16 @@ def test_use_fewer_kernels_adds_flag_once_and_keeps_others():
     assert not xla_cpu.use_fewer_kernels(user) and user["XLA_FLAGS"] == "--xla_cpu_use_fusion_emitters=true"
 
 
+def test_use_fewer_kernels_leaves_a_jaxlib_without_the_flag_alone():
+    """jaxlib 0.11's XLA no longer knows the flag and aborts the process on it: nothing is added there."""
+    for version in ("0.11.2", "0.12.0.1"):
+        env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+        assert not xla_cpu.use_fewer_kernels(env, jaxlib_version=version)
+        assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
+    env = {}
+    assert xla_cpu.use_fewer_kernels(env, jaxlib_version="0.10.2") and env["XLA_FLAGS"] == xla_cpu.FEWER_KERNELS_FLAG
+
+
 def test_check_mapping_budget():
     per = xla_cpu.MAPS_PER_PHYSICS
     xla_cpu.check_mapping_budget(30, "cpu", limit=65530, current=3000, fewer_kernels=True)  # 30 x 1850 fits

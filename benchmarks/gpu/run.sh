@@ -27,9 +27,14 @@
 #                              pack_deps.py --official for its tensordict and gymnasium
 #   COMPARE_SIZES=1,5 COMPARE_TEACHERS=317 COMPARE_REPEATS=6 COMPARE_ACT_REPEATS=3
 #   COMPARE_TORCH_COMPILE=0     1 adds the official update and act under torch.compile (minutes of compile more)
-#   COMPARE_EVAL_EPISODES=10 COMPARE_EVAL_STEPS=10
+#   COMPARE_BUDGET=0            seconds after which the compare part starts no further row (listed as skipped)
+#   COMPARE_ON_MISMATCH=stop    report: an equality check that fails is stated in the table, the rows timed anyway
+#   COMPARE_EVAL_EPISODES=10 COMPARE_EVAL_STEPS=10 COMPARE_EVAL_TASKS=all
+#   COMPARE_EVAL_OFFICIAL_EPISODES=  episodes per task of the official loop (default COMPARE_EVAL_EPISODES; its
+#                              loop runs one env after another, so fewer give the same agent steps/s sooner)
 #   MUJOCO_GL=disable          nothing here renders (an image without EGL loaders still imports dm_control)
-#   STEP_TIMEOUT=540           seconds each part may run before it is stopped (its log so far is kept)
+#   STEP_TIMEOUT=540           seconds each part may run before it is stopped (its log so far is kept);
+#                              TIMEOUT_<part> (e.g. TIMEOUT_compare_eval=200) for one part
 #   ALLOW_CPU=0                1 runs the same parts on a CPU backend (a dry run of the script itself)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -73,7 +78,8 @@ fi
 device=gpu
 [[ "$backend" != "gpu" ]] && device=cpu  # an ALLOW_CPU dry run compares on the CPU
 compare=("$py" benchmarks/compare_official.py "--tdmpc2_repo=${TDMPC2_REPO:-.gpu/tdmpc2}" "--device=$device"
-         "--repeats=${COMPARE_REPEATS:-6}" "--act30_repeats=${COMPARE_ACT_REPEATS:-3}")
+         "--repeats=${COMPARE_REPEATS:-6}" "--act30_repeats=${COMPARE_ACT_REPEATS:-3}"
+         "--on_mismatch=${COMPARE_ON_MISMATCH:-stop}")
 [[ $device == cpu ]] && compare+=(--threads=1)
 compile_rows=--no-torch_compile
 [[ "${COMPARE_TORCH_COMPILE:-0}" == 1 ]] && compile_rows=--torch_compile
@@ -90,10 +96,13 @@ for part in $parts; do
       cmd=("$py" benchmarks/compile_eval.py --tasks "${COMPILE_TASKS:-all}") ;;
     compare)
       cmd=("${compare[@]}" --parts=main "--sizes=${COMPARE_SIZES:-1,5}" "--teachers=${COMPARE_TEACHERS:-317}"
-           --teacher_bf16 "$compile_rows" --eval_steps=0 "--out=$out/compare_official_gpu.md") ;;
+           --teacher_bf16 "$compile_rows" --eval_steps=0 "--time_budget_s=${COMPARE_BUDGET:-0}"
+           "--out=$out/compare_official_gpu.md") ;;
     compare_eval)
       cmd=("${compare[@]}" --parts=eval "--eval_steps=${COMPARE_EVAL_STEPS:-10}"
-           "--eval_episodes=${COMPARE_EVAL_EPISODES:-10}" "--out=$out/compare_official_gpu_eval.md") ;;
+           "--eval_episodes=${COMPARE_EVAL_EPISODES:-10}" "--eval_tasks=${COMPARE_EVAL_TASKS:-all}"
+           "--eval_official_episodes=${COMPARE_EVAL_OFFICIAL_EPISODES:-${COMPARE_EVAL_EPISODES:-10}}"
+           "--out=$out/compare_official_gpu_eval.md") ;;
     *) echo "unknown part '$part' (online, compile, compare, compare_eval)" >&2; exit 2 ;;
   esac
   if [[ $part == compare* ]] && ! "$py" -c "import tensordict, gymnasium" >/dev/null 2>&1; then
@@ -103,7 +112,8 @@ for part in $parts; do
   fi
   echo "== $part: ${cmd[*]}"
   start=$(date +%s)
-  timeout "$step_timeout" "${cmd[@]}" 2>&1 | tee "$out/$part.log"
+  part_timeout_var="TIMEOUT_$part"
+  timeout "${!part_timeout_var:-$step_timeout}" "${cmd[@]}" 2>&1 | tee "$out/$part.log"
   rc=${PIPESTATUS[0]}
   took=$(( $(date +%s) - start ))
   { echo; echo "## $part (exit $rc, ${took} s wall): \`${cmd[*]}\`"; grep -E '^\||^\[|GiB|compile' "$out/$part.log"; } >> "$summary"
