@@ -469,10 +469,15 @@ def interleaved(official_call, our_call, repeats: int, warmup: bool = True) -> t
 
 
 def _flops(jitted, *args) -> float | None:
-    """FLOPs of ``jitted`` on ``args`` as XLA counts them (the lowered program's cost analysis), or None."""
+    """FLOPs of ``jitted`` on ``args`` as XLA counts them (the lowered program's cost analysis), or None. Where the
+    backend's lowering gives none (jax 0.11's GPU backend), the same program lowered for the CPU is counted: the
+    FLOPs are the program's, not the backend's."""
     from benchmarks.common import cost_flops
 
-    return cost_flops(jitted.lower(*args))
+    flops = cost_flops(jitted.lower(*args))
+    if flops is None:
+        flops = cost_flops(jitted.trace(*args).lower(lowering_platforms=("cpu",)))
+    return flops
 
 
 def torch_matmul_gflops(torch, n: int = 2048, repeats: int = 10, device="cpu", dtype=None) -> float:
@@ -733,7 +738,9 @@ def time_eval(off: Official, steps: int, repeats: int, tasks: list[str] | None =
     config = our_config(size, BATCH)
     params, target = same_weights(config.model)
     agent = off.agent(size, config, params, target)
+    t = time.perf_counter()
     env = official_mt30_env(off, tasks)
+    print(f"evaluation row: the official envs built in {time.perf_counter() - t:.1f} s", flush=True)
     task_ids = [MT30.tasks.index(t) for t in tasks]
 
     def padded(obs):  # the wrapper pads to the largest of the tasks given; the MT30 model reads MT30.obs_pad
@@ -746,7 +753,10 @@ def time_eval(off: Official, steps: int, repeats: int, tasks: list[str] | None =
                 obs, _, _, _ = env.step(agent.act(obs, t0=t == 0, eval_mode=True, task=task_id))
                 obs = padded(obs)
 
+    t = time.perf_counter()
     _, init, run_chunk = make_eval_program(config, tasks, episodes, mode="mean", chunk=steps)
+    print(f"evaluation row: our program's MJX envs built in {time.perf_counter() - t:.1f} s; its first call compiles "
+          "it", flush=True)
     init_j, run_j = jax.jit(init), jax.jit(run_chunk)
     keys = iter(jax.random.split(jax.random.key(0), 2 * repeats + 4))
 
@@ -866,9 +876,11 @@ def measure(args) -> dict:
               f"{r['ours']['agent_steps_per_s']:.2f} agent steps/s", flush=True)
         print(table_row(r, result), flush=True)
         return {**result, "rows": [r], "loadavg_end": os.getloadavg()}
-    checks = {"update": check(check_update, off), "values": check(check_values, off)}
-    for t in args.teachers:
-        checks[f"distill_{t}"] = check(check_update, off, teacher_size=t)
+    checks = {}
+    if args.checks:
+        checks = {"update": check(check_update, off), "values": check(check_values, off)}
+        for t in args.teachers:
+            checks[f"distill_{t}"] = check(check_update, off, teacher_size=t)
     result["checks"] = checked(checks)
     result["mismatches"] = mismatches
     c1 = our_config(1, BATCH)  # the rows' names, for a row skipped or failing before it names itself
@@ -1008,7 +1020,7 @@ def table(results: list[dict], command: str) -> str:
                            f"{c['values']['values_abs_range'][0]:.2g}-{c['values']['values_abs_range'][1]:.2g}), "
                            f"same top-64 elites: {c['values']['same_elites']}")
         lines += ["", "Equality before timing (size 1, dropout 0, same weights and draws): " + "; ".join(checked)
-                  + "."]
+                  + "." if checked else "No equality checks in this run (`--no-checks`)."]
         if res.get("mismatches"):
             lines += ["", "**Equality checks FAILED** (the rows above were timed anyway, `--on_mismatch=report`): "
                       + "; ".join(res["mismatches"]) + "."]
@@ -1055,6 +1067,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="episodes per task of the official side of the evaluation row (default --eval_episodes): "
                         "its loop runs one env after another, so its agent steps/s do not depend on the count")
     p.add_argument("--eval_repeats", type=int, default=2, help="timed calls per side of the evaluation row")
+    p.add_argument("--checks", action=argparse.BooleanOptionalAction, default=True,
+                   help="the equality checks before timing (--no-checks: none, e.g. a second run of rows on a "
+                        "machine where they passed; the table says so)")
     p.add_argument("--on_mismatch", default="stop", choices=("stop", "report"),
                    help="an equality check that fails: stop before timing (default), or report it in the table "
                         "and time the rows anyway (for machines lent for minutes)")
@@ -1146,7 +1161,7 @@ def run_child(args, threads: int, part: str) -> dict:
            f"--device={args.device}", f"--act_envs={','.join(map(str, args.act_envs))}",
            "--teacher_bf16" if args.teacher_bf16 else "--no-teacher_bf16", f"--eval_episodes={args.eval_episodes}",
            f"--eval_official_episodes={args.eval_official_episodes}", f"--time_budget_s={args.time_budget_s}",
-           f"--on_mismatch={args.on_mismatch}",
+           f"--on_mismatch={args.on_mismatch}", "--checks" if args.checks else "--no-checks",
            f"--threads={threads}", f"--sizes={','.join(map(str, args.sizes))}",
            f"--teachers={','.join(map(str, args.teachers))}", f"--repeats={args.repeats}",
            f"--act30_repeats={args.act30_repeats}", f"--eval_steps={args.eval_steps}",

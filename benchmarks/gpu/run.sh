@@ -25,9 +25,10 @@
 #   TDMPC2_REPO=.gpu/tdmpc2    a checkout of github.com/nicklashansen/tdmpc2 (tested at e9f5932; its tdmpc2/ folder
 #                              and config are what is read), for the compare parts; pack the archive with
 #                              pack_deps.py --official for its tensordict and gymnasium
-#   COMPARE_SIZES=1,5 COMPARE_TEACHERS=317 COMPARE_REPEATS=6 COMPARE_ACT_REPEATS=3
+#   COMPARE_SIZES=1,5 (empty: no update rows) COMPARE_TEACHERS=317 COMPARE_REPEATS=6 COMPARE_ACT_REPEATS=3
 #   COMPARE_TORCH_COMPILE=0     1 adds the official update and act under torch.compile (minutes of compile more)
 #   COMPARE_BUDGET=0            seconds after which the compare part starts no further row (listed as skipped)
+#   COMPARE_ACT_ENVS=1,30,300 COMPARE_BF16=1 COMPARE_CHECKS=1 (0: --no-checks, rows only)
 #   COMPARE_ON_MISMATCH=stop    report: an equality check that fails is stated in the table, the rows timed anyway
 #   COMPARE_EVAL_EPISODES=10 COMPARE_EVAL_STEPS=10 COMPARE_EVAL_TASKS=all
 #   COMPARE_EVAL_OFFICIAL_EPISODES=  episodes per task of the official loop (default COMPARE_EVAL_EPISODES; its
@@ -82,6 +83,10 @@ compare=("$py" benchmarks/compare_official.py "--tdmpc2_repo=${TDMPC2_REPO:-.gpu
          "--on_mismatch=${COMPARE_ON_MISMATCH:-stop}")
 [[ $device == cpu ]] && compare+=(--threads=1)
 compile_rows=--no-torch_compile
+checks=--checks
+[[ "${COMPARE_CHECKS:-1}" == 0 ]] && checks=--no-checks
+bf16=--bf16
+[[ "${COMPARE_BF16:-1}" == 0 ]] && bf16=--no-bf16
 [[ "${COMPARE_TORCH_COMPILE:-0}" == 1 ]] && compile_rows=--torch_compile
 
 status=0
@@ -95,8 +100,9 @@ for part in $parts; do
     compile)
       cmd=("$py" benchmarks/compile_eval.py --tasks "${COMPILE_TASKS:-all}") ;;
     compare)
-      cmd=("${compare[@]}" --parts=main "--sizes=${COMPARE_SIZES:-1,5}" "--teachers=${COMPARE_TEACHERS:-317}"
+      cmd=("${compare[@]}" --parts=main "--sizes=${COMPARE_SIZES-1,5}" "--teachers=${COMPARE_TEACHERS:-317}"
            --teacher_bf16 "$compile_rows" --eval_steps=0 "--time_budget_s=${COMPARE_BUDGET:-0}"
+           "--act_envs=${COMPARE_ACT_ENVS:-1,30,300}" "$checks" "$bf16"
            "--out=$out/compare_official_gpu.md") ;;
     compare_eval)
       cmd=("${compare[@]}" --parts=eval "--eval_steps=${COMPARE_EVAL_STEPS:-10}"
