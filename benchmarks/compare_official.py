@@ -24,7 +24,8 @@ and XLA's Eigen pool off; 2 = two cores) runs in its own process:
    stops the run (exit 1) before anything is timed.
 2. **Timing rows**, medians and p10-p90 of ``--repeats`` calls after warm-up, the two sides interleaved twice
    (official half, ours half, official half, ours half); the first call (ours: compile) apart:
-   update step (MT30, batch 256, horizon 3, sizes ``--sizes``, dropout 0.01 as official); planning for one env
+   update step (MT30, batch 256, horizon 3, sizes ``--sizes``, dropout 0.01 as official; both sides move their
+   parameters every call, ours donating and threading its state as training does); planning for one env
    (official ``act``: 6 MPPI iterations of 512 samples); planning for 30 envs (official: 30 ``act`` calls in a
    loop, each env's warm-start mean swapped in; ours: one batched call); a distillation step, teacher
    ``--teachers`` (5M) + student 1M (ours: one fused program; PyTorch: the teacher's reward prediction under
@@ -528,10 +529,13 @@ def time_update(off: Official, size: int, repeats: int, batch_size: int = BATCH,
     agent = off.agent(size, config, params, target, batch_size=batch_size)
     batch = random_batch(np.random.default_rng(0), batch_size, config.train.horizon)
     tb = torch_batch(off.torch, batch, off.device)
-    learner = Learner(config, donate=False)
-    state = learner.init(params=params, target_q_params=target)
+    learner = Learner(config)  # the state donated and threaded through the calls, as training runs it (and as
+    state = learner.init(params=params, target_q_params=target)  # the official update moves its params in place)
     batch_d = jax.device_put(batch)
+    flops = _flops(jax.jit(make_update_fn(make_world_model(config.model), config)), state, batch_d,
+                   jax.random.key(0))
     keys = iter(jax.random.split(jax.random.key(0), 4 * repeats + 8))
+    states = [state]
 
     update = torch_compiled(off.torch, agent._update, off.device) if torch_compile else agent._update
     graphs = torch_compile and off.device.type == "cuda"  # CUDA graphs: a new step, as the official ``update`` marks
@@ -543,12 +547,12 @@ def time_update(off: Official, size: int, repeats: int, batch_size: int = BATCH,
         off.sync()
 
     def ours():
-        jax.block_until_ready(learner.update_jit(state, batch_d, next(keys)))
+        states[0], metrics = learner.update_jit(states[0], batch_d, next(keys))
+        jax.block_until_ready((states[0], metrics))
 
     o, m = interleaved(official, ours, repeats)
     return {"row": update_row_name(size, batch_size, config.train.horizon, torch_compile), "official": o, "ours": m,
-            "flops": _flops(jax.jit(make_update_fn(make_world_model(config.model), config)), state, batch_d,
-                            jax.random.key(0))}
+            "flops": flops}
 
 
 def update_row_name(size: int, batch_size: int, horizon: int, torch_compile: bool) -> str:
@@ -683,16 +687,18 @@ def time_distill(off: Official, teacher_size: int, repeats: int, student_size: i
         off.sync()
 
     state = init_distill_state(config, teacher_config, params=params, target_q_params=target)
-    step = make_distill_step(config, teacher_config, donate=False)
+    step = make_distill_step(config, teacher_config)  # the student state donated and threaded, as in training
     teacher_d, batch_d = jax.device_put(t_params), jax.device_put(batch)
-    keys = iter(jax.random.split(jax.random.key(0), 4 * repeats + 8))
-
-    def ours():
-        jax.block_until_ready(step(state, teacher_d, batch_d, next(keys)))
-
-    o, m = interleaved(official, ours, repeats)
     flops = _flops(jax.jit(make_distill_update(config, teacher_config)), state, batch_d, jax.random.key(0), None,
                    teacher_d)
+    keys = iter(jax.random.split(jax.random.key(0), 4 * repeats + 8))
+    states = [state]
+
+    def ours():
+        states[0], metrics = step(states[0], teacher_d, batch_d, next(keys))
+        jax.block_until_ready((states[0], metrics))
+
+    o, m = interleaved(official, ours, repeats)
     return {"row": distill_row_name(teacher_size, teacher_bf16, student_size, batch_size), "official": o, "ours": m,
             "flops": flops, "peak": "bfloat16" if teacher_bf16 else "float32"}
 

@@ -267,3 +267,11 @@ def test_a_spent_budget_skips_rows_and_report_keeps_timing(official, monkeypatch
     assert len(res["mismatches"]) == 1 and res["mismatches"][0].startswith("planner values, size 1")
     with pytest.raises(co.MismatchError, match="planner values"):
         co.measure(co.parse_args([a for a in argv if not a.startswith("--on_mismatch")]))
+
+
+def test_update_row_threads_its_donated_state(official):
+    """The update row donates our state and threads it through the calls, as training does (a call on a donated,
+    deleted state would raise), and counts the program's FLOPs before the first donation."""
+    r = co.time_update(official, 1, repeats=2, batch_size=8)
+    assert r["row"] == "update MT30 1M, B 8, H 3" and r["flops"] > 0
+    assert r["official"]["median_ms"] > 0 and r["ours"]["median_ms"] > 0 and r["ours"]["n"] == 2
