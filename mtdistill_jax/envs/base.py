@@ -293,8 +293,8 @@ class DMCEnv(mjx_env.MjxEnv, abc.ABC):
         """The abstract :class:`State` a reset returns (``jax.eval_shape``; traced once, then remembered).
 
         Traced without :meth:`finish_reset`: that physics (a forward pass, or a settling rollout) fills the data
-        it is given and returns data of the same shapes, and tracing it is most of a reset's trace (1-2 s per task
-        on a 2-core CPU; 50 of the 61 s a 30-task evaluation program took to build, before compiling).
+        it is given and returns data of the same shapes, and tracing it is most of a reset's trace (building the
+        30 MT30 tasks' MJX models took 32-33 s with it on a 2-core CPU, 12 s without).
         ``tests/envs/test_base.py`` checks the shapes against a full reset's for one task of every structure."""
         if self._reset_shape is None:
             def unfinished_reset(rng):
