@@ -890,15 +890,14 @@ def measure(args) -> dict:
     result["checks"] = checked(checks)
     result["mismatches"] = mismatches
     c1 = our_config(1, BATCH)  # the rows' names, for a row skipped or failing before it names itself
-    H, c1_bf16 = c1.train.horizon, our_config(1, BATCH)
-    c1_bf16.planner.compute_dtype = "bfloat16"
+    H = c1.train.horizon
     rows = [(update_row_name(s, BATCH, H, False), lambda s=s: time_update(off, s, args.repeats)) for s in args.sizes]
     rows += [(act_row_name(1, e, c1, False, False),
               lambda e=e: time_act(off, 1, e, args.repeats if e == 1 else args.act30_repeats)) for e in args.act_envs]
     rows += [(distill_row_name(t, args.teacher_bf16, 1, BATCH),
               lambda t=t: time_distill(off, t, args.repeats, teacher_bf16=args.teacher_bf16)) for t in args.teachers]
     if args.bf16:
-        rows += [(act_row_name(1, 1, c1_bf16, True, False), lambda: time_act(off, 1, 1, args.repeats, bf16=True))]
+        rows += [(act_row_name(1, 1, c1, True, False), lambda: time_act(off, 1, 1, args.repeats, bf16=True))]
     if args.torch_compile:
         compiled = [(update_row_name(1, BATCH, H, True), lambda: time_update(off, 1, args.repeats, torch_compile=True)),
                     (act_row_name(1, 1, c1, False, True),

@@ -295,7 +295,7 @@ class DMCEnv(mjx_env.MjxEnv, abc.ABC):
         Traced without :meth:`finish_reset`: that physics (a forward pass, or a settling rollout) fills the data
         it is given and returns data of the same shapes, and tracing it is most of a reset's trace (building the
         30 MT30 tasks' MJX models took 32-33 s with it on a 2-core CPU, 12 s without).
-        ``tests/envs/test_base.py`` checks the shapes against a full reset's for one task of every structure."""
+        ``tests/envs/test_envs.py`` checks the shapes against a full reset's for one task of every physics family."""
         if self._reset_shape is None:
             def unfinished_reset(rng):
                 data, info = self.initial_state(rng, self.make_data())
