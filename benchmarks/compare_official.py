@@ -736,7 +736,7 @@ def time_eval(off: Official, steps: int, repeats: int, tasks: list[str] | None =
     import jax
 
     from mtdistill_jax.configs import MT30
-    from mtdistill_jax.evaluate.program import make_eval_program
+    from mtdistill_jax.evaluate.program import compile_eval_program, make_eval_program
 
     torch = off.torch
     tasks = list(MT30.tasks) if tasks is None else list(tasks)
@@ -763,11 +763,14 @@ def time_eval(off: Official, steps: int, repeats: int, tasks: list[str] | None =
     _, init, run_chunk = make_eval_program(config, tasks, episodes, mode="mean", chunk=steps)
     print(f"evaluation row: our program's MJX envs built in {time.perf_counter() - t:.1f} s; its first call compiles "
           "it", flush=True)
-    init_j, run_j = jax.jit(init), jax.jit(run_chunk)
     keys = iter(jax.random.split(jax.random.key(0), 2 * repeats + 4))
+    programs = []  # (init, run), compiled at the first call as the evaluator compiles them
 
     def ours():
-        carry, _ = run_j(params, init_j(next(keys)))
+        if not programs:
+            programs.extend(compile_eval_program(init, run_chunk, params, donate=False)[:2])
+        init_c, run_c = programs
+        carry, _ = run_c(params, init_c(next(keys)))
         jax.block_until_ready(carry)
 
     o, m = interleaved(official, ours, repeats, warmup=False)

@@ -2,12 +2,13 @@
 
 Builds the batched evaluation program (``evaluate.program``: the MJX tasks x episodes and the planner in one
 ``lax.scan`` chunk) for the 1M model, compiles its reset and its step chunk from an empty cache (the persistent
-compilation cache is off here), runs one chunk, and prints compile seconds, peak RSS and the process's memory
+compilation cache is off here) side by side as the evaluator does (``evaluate.program.compile_eval_program``;
+``--serial``: one after the other), runs one chunk, and prints compile seconds, peak RSS and the process's memory
 mappings. ``--noshare_physics`` traces one physics model per task (the layout before tasks of one physics
 structure shared theirs), for a before/after comparison.
 
 Usage: ``python benchmarks/compile_eval.py [--tasks all|walker-stand,walker-walk] [--episodes 1]
-[--noshare_physics] [--policy planner|prior] [--default_kernels]``.
+[--noshare_physics] [--policy planner|prior] [--default_kernels] [--serial]``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def main(argv=None) -> None:
     p.add_argument("--episodes", type=int, default=1, help="episodes (envs) per task")
     p.add_argument("--policy", choices=("planner", "prior"), default="planner")
     p.add_argument("--noshare_physics", action="store_true", help="one physics trace per task")
+    p.add_argument("--serial", action="store_true",
+                   help="compile the step chunk, then the reset (the evaluator compiles them side by side)")
     p.add_argument("--default_kernels", action="store_true",
                    help="XLA's default fusion emitters (more memory mappings; launch/evaluate.py uses fewer)")
     args = p.parse_args(argv)
@@ -43,7 +46,7 @@ def main(argv=None) -> None:
     jax.config.update("jax_enable_compilation_cache", False)
     from benchmarks.common import header
     from mtdistill_jax.configs import MT30, get_config
-    from mtdistill_jax.evaluate.program import make_eval_program
+    from mtdistill_jax.evaluate.program import compile_eval_program, make_eval_program
     from mtdistill_jax.nn import init_params
     from mtdistill_jax.tdmpc2.planner import Planner
 
@@ -58,20 +61,18 @@ def main(argv=None) -> None:
     build_s = time.perf_counter() - t
     print(f"build (MJX models, {len(env.structures)} physics structures): {build_s:.1f} s", flush=True)
     t = time.perf_counter()
-    init_c = jax.jit(init).lower(jax.random.key(0)).compile()
-    reset_s = time.perf_counter() - t
+    init_c, run, s = compile_eval_program(init, run_chunk, params, donate=False, side_by_side=not args.serial)
+    total_s = time.perf_counter() - t
+    print(f"lowered both: {s['lower']:.1f} s; compiled {'one after the other' if args.serial else 'side by side'}: "
+          f"reset {s['init']:.1f} s, step chunk {s['run']:.1f} s, both {s['compile']:.1f} s (wall); peak RSS "
+          f"{_rss_gib():.2f} GiB", flush=True)
     carry = init_c(jax.random.key(0))
-    print(f"reset compiled: {reset_s:.1f} s, peak RSS {_rss_gib():.2f} GiB", flush=True)
-    t = time.perf_counter()
-    run = jax.jit(run_chunk).lower(params, carry).compile()
-    step_s = time.perf_counter() - t
-    print(f"step chunk compiled: {step_s:.1f} s, peak RSS {_rss_gib():.2f} GiB", flush=True)
     t = time.perf_counter()
     carry, _ = run(params, carry)
     jax.block_until_ready(carry)
     chunk_s = time.perf_counter() - t
     print(f"one chunk (10 agent steps x {env.num_envs} envs): {chunk_s:.1f} s", flush=True)
-    print(f"total compile {reset_s + step_s:.1f} s ({(reset_s + step_s) / 60:.1f} min); peak RSS "
+    print(f"total lower + compile {total_s:.1f} s ({total_s / 60:.1f} min); peak RSS "
           f"{_rss_gib():.2f} GiB; memory mappings {mapping_count()} (vm.max_map_count {max_map_count()})",
           flush=True)
 

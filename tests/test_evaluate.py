@@ -93,6 +93,76 @@ def test_bfloat16_planner_evaluates_the_same_envs(setup):
     assert 20 < r16.returns[1].min() <= 40 + 1e-4 and 20 < r32.returns[1].min() <= 40 + 1e-4
 
 
+@EVAL_GROUP
+def test_reset_and_step_chunk_compile_side_by_side(setup, monkeypatch):
+    """compile_eval_program (what evaluate() uses) compiles the step chunk in a worker thread while the reset is
+    lowered, then the reset in another, and the two compiled programs roll out exactly what the plainly jitted
+    functions do."""
+    import threading
+    import time
+
+    from mtdistill_jax.evaluate.program import compile_eval_program, make_eval_program
+
+    events = []  # (what, start, end, thread)
+
+    def logged(what, fn):
+        def wrapper(self, *args, **kwargs):
+            t = time.perf_counter()
+            out = fn(self, *args, **kwargs)
+            events.append((what, t, time.perf_counter(), threading.current_thread()))
+            return out
+        return wrapper
+
+    monkeypatch.setattr(jax.stages.Traced, "lower", logged("lower", jax.stages.Traced.lower))
+    monkeypatch.setattr(jax.stages.Lowered, "compile", logged("compile", jax.stages.Lowered.compile))
+    config, params = setup
+    _, init, run_chunk = make_eval_program(config, TASKS, RUN["episodes"], chunk=RUN["chunk"],
+                                           episode_length=RUN["episode_length"])
+    init_c, run_c, seconds = compile_eval_program(init, run_chunk, params)
+    monkeypatch.undo()
+    assert set(seconds) == {"lower", "init", "run", "compile"}
+    compiles = [e for e in events if e[0] == "compile"]
+    lowers = [e for e in events if e[0] == "lower"]
+    assert len(compiles) == 2 and all(e[3] is not threading.main_thread() for e in compiles)
+    assert all(e[3] is threading.main_thread() for e in lowers)
+    first_compile_start = min(e[1] for e in compiles)
+    assert first_compile_start < max(e[2] for e in lowers)  # the step chunk compiled while the reset lowered
+    events.clear()
+    monkeypatch.setattr(jax.stages.Traced, "lower", logged("lower", jax.stages.Traced.lower))
+    monkeypatch.setattr(jax.stages.Lowered, "compile", logged("compile", jax.stages.Lowered.compile))
+    compile_eval_program(init, run_chunk, params, side_by_side=False)  # one after the other
+    monkeypatch.undo()
+    (c_run, c_init), last_lower = sorted(e[1:3] for e in events if e[0] == "compile"), events[-2]
+    assert last_lower[0] == "lower" and c_run[1] <= last_lower[1] and last_lower[2] <= c_init[0]
+
+    def equal(x, y):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        np.testing.assert_array_equal(x, y)
+
+    init_j, run_j = jax.jit(init), jax.jit(run_chunk, donate_argnums=1)
+    a, b = init_c(jax.random.key(3)), init_j(jax.random.key(3))
+    jax.tree_util.tree_map(equal, a, b)
+    for _ in range(2):
+        (a, _), (b, _) = run_c(params, a), run_j(params, b)
+    jax.tree_util.tree_map(equal, a, b)
+    assert np.all(np.asarray(a.returns)[2:] > 0)  # cartpole-balance's rows: paid while the pole is up
+
+    # evaluate() compiles through it, passing side_by_side on (launch/evaluate.py --nocompile_side_by_side)
+    from mtdistill_jax.evaluate import program
+
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("side_by_side"))
+        return compile_eval_program(*args, **kwargs)
+
+    program.clear_program_cache()
+    monkeypatch.setattr(program, "compile_eval_program", recording)
+    r = evaluate(params, config, TASKS, **RUN, side_by_side=False)
+    assert seen == [False] and r.returns.shape == (2, 2)
+
+
 def test_bad_input(setup):
     config, params = setup
     with pytest.raises(ValueError, match="unknown tasks.*walker-walk"):
