@@ -382,18 +382,12 @@ def _pooled(results) -> dict:
 def _paired_episodes(results, base) -> dict:
     """Paired t-test over episodes of two agents evaluated on the same initial states (runs of the same seeds):
     the mean and SE of the per-episode normalized-return difference ``results - base``, its p value, and how many
-    episodes are identical."""
-    from scipy import stats
-
-    from mtdistill_jax.envs.score import normalized_return
-    from mtdistill_jax.evaluate import merge_results
+    episodes are identical (:func:`mtdistill_jax.evaluate.compare_results`)."""
+    from mtdistill_jax.evaluate import compare_results, merge_results
 
     a, b = (merge_results(list(r)) if len(r) > 1 else list(r)[0] for r in (results, base))
-    x, y = normalized_return(a.returns).ravel(), normalized_return(b.returns).ravel()
-    d = x - y
-    p = float(stats.ttest_rel(x, y).pvalue) if np.any(d != 0) else 1.0
-    return {"mean_diff": float(d.mean()), "se_diff": _se(d), "p": p, "episodes": int(d.size),
-            "identical": int((d == 0).sum())}
+    c = compare_results(a, b)
+    return {k: c[k] for k in ("mean_diff", "se_diff", "p", "episodes", "identical")}
 
 
 def _over_seeds(results: dict) -> dict:

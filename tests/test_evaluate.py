@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 
 from mtdistill_jax.configs.train import get_smoke_config
-from mtdistill_jax.evaluate import EvalResult, evaluate, merge_results, save_videos, write_outputs
+from mtdistill_jax.evaluate import (
+    EvalResult,
+    compare_results,
+    comparison_table,
+    evaluate,
+    merge_results,
+    save_videos,
+    write_outputs,
+)
 from mtdistill_jax.nn.world_model import init_params, make_world_model
 
 TASKS = ["pendulum-swingup", "cartpole-balance"]
@@ -208,6 +216,81 @@ def test_merge_refuses_runs_that_differ():
         merge_results([])
     with pytest.raises(ValueError, match="not an evaluation result"):
         EvalResult.from_dict({"tasks": [{"returns": [1.0]}]})
+
+
+def _seeded(tasks, seeds, returns):
+    r = _result(tasks, None, returns)
+    r.seeds = tuple(seeds)
+    return r
+
+
+def test_compare_results_pairs_episodes():
+    """a - b per task and over episodes (normalized: return / 10), the paired t-test's p, who scored higher."""
+    from scipy import stats
+
+    ra = np.array([[500.0, 700.0], [100.0, 40.0], [900.0, 900.0]])
+    rb = np.array([[300.0, 700.0], [200.0, 20.0], [900.0, 850.0]])
+    a, b = _seeded(["a", "b", "c"], (1, 2), ra), _seeded(["a", "b", "c"], (1, 2), rb)
+    c = compare_results(a, b)
+    d = (ra - rb).ravel() / 10
+    assert [t["diff"] for t in c["tasks"]] == pytest.approx([10.0, -4.0, 2.5])
+    assert [t["identical"] for t in c["tasks"]] == [1, 0, 1]
+    assert c["tasks"][0]["a"] == pytest.approx(60.0) and c["tasks"][0]["b"] == pytest.approx(50.0)
+    assert c["mean_diff"] == pytest.approx(d.mean()) == pytest.approx(c["score_a"] - c["score_b"])
+    assert c["se_diff"] == pytest.approx(d.std(ddof=1) / np.sqrt(6))
+    assert c["p"] == pytest.approx(stats.ttest_rel(ra.ravel(), rb.ravel()).pvalue)
+    assert (c["episodes"], c["identical"], c["a_higher"], c["b_higher"]) == (6, 2, 3, 1)
+    same = compare_results(a, a)
+    assert (same["p"], same["mean_diff"], same["se_diff"], same["identical"]) == (1.0, 0.0, 0.0, 6)
+    one = compare_results(_seeded(["a"], (1,), [[10.0]]), _seeded(["a"], (1,), [[20.0]]))
+    assert np.isnan(one["p"]) and np.isnan(one["se_diff"]) and one["mean_diff"] == pytest.approx(-1.0)
+    md = comparison_table(c, "bf16", "f32")
+    assert "| a | 60.00 | 50.00 | +10.00 | 1 / 2 |" in md and "| b | 7.00 | 11.00 | -4.00 | 0 / 2 |" in md
+    assert f"bf16 − f32 = {d.mean():+.2f} ± {d.std(ddof=1) / np.sqrt(6):.2f}" in md
+    assert "bf16 higher in 3, f32 higher in 1, equal in 2" in md
+
+
+def test_compare_results_needs_the_same_initial_states():
+    a = _seeded(["a", "b"], (1,), [[1.0], [2.0]])
+    with pytest.raises(ValueError, match="differ in tasks"):
+        compare_results(a, _seeded(["b", "a"], (1,), [[1.0], [2.0]]))
+    with pytest.raises(ValueError, match=r"differ in seeds \(\[1\] against \[2\]\)"):
+        compare_results(a, _seeded(["a", "b"], (2,), [[1.0], [2.0]]))
+    with pytest.raises(ValueError, match="differ in episodes per task"):
+        compare_results(_seeded(["a", "b"], (1,), [[1.0, 2.0], [2.0, 3.0]]), a)
+    shorter = _seeded(["a", "b"], (1,), [[1.0], [2.0]])
+    shorter.episode_length = 100
+    with pytest.raises(ValueError, match="differ in episode length"):
+        compare_results(a, shorter)
+    with pytest.raises(ValueError, match="neither result records its seed"):
+        compare_results(_seeded(["a"], (), [[1.0]]), _seeded(["a"], (), [[1.0]]))
+
+
+def test_cli_compare(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    for name, rets in (("bf16", [[300.0, 500.0], [20.0, 40.0]]), ("f32", [[100.0, 500.0], [0.0, 60.0]])):
+        (tmp_path / f"{name}.json").write_text(json.dumps(_seeded(["walker-walk", "cup-catch"], (1, 2), rets)
+                                                          .to_dict()))
+    cmd = [sys.executable, str(root / "launch" / "evaluate.py"), f"--workdir={tmp_path}/cmp", "--name=bf16_vs_f32"]
+    files = f"--compare={tmp_path}/bf16.json,{tmp_path}/f32.json"
+    out = subprocess.run(cmd + [files], capture_output=True, text=True, cwd=root)
+    assert out.returncode == 0, out.stderr
+    d = json.loads((tmp_path / "cmp" / "bf16_vs_f32.json").read_text())
+    assert d["a"].endswith("bf16.json") and d["b"].endswith("f32.json")
+    assert [t["diff"] for t in d["tasks"]] == pytest.approx([10.0, 0.0]) and d["episodes"] == 4
+    md = (tmp_path / "cmp" / "bf16_vs_f32.md").read_text()
+    assert "| walker-walk | 40.00 | 30.00 | +10.00 | 1 / 2 |" in md and "seed(s) 1, 2" in md and "--compare=" in md
+    assert "| bf16 | f32 | bf16 − f32 |" in out.stdout
+    one = subprocess.run(cmd + [f"--compare={tmp_path}/bf16.json"], capture_output=True, text=True, cwd=root)
+    assert one.returncode == 2 and "--compare takes two result .json files A,B, got 1" in one.stderr
+    other = _seeded(["walker-walk", "cup-catch"], (3, 4), [[1.0, 2.0], [3.0, 4.0]])
+    (tmp_path / "s34.json").write_text(json.dumps(other.to_dict()))
+    bad = subprocess.run(cmd + [f"--compare={tmp_path}/bf16.json,{tmp_path}/s34.json"], capture_output=True,
+                         text=True, cwd=root)
+    assert bad.returncode == 1 and "error: a paired comparison needs the same initial states" in bad.stderr
 
 
 def test_cli_merge(tmp_path):

@@ -125,3 +125,60 @@ def merge_results(results: Sequence[EvalResult]) -> EvalResult:
                       compile_seconds=sum(r.compile_seconds for r in results),
                       plan_calls=sum(r.plan_calls for r in results), seeds=tuple(seeds),
                       episode_length=first.episode_length)
+
+
+def compare_results(a: EvalResult, b: EvalResult) -> dict:
+    """Paired comparison of two evaluations from the same initial states: the same tasks (in order), seeds,
+    episodes per task and episode length, so episode ``e`` of task ``k`` starts from the same state in both (two
+    agents, two compute dtypes, two planner settings). Differences are ``a - b`` in normalized points (return /
+    10 for DMControl).
+
+    Returns ``{"tasks": [{name, a, b, diff, identical}], "score_a", "score_b", "mean_diff", "se_diff", "p",
+    "episodes", "identical", "a_higher", "b_higher"}``: per task its mean normalized returns and their
+    difference (``identical``: episodes with equal returns); overall the mean and standard error over episodes of
+    the per-episode difference, the two-sided p value of the paired t-test over episodes (1.0 when every episode
+    is identical, nan with one episode), and how many episodes each side scored higher. ``mean_diff`` is
+    ``score_a - score_b`` when every task has the same number of episodes, which they have."""
+    for what, x, y in (("tasks", a.tasks, b.tasks), ("seeds", list(a.seeds), list(b.seeds)),
+                       ("episodes per task", a.episodes_per_task, b.episodes_per_task),
+                       ("episode length", a.episode_length, b.episode_length)):
+        if x != y:
+            raise UserError(f"a paired comparison needs the same initial states: the results differ in {what} "
+                            f"({x} against {y})")
+    if not a.seeds:
+        raise UserError("a paired comparison needs the same initial states: neither result records its seed(s)")
+    x, y = normalized_return(a.returns), normalized_return(b.returns)  # [K, E]
+    d = (x - y).ravel()
+    if np.all(d == 0):
+        p = 1.0
+    elif d.size < 2:
+        p = float("nan")
+    else:
+        from scipy import stats  # a dependency of jax
+
+        p = float(stats.ttest_rel(x.ravel(), y.ravel()).pvalue)
+    return {"tasks": [{"name": t, "a": float(x[k].mean()), "b": float(y[k].mean()),
+                       "diff": float(x[k].mean() - y[k].mean()), "identical": int((x[k] == y[k]).sum())}
+                      for k, t in enumerate(a.tasks)],
+            "score_a": float(x.mean()), "score_b": float(y.mean()), "mean_diff": float(d.mean()),
+            "se_diff": float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan"),
+            "p": p, "episodes": int(d.size), "identical": int((d == 0).sum()),
+            "a_higher": int((d > 0).sum()), "b_higher": int((d < 0).sum())}
+
+
+def comparison_table(comparison: dict, a_name: str = "a", b_name: str = "b") -> str:
+    """:func:`compare_results` as a Markdown table: per task the two mean normalized returns and their
+    difference, then the MT30 scores and the paired statistics over episodes."""
+    c = comparison
+    rows = [f"| task | {a_name} | {b_name} | {a_name} − {b_name} | identical episodes |", "|---|---|---|---|---|"]
+    n = c["episodes"] // max(len(c["tasks"]), 1)
+    for t in c["tasks"]:
+        rows.append(f"| {t['name']} | {t['a']:.2f} | {t['b']:.2f} | {t['diff']:+.2f} | {t['identical']} / {n} |")
+    rows.append(f"| **normalized score** ({len(c['tasks'])} tasks) | **{c['score_a']:.2f}** | **{c['score_b']:.2f}** "
+                f"| **{c['mean_diff']:+.2f}** | {c['identical']} / {c['episodes']} |")
+    rows.append("")
+    rows.append(f"Paired over {c['episodes']} episodes (same initial states): {a_name} − {b_name} = "
+                f"{c['mean_diff']:+.2f} ± {c['se_diff']:.2f} normalized points (mean ± SE), paired t-test p = "
+                f"{c['p']:.3g}; {a_name} higher in {c['a_higher']}, {b_name} higher in {c['b_higher']}, equal in "
+                f"{c['identical']}.")
+    return "\n".join(rows)

@@ -13,12 +13,18 @@ Episodes can be spread over processes or machines with different --seed values a
 
   python launch/evaluate.py --merge=runs/a/seed1.json,runs/b/seed2.json --workdir=runs/eval --name=pooled
 
+Two evaluations from the same initial states (same tasks, seeds and episodes: two agents, two --compute_dtype
+settings) are compared episode by episode (per-task differences, paired t-test; <name>.{json,md}):
+
+  python launch/evaluate.py --compare=runs/bf16/eval.json,runs/f32/eval.json --workdir=runs/cmp --name=bf16_vs_f32
+
 A bad flag, a missing or corrupt file or an unknown task stops it before any compile with one `error: ...` line
 on stderr (exit 2: command line, 1: inputs); MTDISTILL_TRACEBACK=1 or --verbosity=1 adds the traceback.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -30,6 +36,8 @@ from absl import flags
 from mtdistill_jax import cli
 from mtdistill_jax.evaluate import (
     EvalResult,
+    compare_results,
+    comparison_table,
     evaluate,
     merge_results,
     save_videos,
@@ -45,6 +53,9 @@ flags.DEFINE_string("agent", None, "agent export directory or official .pt")
 flags.DEFINE_string("workdir", None, "output directory", required=True)
 flags.DEFINE_list("merge", None, "instead of evaluating: pool the episodes of these result .json files (runs of "
                   "the same tasks with different seeds) into one result")
+flags.DEFINE_list("compare", None, "instead of evaluating: compare two result .json files A,B from the same "
+                  "initial states (same tasks, seeds, episodes) episode by episode; writes <name>.json and <name>.md "
+                  "(per-task A - B in normalized points, paired t-test over episodes)")
 flags.DEFINE_list("tasks", None, "task subset (default: all tasks of the agent's task set)")
 flags.DEFINE_integer("episodes", 10, "episodes per task", lower_bound=1)
 flags.DEFINE_integer("seed", 1, "PRNG seed")
@@ -75,9 +86,15 @@ def main(argv):
         raise cli.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.getLogger("absl").setLevel(logging.WARNING)
     command = ("python " * sys.argv[0].endswith(".py")) + " ".join(shlex.quote(a) for a in sys.argv)
-    if (FLAGS.agent is None) == (FLAGS.merge is None):
-        raise cli.UsageError("give exactly one of --agent (evaluate) and --merge (pool earlier results)")
+    if sum(x is not None for x in (FLAGS.agent, FLAGS.merge, FLAGS.compare)) != 1:
+        raise cli.UsageError("give exactly one of --agent (evaluate), --merge (pool earlier results) and --compare "
+                             "(compare two results)")
+    if FLAGS.compare is not None and len(FLAGS.compare) != 2:
+        raise cli.UsageError(f"--compare takes two result .json files A,B, got {len(FLAGS.compare)}")
     cli.check_output_dir(FLAGS.workdir, "workdir")
+    if FLAGS.compare:
+        write_comparison(FLAGS.compare, FLAGS.workdir, FLAGS.name, command)
+        return
     if FLAGS.merge:
         result = merge_results([EvalResult.load(path) for path in FLAGS.merge])
         paths = write_outputs(result, FLAGS.workdir, FLAGS.name, command)
@@ -106,6 +123,29 @@ def main(argv):
     if FLAGS.video:
         paths.update(save_videos(result, os.path.join(FLAGS.workdir, "videos")))
     print("wrote " + ", ".join(paths.values()))
+
+
+def write_comparison(paths: list[str], workdir: str, name: str, command: str) -> dict:
+    """:func:`~mtdistill_jax.evaluate.compare_results` of two result files (columns named by their file stems)
+    as ``<workdir>/<name>.json`` and ``<name>.md``; prints the table. Returns the comparison."""
+    a, b = (EvalResult.load(p) for p in paths)
+    names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    if names[0] == names[1]:
+        names = list(paths)
+    comparison = compare_results(a, b)
+    table = comparison_table(comparison, *names)
+    os.makedirs(workdir, exist_ok=True)
+    out = {k: os.path.join(workdir, f"{name}.{k}") for k in ("json", "md")}
+    with open(out["json"], "w") as f:
+        json.dump({"a": paths[0], "b": paths[1], **comparison}, f, indent=1)
+    seeds = ", ".join(map(str, a.seeds))
+    with open(out["md"], "w") as f:
+        f.write(f"Command: `{command}`\n\n{a.episodes_per_task} episode(s) per task of {a.episode_length} agent "
+                f"steps, seed(s) {seeds}; A = `{paths[0]}` (mode `{a.mode}`), B = `{paths[1]}` (mode `{b.mode}`). "
+                "Normalized points: return / 10.\n\n" + table + "\n")
+    print(table)
+    print("wrote " + ", ".join(out.values()))
+    return comparison
 
 
 def entry_point() -> None:
