@@ -570,16 +570,14 @@ def time_act(off: Official, size: int, envs: int, repeats: int, bf16: bool = Fal
     """Planning (official ``act``, training mode) for ``envs`` envs: official one call per env in a loop with each
     env's warm-start mean swapped in, ours one batched call. ``bf16``: official under ``torch.autocast('cpu',
     bfloat16)`` (oneDNN's bf16 kernels), ours with ``planner.compute_dtype = 'bfloat16'`` (bf16 matmuls
-    accumulating in float32) compiled with XLA:CPU's YNNPACK single-dot path (``xla_cpu.BF16_DOT_OPTIONS``), the one
-    that reaches the CPU's bf16 units."""
+    accumulating in float32), which ``Planner`` compiles with XLA:CPU's YNNPACK single-dot path on CPU
+    (``xla_cpu.bf16_dot_options``), the one that reaches the CPU's bf16 units."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from mtdistill_jax.configs.tasks import get_task_set
     from mtdistill_jax.tdmpc2.planner import Planner
-    from mtdistill_jax.xla_cpu import BF16_DOT_OPTIONS
-
     torch = off.torch
     config = our_config(size, BATCH)
     if bf16:
@@ -605,8 +603,7 @@ def time_act(off: Official, size: int, envs: int, repeats: int, bf16: bool = Fal
                 prev[e] = agent._prev_mean.clone()
 
     planner = Planner(config)
-    plan = (jax.jit(planner.plan, static_argnames=("mode",), compiler_options=BF16_DOT_OPTIONS)
-            if bf16 and jax.default_backend() == "cpu" else planner.plan_jit)
+    plan = planner.plan_jit
     state = planner.init(envs)
     obs_j, task_j, t0 = jnp.asarray(obs), jnp.asarray(task, jnp.int32), jnp.zeros((envs,), bool)
     keys = iter(jax.random.split(jax.random.key(0), 4 * repeats + 8))

@@ -4,10 +4,12 @@ trajectories, 64 elites) for B = 1 and B = 30 environments (one MT30 task each),
 Also prints the model matmul FLOPs per call (counted from the layer widths: XLA's cost analysis counts a
 loop body once) and the achieved fraction of this device's measured float32 matmul throughput.
 Usage: ``python benchmarks/plan.py [--sizes 1] [--batches 1,30] [--repeats 20] [--compute_dtypes float32,bfloat16]
-[--ynn_dot] [--draws flat,nd] [--opt_levels default,1] [--layers centred,plain] [--profile 5]``.
+[--dot_options library|ynn|none] [--draws flat,nd] [--opt_levels default,1] [--layers centred,plain] [--profile 5]``.
 ``--compute_dtypes``: the planner's ``planner.compute_dtype`` settings to time (bfloat16: the
-model's matmuls in bf16, the same FLOPs, % of the float32 peak). ``--ynn_dot`` compiles the planner with XLA:CPU's
-YNNPACK single-dot library path, the one path that reached this CPU's AMX-BF16 units (see README). ``--draws``:
+model's matmuls in bf16, the same FLOPs, % of the float32 peak). ``--dot_options``: ``library`` (default) compiles
+each row as ``Planner.plan_jit`` does (:func:`mtdistill_jax.xla_cpu.bf16_dot_options`: XLA:CPU's YNNPACK single-dot
+library path for bfloat16 on CPU, the one path that reached this CPU's AMX-BF16 units; see README), ``ynn`` with
+that path for every dtype (``--ynn_dot`` is the same), ``none`` with neither (XLA_FLAGS alone). ``--draws``:
 ``flat`` is the library's planner; ``nd`` takes its noise draws with ``jax.random.normal`` at their shapes instead
 of :func:`mtdistill_jax.math.normal` (the same values, drawn as one vector): it measures what that saves in compile.
 ``--opt_levels``: the program's ``xla_backend_optimization_level`` (LLVM's -O level for XLA:CPU's kernels;
@@ -39,7 +41,7 @@ from mtdistill_jax.configs import MT30, get_config  # noqa: E402
 from mtdistill_jax.nn import init_params, layers  # noqa: E402
 from mtdistill_jax.tdmpc2 import planner as planner_module  # noqa: E402
 from mtdistill_jax.tdmpc2.planner import Planner  # noqa: E402
-from mtdistill_jax.xla_cpu import BF16_DOT_OPTIONS  # noqa: E402
+from mtdistill_jax.xla_cpu import BF16_DOT_OPTIONS, bf16_dot_options  # noqa: E402
 
 
 def mlp_macs(dims):
@@ -68,7 +70,10 @@ def main():
     ap.add_argument("--batches", default="1,30")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--compute_dtypes", default="float32")
-    ap.add_argument("--ynn_dot", action="store_true", help="XLA:CPU YNNPACK single-dot fusions for this program")
+    ap.add_argument("--dot_options", choices=("library", "ynn", "none"), default="library",
+                    help="library: as Planner.plan_jit (YNNPACK single-dot for bf16 on CPU); ynn: for every dtype; "
+                         "none: XLA_FLAGS alone")
+    ap.add_argument("--ynn_dot", action="store_true", help="the same as --dot_options=ynn")
     ap.add_argument("--draws", default="flat", help="flat (the library's), nd (jax.random.normal at each shape)")
     ap.add_argument("--profile", type=int, default=0, help="trace this many more calls per row")
     ap.add_argument("--profile_rows", type=int, default=12, help="(kind, source) rows of each profile")
@@ -96,7 +101,9 @@ def main():
     for size, dtype, draw, layer_mode, level in [(int(s), d, r, c, o) for s in args.sizes.split(",")
                                                  for d in args.compute_dtypes.split(",") for r in draws
                                                  for c in layer_modes for o in levels]:
-        options = {**(BF16_DOT_OPTIONS if args.ynn_dot else {}),
+        dots = "ynn" if args.ynn_dot else args.dot_options
+        dot_options = {"library": bf16_dot_options(dtype) or {}, "ynn": BF16_DOT_OPTIONS, "none": {}}[dots]
+        options = {**dot_options,
                    **({} if level == "default" else {"xla_backend_optimization_level": int(level)})} or None
         tdmath.normal = normal if draw == "flat" else jax.random.normal  # read while the planner is traced
         planner_module.centred_hidden_layers = (centred if layer_mode == "centred"

@@ -52,7 +52,7 @@ FEWER_KERNELS_FLAG = "--xla_cpu_use_fusion_emitters=false"
 FEWER_KERNELS_MAX_JAXLIB = (0, 11, 0)
 # Flags tune_for_cpu adds (each only where XLA_FLAGS does not already name it), and the jaxlib version they were
 # measured on: an XLA that does not know a flag aborts the process, so older jaxlibs are left alone.
-SPEED_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
+SPEED_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)  # YNN_FLAG with an empty value: YNNPACK fusions off
 SPEED_FLAGS_MIN_JAXLIB = (0, 10, 2)
 TUNING_ENV = "MTDISTILL_XLA_CPU_TUNING"  # "0" turns tune_for_cpu and tune_malloc off, and
 # nn.layers.row_means_by_matmul (LayerNorm's means, its backward, the parameter gradients' row sums)
@@ -73,6 +73,7 @@ USER_MALLOC_ENV = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOL
 # Per-program compiler options (``jax.jit(..., compiler_options=...)``) for YNNPACK's single-dot path, the one
 # XLA:CPU path measured to reach AMX-BF16 for float32-accumulating bf16 dots (README, performance section).
 BF16_DOT_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
 
 # Memory mappings one MJX physics model (one task, or the tasks of one physics structure) adds to the evaluation
 # program (reset + step chunk, planner included), per setting of the fusion emitters. Measured on the 2-core CPU
@@ -146,6 +147,33 @@ def tune_for_cpu(environ=os.environ, jaxlib_version: str | None = None) -> list[
     if jaxlib_version is None or _version_tuple(jaxlib_version) < SPEED_FLAGS_MIN_JAXLIB:
         return []
     return add_flags(SPEED_FLAGS, environ)
+
+
+def bf16_dot_options(compute_dtype: str, platform: str | None = None, environ=os.environ,
+                     jaxlib_version: str | None = None) -> dict | None:
+    """Compiler options (``jax.jit(..., compiler_options=...)``) for a program whose model matmuls run in
+    ``compute_dtype``: :data:`BF16_DOT_OPTIONS` for ``"bfloat16"`` on CPU, else None (float32, other backends).
+
+    :func:`tune_for_cpu` turns YNNPACK's fusions off for the process, and with them the one XLA:CPU path measured
+    to reach the CPU's bf16 units: without these options a bf16 planner is slower than a float32 one (2-core Xeon,
+    a 3-task evaluation chunk 7.58 s in bf16 against 4.98 s in float32; 4.93 s in bf16 with them). None with
+    ``MTDISTILL_XLA_CPU_TUNING=0``, a jaxlib older than :data:`SPEED_FLAGS_MIN_JAXLIB`, or where the user's
+    ``XLA_FLAGS`` sets the YNNPACK fusion type to a value of their own (anything but the empty value
+    :func:`tune_for_cpu` adds). ``platform`` defaults to ``jax.default_backend()``, asked only for bfloat16.
+    """
+    if compute_dtype != "bfloat16" or environ.get(TUNING_ENV, "1") == "0":
+        return None
+    if any(f.partition("=")[0] == YNN_FLAG[:-1] and f != YNN_FLAG for f in environ.get("XLA_FLAGS", "").split()):
+        return None  # the user's own setting of the YNNPACK fusion type
+    if jaxlib_version is None:
+        jaxlib_version = _installed_jaxlib()
+    if jaxlib_version is None or _version_tuple(jaxlib_version) < SPEED_FLAGS_MIN_JAXLIB:
+        return None
+    if platform is None:
+        import jax
+
+        platform = jax.default_backend()
+    return dict(BF16_DOT_OPTIONS) if platform == "cpu" else None
 
 
 def on_glibc() -> bool:

@@ -99,6 +99,15 @@ def test_bfloat16_planner_evaluates_the_same_envs(setup):
     # cartpole-balance from the same initial states pays ~1 per control step either way (20 steps x 2): more than
     # half the most it can pay, as this test asked of its earlier 10-step episodes
     assert 20 < r16.returns[1].min() <= 40 + 1e-4 and 20 < r32.returns[1].min() <= 40 + 1e-4
+    # on CPU the bf16 program's dots take XLA:CPU's YNNPACK path (xla_cpu.bf16_dot_options), the float32 one's not
+    from mtdistill_jax.evaluate import program
+    from mtdistill_jax.xla_cpu import bf16_dot_options
+
+    runs = {json.loads(key[1])["compute_dtype"]: run for key, (_, _, run) in program._PROGRAMS.items()
+            if key[3] == tuple(TASKS)}
+    for dtype, run in runs.items():
+        assert ("__ynn_fusion" in run.as_text()) == (bf16_dot_options(dtype) is not None)
+    assert set(runs) == {"float32", "bfloat16"}
 
 
 @EVAL_GROUP

@@ -102,6 +102,43 @@ def test_tune_for_cpu_adds_speed_flags_once_respects_the_user_and_old_jaxlibs():
     assert xla_cpu.tune_for_cpu(off, "0.10.2") == [] and "XLA_FLAGS" not in off
 
 
+def test_bf16_dot_options_for_bf16_on_cpu_only():
+    tuned = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 " + xla_cpu.YNN_FLAG}  # what tune_for_cpu adds
+    assert xla_cpu.bf16_dot_options("bfloat16", "cpu", tuned, "0.10.2") == xla_cpu.BF16_DOT_OPTIONS
+    assert xla_cpu.bf16_dot_options("bfloat16", "cpu", {}, "0.10.2") == xla_cpu.BF16_DOT_OPTIONS
+    assert xla_cpu.bf16_dot_options("float32", "cpu", tuned, "0.10.2") is None
+    assert xla_cpu.bf16_dot_options("bfloat16", "gpu", tuned, "0.10.2") is None
+    assert xla_cpu.bf16_dot_options("bfloat16", "cpu", tuned, "0.9.0") is None  # an XLA without the option
+    assert xla_cpu.bf16_dot_options("bfloat16", "cpu", {**tuned, xla_cpu.TUNING_ENV: "0"}, "0.10.2") is None
+    for own in ("=LIBRARY_FUSION_TYPE_ALL", ""):  # the user's own value, or the flag named without one, wins
+        user = {"XLA_FLAGS": xla_cpu.YNN_FLAG[:-1] + own}
+        assert xla_cpu.bf16_dot_options("bfloat16", "cpu", user, "0.10.2") is None
+    options = xla_cpu.bf16_dot_options("bfloat16", "cpu", {}, "0.10.2")
+    options["x"] = 1  # a copy: the module's constant stays as it is
+    assert "x" not in xla_cpu.BF16_DOT_OPTIONS
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's YNNPACK path")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_planner_compiles_bf16_with_the_bf16_dot_path(dtype):
+    """Planner.plan_jit hands a bf16 planner's dots to YNNPACK (what reaches the CPU's bf16 units), not a float32
+    one's."""
+    import jax.numpy as jnp
+
+    from mtdistill_jax.tdmpc2.planner import Planner
+
+    expected = xla_cpu.bf16_dot_options(dtype) is not None
+    config = get_smoke_config()
+    config.planner.compute_dtype = dtype
+    planner = Planner(config)
+    params = init_params(planner.model, jax.random.key(0))
+    obs, task = jnp.zeros((2, planner.task_set.obs_pad)), jnp.zeros((2,), jnp.int32)
+    hlo = planner.plan_jit.lower(params, obs, task, planner.init(2).prev_mean, jnp.zeros((2,), bool),
+                                 jax.random.key(0), mode="sample").compile().as_text()
+    assert ("__ynn_fusion" in hlo) == expected
+    assert expected == (dtype == "bfloat16" and os.environ.get(xla_cpu.TUNING_ENV, "1") != "0")
+
+
 def test_importing_the_package_tunes_a_fresh_process():
     code = "import os, mtdistill_jax, jax; print(os.environ.get('XLA_FLAGS', '')); print(jax.numpy.ones(3).sum())"
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_cpu.TUNING_ENV)}

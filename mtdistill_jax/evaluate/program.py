@@ -33,7 +33,7 @@ from mtdistill_jax.errors import UserError
 from mtdistill_jax.evaluate.result import EvalResult
 from mtdistill_jax.nn.world_model import make_world_model
 from mtdistill_jax.tdmpc2.planner import MODES, PRIOR_MODES, init_planner_state, make_plan_policy
-from mtdistill_jax.xla_cpu import check_mapping_budget
+from mtdistill_jax.xla_cpu import bf16_dot_options, check_mapping_budget
 
 
 @flax.struct.dataclass
@@ -154,7 +154,8 @@ def check_eval_args(task_set: str, tasks: Sequence[str] | None = None, episodes:
 
 
 def compile_eval_program(init: Callable, run_chunk: Callable, params, key: jax.Array | None = None, *,
-                         donate: bool = True, side_by_side: bool = True) -> tuple[Any, Any, dict[str, float]]:
+                         donate: bool = True, side_by_side: bool = True,
+                         compiler_options: dict | None = None) -> tuple[Any, Any, dict[str, float]]:
     """``(init, run, seconds)``: :func:`make_eval_program`'s ``init`` and ``run_chunk`` compiled, side by side.
 
     Each XLA:CPU compile keeps about one core busy, and the reset (whose tasks' initial-state draws trace their own
@@ -164,6 +165,8 @@ def compile_eval_program(init: Callable, run_chunk: Callable, params, key: jax.A
     of 4.4-4.6 GiB; ``benchmarks/compile_eval.py``). ``side_by_side=False`` compiles one after the other. ``run``
     donates its carry unless ``donate`` is False. ``seconds``: ``lower`` (tracing and lowering both), ``init`` and
     ``run`` (each compile's own wall time) and ``compile`` (from the first compile's start to the last one's end).
+    ``compiler_options``: XLA options for ``run_chunk``'s program, the one that runs the model (e.g.
+    :func:`mtdistill_jax.xla_cpu.bf16_dot_options`).
     """
     key = jax.random.key(0) if key is None else key
     seconds: dict[str, float] = {}
@@ -177,7 +180,8 @@ def compile_eval_program(init: Callable, run_chunk: Callable, params, key: jax.A
     t = time.perf_counter()
     with ThreadPoolExecutor(2 if side_by_side else 1, thread_name_prefix="compile-eval") as pool:
         traced_init = jax.jit(init).trace(key)
-        lowered_run = jax.jit(run_chunk, donate_argnums=(1,) if donate else ()).lower(params, traced_init.out_info)
+        lowered_run = jax.jit(run_chunk, donate_argnums=(1,) if donate else (),
+                              compiler_options=compiler_options).lower(params, traced_init.out_info)
         lowered_at = time.perf_counter()
         run_f = pool.submit(compile_one, "run", lowered_run)  # the longer compile first
         if not side_by_side:
@@ -222,7 +226,8 @@ def compiled_program(config: ml_collections.ConfigDict, tasks: Sequence[str], ep
     env, init, run_chunk = make_eval_program(config, list(tasks), episodes, mode, chunk, impls, episode_length,
                                              record, policy=policy, noise=noise, transitions=transitions)
     check_mapping_budget(len(env.structures), jax.default_backend())  # before compiling: an error, not a crash
-    init, run, _ = compile_eval_program(init, run_chunk, params, side_by_side=side_by_side)
+    options = bf16_dot_options(config.planner.get("compute_dtype", "float32"))  # bf16 on CPU: the bf16 units
+    init, run, _ = compile_eval_program(init, run_chunk, params, side_by_side=side_by_side, compiler_options=options)
     _PROGRAMS[key] = (env, init, run)
     while len(_PROGRAMS) > MAX_PROGRAMS:
         _PROGRAMS.popitem(last=False)

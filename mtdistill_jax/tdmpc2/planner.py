@@ -58,6 +58,7 @@ from mtdistill_jax.nn.world_model import (
     q_reduce,
     two_heads,
 )
+from mtdistill_jax.xla_cpu import bf16_dot_options
 
 MODES = ("sample", "elite", "mean")  # planner action: official act (noise) / official eval_mode=True / MPPI mean
 PRIOR_MODES = ("sample", "mean")  # policy prior: official act / official eval_mode=True (the tanh of the mean)
@@ -257,7 +258,9 @@ class Planner:
         self.model = model or make_world_model(config.model)
         self.task_set = get_task_set(config.model.task_set)
         self.plan = make_planner(self.model, config)
-        self.plan_jit = jax.jit(self.plan, static_argnames=("mode",))
+        # bf16 on CPU: the YNNPACK single-dot path that reaches the CPU's bf16 units (xla_cpu.bf16_dot_options)
+        options = bf16_dot_options(config.planner.get("compute_dtype", "float32"))
+        self.plan_jit = jax.jit(self.plan, static_argnames=("mode",), compiler_options=options)
 
     def init(self, batch_size: int) -> PlannerState:
         return init_planner_state(self.config, batch_size)
