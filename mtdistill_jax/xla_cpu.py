@@ -155,8 +155,9 @@ def bf16_dot_options(compute_dtype: str, platform: str | None = None, environ=os
     ``compute_dtype``: :data:`BF16_DOT_OPTIONS` for ``"bfloat16"`` on CPU, else None (float32, other backends).
 
     :func:`tune_for_cpu` turns YNNPACK's fusions off for the process, and with them the one XLA:CPU path measured
-    to reach the CPU's bf16 units: without these options a bf16 planner is slower than a float32 one (2-core Xeon,
-    a 3-task evaluation chunk 7.58 s in bf16 against 4.98 s in float32; 4.93 s in bf16 with them). None with
+    to reach the CPU's bf16 units. On the 2-core Xeon a 3-task evaluation chunk (``benchmarks/compile_eval.py
+    --tasks walker-walk,cheetah-run,cartpole-balance --episodes 2 --chunks 3 --compute_dtype bfloat16
+    [--dot_options none]``) took 8.42 s in bf16 without them, 5.10 s with them, 5.23 s in float32. None with
     ``MTDISTILL_XLA_CPU_TUNING=0``, a jaxlib older than :data:`SPEED_FLAGS_MIN_JAXLIB`, or where the user's
     ``XLA_FLAGS`` sets the YNNPACK fusion type to a value of their own (anything but the empty value
     :func:`tune_for_cpu` adds). ``platform`` defaults to ``jax.default_backend()``, asked only for bfloat16.
