@@ -603,14 +603,13 @@ def time_act(off: Official, size: int, envs: int, repeats: int, bf16: bool = Fal
                 prev[e] = agent._prev_mean.clone()
 
     planner = Planner(config)
-    plan = planner.plan_jit
     state = planner.init(envs)
     obs_j, task_j, t0 = jnp.asarray(obs), jnp.asarray(task, jnp.int32), jnp.zeros((envs,), bool)
     keys = iter(jax.random.split(jax.random.key(0), 4 * repeats + 8))
     mean = [state.prev_mean]
 
     def ours():
-        action, mean[0] = plan(params, obs_j, task_j, mean[0], t0, next(keys), mode="sample")
+        action, mean[0] = planner.plan_jit(params, obs_j, task_j, mean[0], t0, next(keys), mode="sample")
         jax.block_until_ready(action)
 
     o, m = interleaved(official, ours, repeats)

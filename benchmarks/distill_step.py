@@ -12,6 +12,11 @@ Usage::
 
     python benchmarks/distill_step.py [--student_size 1] [--teacher_sizes 1,5,19] [--batch 256] [--repeats 20]
         [--teacher_dtype float32|bfloat16|float16|int8] [--compute_dtype float32|bfloat16] [--mfu_peak_tflops F]
+        [--dot_options none|ynn]
+
+``--dot_options ynn`` compiles the fused step and the teacher's forward with XLA:CPU's YNNPACK single-dot path
+(``xla_cpu.BF16_DOT_OPTIONS``, the path that reaches the CPU's bf16 units; the library sets it for bf16 planners,
+not for the distillation step); ``none`` (default) as the library compiles them.
 
     # per-device memory on an N-device mesh, teacher replicated vs sharded (shapes only; CPU gets N virtual devices):
     python benchmarks/distill_step.py --layout_devices 8 --teacher_sizes 19,317 --teacher_dtype bfloat16 \
@@ -72,6 +77,7 @@ from mtdistill_jax.distill.losses import make_distill_losses, make_teacher_forwa
 from mtdistill_jax.distill.step import init_distill_state, make_distill_step  # noqa: E402
 from mtdistill_jax.nn.world_model import count_params, init_params, make_world_model  # noqa: E402
 from mtdistill_jax.tdmpc2.train import Learner, make_update_fn  # noqa: E402
+from mtdistill_jax.xla_cpu import BF16_DOT_OPTIONS  # noqa: E402
 
 MIB = 2.0**20
 
@@ -101,6 +107,8 @@ def main():
                     help="storage dtype of the teacher params on the device")
     ap.add_argument("--compute_dtype", default="float32", choices=COMPUTE_DTYPES,
                     help="dtype of the teacher's forward (config.distill.teacher_compute_dtype)")
+    ap.add_argument("--dot_options", default="none", choices=("none", "ynn"),
+                    help="ynn: the fused step and the teacher's forward with YNNPACK's single-dot path")
     ap.add_argument("--mfu_peak_tflops", type=float, default=None,
                     help="device peak TFLOP/s: also print achieved TFLOP/s and MFU of the fused step")
     ap.add_argument("--layout_devices", type=int, default=0,
@@ -121,10 +129,13 @@ def main():
     learner = Learner(config, donate=False)
     student_state = learner.init(jax.random.key(0))
 
+    options = BF16_DOT_OPTIONS if args.dot_options == "ynn" else None
     print(header())
     print(f"student {args.student_size}M ({count_params(student_state.params):,} params), MT30, batch {args.batch}, "
           f"H {H}; distill: reward {d.reward_loss} ({d.steps} step), d_coef {d.d_coef}; teacher stored "
-          f"{args.teacher_dtype}, computed {args.compute_dtype}; {args.repeats} timed calls, random weights")
+          f"{args.teacher_dtype}, computed {args.compute_dtype}; dot options {args.dot_options}; "
+          f"{args.repeats} timed calls, "
+          "random weights")
 
     # the student-only update does not depend on the teacher: timed once
     def student_args(i):
@@ -157,7 +168,8 @@ def main():
         def fused_args(i, state=state, teacher_params=teacher_params):
             return state, teacher_params, batches[i % len(batches)], jax.random.key(i)
 
-        c, f_med, f_p10, f_p90, f_comp = time_jitted(step, fused_args, args.repeats, return_compiled=True)
+        c, f_med, f_p10, f_p90, f_comp = time_jitted(step, fused_args, args.repeats, return_compiled=True,
+                                                     compiler_options=options)
         f_peak, f_flops = peak_bytes(f_comp), cost_flops(f_comp)
         del f_comp
 
@@ -166,7 +178,8 @@ def main():
         def teacher_args(i, teacher_params=teacher_params):
             return teacher_params, batches[i % len(batches)]
 
-        _, t_med, _, _, t_comp = time_jitted(forward, teacher_args, args.repeats, return_compiled=True)
+        _, t_med, _, _, t_comp = time_jitted(forward, teacher_args, args.repeats, return_compiled=True,
+                                             compiler_options=options)
 
         # the unfused alternative's student half: the same update and terms on precomputed teacher outputs
         dl = make_distill_losses(make_world_model(config.model), teacher, config)

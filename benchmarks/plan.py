@@ -98,10 +98,10 @@ def main():
     print(f"measured float32 matmul throughput (2048^3): {peak:.1f} GFLOP/s")
     print(f"{'size':>5} {'dtype':>8} {'draws':>5} {'layers':>7} {'-O':>7} {'B':>3} {'compile s':>9} {'median ms':>9} "
           f"{'p10-p90 ms':>15} {'GFLOP/call':>10} {'GFLOP/s':>8} {'of peak':>7}")
+    dots = "ynn" if args.ynn_dot else args.dot_options
     for size, dtype, draw, layer_mode, level in [(int(s), d, r, c, o) for s in args.sizes.split(",")
                                                  for d in args.compute_dtypes.split(",") for r in draws
                                                  for c in layer_modes for o in levels]:
-        dots = "ynn" if args.ynn_dot else args.dot_options
         dot_options = {"library": bf16_dot_options(dtype) or {}, "ynn": BF16_DOT_OPTIONS, "none": {}}[dots]
         options = {**dot_options,
                    **({} if level == "default" else {"xla_backend_optimization_level": int(level)})} or None

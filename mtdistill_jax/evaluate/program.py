@@ -33,7 +33,8 @@ from mtdistill_jax.errors import UserError
 from mtdistill_jax.evaluate.result import EvalResult
 from mtdistill_jax.nn.world_model import make_world_model
 from mtdistill_jax.tdmpc2.planner import MODES, PRIOR_MODES, init_planner_state, make_plan_policy
-from mtdistill_jax.xla_cpu import bf16_dot_options, check_mapping_budget
+from mtdistill_jax.tdmpc2.planner import compiler_options as planner_compiler_options
+from mtdistill_jax.xla_cpu import check_mapping_budget
 
 
 @flax.struct.dataclass
@@ -166,7 +167,7 @@ def compile_eval_program(init: Callable, run_chunk: Callable, params, key: jax.A
     donates its carry unless ``donate`` is False. ``seconds``: ``lower`` (tracing and lowering both), ``init`` and
     ``run`` (each compile's own wall time) and ``compile`` (from the first compile's start to the last one's end).
     ``compiler_options``: XLA options for ``run_chunk``'s program, the one that runs the model (e.g.
-    :func:`mtdistill_jax.xla_cpu.bf16_dot_options`).
+    :func:`mtdistill_jax.tdmpc2.planner.compiler_options`).
     """
     key = jax.random.key(0) if key is None else key
     seconds: dict[str, float] = {}
@@ -226,8 +227,8 @@ def compiled_program(config: ml_collections.ConfigDict, tasks: Sequence[str], ep
     env, init, run_chunk = make_eval_program(config, list(tasks), episodes, mode, chunk, impls, episode_length,
                                              record, policy=policy, noise=noise, transitions=transitions)
     check_mapping_budget(len(env.structures), jax.default_backend())  # before compiling: an error, not a crash
-    options = bf16_dot_options(config.planner.get("compute_dtype", "float32"))  # bf16 on CPU: the bf16 units
-    init, run, _ = compile_eval_program(init, run_chunk, params, side_by_side=side_by_side, compiler_options=options)
+    init, run, _ = compile_eval_program(init, run_chunk, params, side_by_side=side_by_side,
+                                        compiler_options=planner_compiler_options(config))
     _PROGRAMS[key] = (env, init, run)
     while len(_PROGRAMS) > MAX_PROGRAMS:
         _PROGRAMS.popitem(last=False)

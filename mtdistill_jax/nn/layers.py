@@ -46,13 +46,24 @@ def _low(a, b) -> bool:
     return jnp.dtype(jnp.result_type(a, b)).itemsize < 4
 
 
-def _dot(spec: str, a, b):
+def _dot(spec: str, a, b, rounded: bool = True):
     """``einsum(spec, a, b)``; with 16-bit operands, products accumulated in float32 and the result rounded once
-    to the operands' dtype. XLA:CPU otherwise upcasts a bf16-output dot's operands to float32 and runs a float32
-    dot; a float32-accumulating bf16 dot can reach the CPU's bf16 units (YNNPACK's single-dot path)."""
+    to the operands' dtype (``rounded``) or kept in float32. XLA:CPU otherwise upcasts a bf16-output dot's
+    operands to float32 and runs a float32 dot; a float32-accumulating bf16 dot can reach the CPU's bf16 units
+    (YNNPACK's single-dot path)."""
     if not _low(a, b):
         return jnp.einsum(spec, a, b)
-    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(jnp.result_type(a, b))
+    out = jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+    return out.astype(jnp.result_type(a, b)) if rounded else out
+
+
+def matmul_float32(x, kernel):
+    """:func:`matmul`'s product (same kernel layouts) for 16-bit operands, accumulated and returned in float32
+    (not rounded to the operands' dtype): the input of a hidden layer's LayerNorm in 16-bit compute, which
+    :func:`linear_layer_norm_mish` normalises in float32 as torch's autocast does."""
+    if not _low(x, kernel):
+        raise ValueError(f"matmul_float32 is for 16-bit operands, got {jnp.result_type(x, kernel)}")
+    return _dot("...i,io->...o" if kernel.ndim == 2 else "m...i,mio->m...o", x, kernel, rounded=False)
 
 
 def _matmul_fwd(x, kernel):
@@ -195,15 +206,30 @@ def linear_layer_norm_mish(x, kernel, bias, scale, ln_bias, eps: float = LN_EPS,
     rows), so the forward pass neither materialises ``x @ kernel + bias`` nor takes its row means, only the
     variance's. The gradients are LayerNorm's (:func:`_layer_norm_mish`, whose input gradient has zero row
     means), the means being constants to autodiff, so values and gradients equal the uncentred layer's within
-    float32 round-off (``tests/nn/test_layers.py``)."""
+    float32 round-off (``tests/nn/test_layers.py``).
+
+    With 16-bit operands (bf16 compute), the product accumulates in float32 and stays there
+    (:func:`matmul_float32`): the bias, LayerNorm and Mish run in float32 and only the layer's output is rounded
+    to the operands' dtype, as torch's autocast runs ``layer_norm`` in float32. So the float32 fused path (and,
+    inside :func:`centred_hidden_layers`, the centring, done in float32 before the kernel is rounded back) applies
+    to bf16 compute too; rounding the product to bf16 and normalising in bf16 planned 12 % slower than float32
+    on the 2-core Xeon (``benchmarks/plan.py``, see README)."""
     select = select or (lambda k, b: (k, b))
     k, b = jax.eval_shape(select, kernel, bias)  # the selected weights' shapes and dtypes, nothing traced
-    out = jax.ShapeDtypeStruct(x.shape[:-1] + k.shape[-1:], jnp.result_type(x, k))
-    centre = (_CENTRED.get() and _fused_layer_norm_mish(out, scale, ln_bias) and k.dtype == out.dtype
-              and b.dtype == out.dtype)
-    k, b = select(*centred_affine(kernel, bias)) if centre else select(kernel, bias)
-    y = add_bias(matmul(x, k), b)
-    return _layer_norm_mish(y, scale, ln_bias, eps, True) if centre else layer_norm_mish(y, scale, ln_bias, eps)
+    wide = _low(x, k)
+    if wide:  # 16-bit compute: the product in float32, the LayerNorm and Mish in float32, the output rounded
+        scale, ln_bias = scale.astype(jnp.float32), ln_bias.astype(jnp.float32)
+    out = jax.ShapeDtypeStruct(x.shape[:-1] + k.shape[-1:], jnp.float32 if wide else jnp.result_type(x, k))
+    centre = (_CENTRED.get() and _fused_layer_norm_mish(out, scale, ln_bias)
+              and (wide or k.dtype == b.dtype == out.dtype))
+    if centre and wide:  # centred in float32, then the kernel rounded to its dtype (its columns' means ~ 0)
+        kc, bc = centred_affine(kernel.astype(jnp.float32), bias.astype(jnp.float32))
+        k, b = select(kc.astype(kernel.dtype), bc)
+    else:
+        k, b = select(*centred_affine(kernel, bias)) if centre else select(kernel, bias)
+    y = add_bias(matmul_float32(x, k), b.astype(jnp.float32)) if wide else add_bias(matmul(x, k), b)
+    y = _layer_norm_mish(y, scale, ln_bias, eps, True) if centre else layer_norm_mish(y, scale, ln_bias, eps)
+    return y.astype(jnp.result_type(x, k)) if wide else y
 
 
 _CENTRED = contextvars.ContextVar("mtdistill_centred_hidden_layers", default=False)
@@ -412,12 +438,18 @@ class NormedLinear(nn.Module):
         dropping = self.dropout > 0 and not deterministic
         if self.act == "mish" and not dropping:
             return linear_layer_norm_mish(x, kernel, bias, ln_scale, ln_bias)
-        x = add_bias(matmul(x, kernel), bias)
+        out_dtype = jnp.result_type(x, kernel)
+        if _low(x, kernel):  # as linear_layer_norm_mish: normalised and activated in float32, then rounded
+            f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+            y = add_bias(matmul_float32(x, kernel), f32(bias))
+            ln_scale, ln_bias = f32(ln_scale), f32(ln_bias)
+        else:
+            y = add_bias(matmul(x, kernel), bias)
         if dropping:
-            x = dropout(x, self.dropout, self.make_rng("dropout"))
+            y = dropout(y, self.dropout, self.make_rng("dropout"))
         if self.act == "mish":
-            return layer_norm_mish(x, ln_scale, ln_bias)
-        return _activation(self.act, self.simnorm_dim)(layer_norm(x, ln_scale, ln_bias))
+            return layer_norm_mish(y, ln_scale, ln_bias).astype(out_dtype)
+        return _activation(self.act, self.simnorm_dim)(layer_norm(y, ln_scale, ln_bias)).astype(out_dtype)
 
 
 class Linear(nn.Module):

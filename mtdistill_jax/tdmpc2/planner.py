@@ -21,8 +21,10 @@ where every env b plans independently with its own task id. Per env, as the offi
    are exactly 0.
 
 ``config.planner.compute_dtype`` ("float32", official; or "bfloat16") is the dtype the world model runs in while
-planning: params are cast once per call, the model's matmuls accumulate in float32 (``nn.layers.matmul``), and the
-MPPI statistics, rewards, values and returned actions stay float32.
+planning: params are cast once per call, the model's matmuls accumulate in float32 (``nn.layers.matmul``), its hidden
+layers normalise the float32 products in float32 before rounding their outputs to bf16
+(``nn.layers.linear_layer_norm_mish``, as torch's autocast runs ``layer_norm`` in float32), and the MPPI statistics,
+rewards, values and returned actions stay float32.
 
 For evaluation, data collection and online training the planner is used as an *actor policy*
 (:mod:`mtdistill_jax.acting`)::
@@ -245,6 +247,13 @@ def make_prior_policy(model: WorldModel, config: ml_collections.ConfigDict, mode
     return policy
 
 
+def compiler_options(config: ml_collections.ConfigDict) -> dict | None:
+    """XLA compiler options for a program that plans with ``config.planner``: for a planner computing in bf16 on
+    CPU, the YNNPACK single-dot path that reaches the CPU's bf16 units (:func:`~mtdistill_jax.xla_cpu.
+    bf16_dot_options`); None otherwise."""
+    return bf16_dot_options(config.planner.get("compute_dtype", "float32"))
+
+
 class Planner:
     """Public MPPI entry point: validates input outside jit, then runs the compiled planner.
 
@@ -258,9 +267,7 @@ class Planner:
         self.model = model or make_world_model(config.model)
         self.task_set = get_task_set(config.model.task_set)
         self.plan = make_planner(self.model, config)
-        # bf16 on CPU: the YNNPACK single-dot path that reaches the CPU's bf16 units (xla_cpu.bf16_dot_options)
-        options = bf16_dot_options(config.planner.get("compute_dtype", "float32"))
-        self.plan_jit = jax.jit(self.plan, static_argnames=("mode",), compiler_options=options)
+        self.plan_jit = jax.jit(self.plan, static_argnames=("mode",), compiler_options=compiler_options(config))
 
     def init(self, batch_size: int) -> PlannerState:
         return init_planner_state(self.config, batch_size)

@@ -268,6 +268,65 @@ def test_linear_layer_norm_mish_centred_matches_the_layer(x_shape, k_shape, b_sh
         np.testing.assert_allclose(np.asarray(linear_layer_norm_mish(*args)), np.asarray(y_ref), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("x_shape,k_shape,b_shape,p_shape", [
+    ((7, 96), (96, 64), (64,), (64,)),  # a dense layer
+    ((2, 3, 5, 96), (2, 96, 64), (2, 1, 1, 64), (2, 1, 1, 64)),  # an ensemble's members
+])
+def test_bf16_hidden_layers_normalise_the_float32_product(x_shape, k_shape, b_shape, p_shape):
+    """In bf16 compute a hidden layer is the float32 layer of its bf16 inputs, rounded once to bf16 at its output
+    (the product accumulated and normalised in float32, as torch's autocast does), centred or not; its only bf16
+    arithmetic is the matmul of the bf16 operands."""
+    from mtdistill_jax.math import mish
+    from mtdistill_jax.nn.layers import centred_hidden_layers, layer_norm, linear_layer_norm_mish
+
+    k = jax.random.split(jax.random.key(6), 5)
+    args32 = (0.5 + jax.random.normal(k[0], x_shape), 0.3 + 0.1 * jax.random.normal(k[1], k_shape),
+              3.0 + jax.random.normal(k[2], b_shape), 1.0 + jax.random.normal(k[3], p_shape),
+              jax.random.normal(k[4], p_shape))
+    args = tuple(a.astype(jnp.bfloat16) for a in args32)
+    x, kernel, bias, scale, ln_bias = (a.astype(jnp.float32) for a in args)  # the bf16 values, exactly
+    y = jnp.einsum("...i,io->...o" if kernel.ndim == 2 else "m...i,mio->m...o", x, kernel,
+                   precision=jax.lax.Precision.HIGHEST)
+    expected = np.asarray(mish(layer_norm(y + bias, scale, ln_bias)))
+    rounded = np.asarray(jnp.asarray(expected).astype(jnp.bfloat16).astype(jnp.float32))
+    for centred in (False, True):
+        with centred_hidden_layers(centred):
+            out = jax.jit(linear_layer_norm_mish)(*args)
+            jaxpr = jax.make_jaxpr(linear_layer_norm_mish)(*args)
+        assert out.dtype == jnp.bfloat16
+        err = np.abs(np.asarray(out.astype(jnp.float32)) - expected)
+        tol = 2.0 ** -8 * (np.abs(expected) + 0.05)  # one bf16 rounding (and, centred, the kernel's)
+        assert np.all(err <= tol), (centred, float(np.max(err / (np.abs(expected) + 0.05))))
+        if not centred:  # exactly the float32 layer, rounded once
+            assert np.mean(np.asarray(out.astype(jnp.float32)) == rounded) > 0.99
+        bf16_ops = {e.primitive.name for e in equations(jaxpr, None)
+                    if any(getattr(v.aval, "dtype", None) == jnp.bfloat16 for v in e.outvars)}
+        assert bf16_ops <= {"convert_element_type", "reshape", "broadcast_in_dim", "pjit"}, bf16_ops
+        dots = [tuple(v.aval.dtype for v in e.invars) for e in equations(jaxpr, "dot_general")
+                if e.invars[0].aval.shape == x_shape]
+        assert dots == [(jnp.bfloat16, jnp.bfloat16)], dots
+
+
+@pytest.mark.parametrize("act", ["mish", "simnorm"])
+def test_bf16_normed_linear_is_the_float32_layer_rounded_once(act):
+    """A NormedLinear (the encoder's and dynamics' SimNorm output layers, or a Mish layer) in bf16 compute gives the
+    float32 layer of its bf16 inputs and parameters, rounded to bf16 at its output."""
+    from mtdistill_jax.checkpoint import transforms
+    from mtdistill_jax.nn.layers import NormedLinear
+
+    layer = NormedLinear(64, act=act)
+    x = 0.5 + jax.random.normal(jax.random.key(7), (9, 96))
+    params = layer.init(jax.random.key(8), x)["params"]
+    params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(9), p.shape), params)
+    p16, x16 = transforms.to_compute(params, "bfloat16", xp=jnp), x.astype(jnp.bfloat16)
+    out = layer.apply({"params": p16}, x16)
+    assert out.dtype == jnp.bfloat16
+    expected = layer.apply({"params": jax.tree.map(lambda p: p.astype(jnp.float32), p16)}, x16.astype(jnp.float32))
+    expected = np.asarray(expected)
+    err = np.abs(np.asarray(out.astype(jnp.float32)) - expected)
+    assert np.all(err <= 2.0 ** -8 * (np.abs(expected) + 1e-3)), float(np.max(err))
+
+
 def test_centred_hidden_layers_is_scoped():
     """The context sets the choice for the traces inside it only, nested contexts included."""
     from mtdistill_jax.nn.layers import _CENTRED, centred_hidden_layers
