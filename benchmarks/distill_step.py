@@ -12,11 +12,12 @@ Usage::
 
     python benchmarks/distill_step.py [--student_size 1] [--teacher_sizes 1,5,19] [--batch 256] [--repeats 20]
         [--teacher_dtype float32|bfloat16|float16|int8] [--compute_dtype float32|bfloat16] [--mfu_peak_tflops F]
-        [--dot_options none|ynn]
+        [--dot_options library|ynn|none]
 
-``--dot_options ynn`` compiles the fused step and the teacher's forward with XLA:CPU's YNNPACK single-dot path
-(``xla_cpu.BF16_DOT_OPTIONS``, the path that reaches the CPU's bf16 units; the library sets it for bf16 planners,
-not for the distillation step); ``none`` (default) as the library compiles them.
+``--dot_options``: ``library`` (default) compiles the fused step as ``make_distill_step`` does and the teacher's
+forward with the same options (XLA:CPU's YNNPACK single-dot path, the one that reaches the CPU's bf16 units, for a
+teacher computing in bf16 on CPU: ``xla_cpu.bf16_dot_options``); ``ynn`` both with that path whatever the dtype,
+``none`` neither.
 
     # per-device memory on an N-device mesh, teacher replicated vs sharded (shapes only; CPU gets N virtual devices):
     python benchmarks/distill_step.py --layout_devices 8 --teacher_sizes 19,317 --teacher_dtype bfloat16 \
@@ -77,7 +78,7 @@ from mtdistill_jax.distill.losses import make_distill_losses, make_teacher_forwa
 from mtdistill_jax.distill.step import init_distill_state, make_distill_step  # noqa: E402
 from mtdistill_jax.nn.world_model import count_params, init_params, make_world_model  # noqa: E402
 from mtdistill_jax.tdmpc2.train import Learner, make_update_fn  # noqa: E402
-from mtdistill_jax.xla_cpu import BF16_DOT_OPTIONS  # noqa: E402
+from mtdistill_jax.xla_cpu import BF16_DOT_OPTIONS, bf16_dot_options  # noqa: E402
 
 MIB = 2.0**20
 
@@ -107,8 +108,9 @@ def main():
                     help="storage dtype of the teacher params on the device")
     ap.add_argument("--compute_dtype", default="float32", choices=COMPUTE_DTYPES,
                     help="dtype of the teacher's forward (config.distill.teacher_compute_dtype)")
-    ap.add_argument("--dot_options", default="none", choices=("none", "ynn"),
-                    help="ynn: the fused step and the teacher's forward with YNNPACK's single-dot path")
+    ap.add_argument("--dot_options", default="library", choices=("library", "ynn", "none"),
+                    help="library: as make_distill_step compiles (YNNPACK single-dot for a bf16 teacher on CPU); "
+                         "ynn: for every dtype; none: XLA_FLAGS alone")
     ap.add_argument("--mfu_peak_tflops", type=float, default=None,
                     help="device peak TFLOP/s: also print achieved TFLOP/s and MFU of the fused step")
     ap.add_argument("--layout_devices", type=int, default=0,
@@ -129,7 +131,7 @@ def main():
     learner = Learner(config, donate=False)
     student_state = learner.init(jax.random.key(0))
 
-    options = BF16_DOT_OPTIONS if args.dot_options == "ynn" else None
+    options = {"library": bf16_dot_options(args.compute_dtype), "ynn": BF16_DOT_OPTIONS, "none": None}[args.dot_options]
     print(header())
     print(f"student {args.student_size}M ({count_params(student_state.params):,} params), MT30, batch {args.batch}, "
           f"H {H}; distill: reward {d.reward_loss} ({d.steps} step), d_coef {d.d_coef}; teacher stored "
@@ -164,6 +166,8 @@ def main():
 
         state = init_distill_state(config, teacher_config, jax.random.key(0))
         step = make_distill_step(config, teacher_config, donate=False)
+        if args.dot_options != "library":  # the step's own jit, compiled with ``options`` instead of the library's
+            step = jax.jit(step.__wrapped__)
 
         def fused_args(i, state=state, teacher_params=teacher_params):
             return state, teacher_params, batches[i % len(batches)], jax.random.key(i)

@@ -93,8 +93,10 @@ class _ShardedStep:
     """``jax.jit`` of a step for each number of positional arguments it is called with (optional trailing
     arguments such as ``draws`` / ``aux``), all with the same leading shardings; has ``lower`` like a jit."""
 
-    def __init__(self, fn: Callable, mesh: Mesh, in_specs: Sequence, out_specs, donate_argnums: tuple[int, ...]):
+    def __init__(self, fn: Callable, mesh: Mesh, in_specs: Sequence, out_specs, donate_argnums: tuple[int, ...],
+                 compiler_options: dict | None = None):
         self._fn, self._mesh, self._in_specs = fn, mesh, tuple(in_specs)
+        self._options = compiler_options
         self._out = to_shardings(out_specs, mesh)
         self._donate = donate_argnums
         self._jits: dict[int, Any] = {}
@@ -104,7 +106,8 @@ class _ShardedStep:
         if n not in self._jits:
             specs = (self._in_specs + (None,) * n)[:n]
             self._jits[n] = jax.jit(self._fn, in_shardings=tuple(to_shardings(s, self._mesh) for s in specs),
-                                    out_shardings=self._out, donate_argnums=self._donate)
+                                    out_shardings=self._out, donate_argnums=self._donate,
+                                    compiler_options=self._options)
         return self._jits[n]
 
     def __call__(self, *args):
@@ -115,15 +118,16 @@ class _ShardedStep:
 
 
 def compile_step(fn: Callable, mesh: Mesh | None = None, *, in_specs: Sequence = (), out_specs=None,
-                 donate_argnums: int | Sequence[int] = ()):
+                 donate_argnums: int | Sequence[int] = (), compiler_options: dict | None = None):
     """The one jit of a step ``fn(*args)``, with shardings on ``mesh`` (plain ``jax.jit`` without one).
 
     ``in_specs``: one entry per leading positional argument, each a ``PartitionSpec`` / ``Sharding`` or a
     pytree prefix of them (e.g. :func:`batch_specs` for a batch), ``None`` for replicated; arguments past
     the tuple (e.g. optional ``draws`` / ``aux``) are replicated. ``out_specs`` likewise for the whole
-    output (default: replicated). With a mesh, pass arguments positionally.
+    output (default: replicated). With a mesh, pass arguments positionally. ``compiler_options``: XLA options of
+    the step's programs (e.g. :func:`mtdistill_jax.xla_cpu.bf16_dot_options`).
     """
     donate = (donate_argnums,) if isinstance(donate_argnums, int) else tuple(donate_argnums)
     if mesh is None:
-        return jax.jit(fn, donate_argnums=donate)
-    return _ShardedStep(fn, mesh, in_specs, out_specs, donate)
+        return jax.jit(fn, donate_argnums=donate, compiler_options=compiler_options)
+    return _ShardedStep(fn, mesh, in_specs, out_specs, donate, compiler_options)

@@ -10,6 +10,7 @@ and bad teachers or configs are refused with the cause named.
 from __future__ import annotations
 
 import functools
+import os
 
 import chex
 import jax
@@ -99,6 +100,23 @@ def test_teacher_params_are_unchanged_not_donated_and_traced_once():
     assert step._cache_size() == 1  # one trace, one executable for every call
     chex.assert_trees_all_equal(jax.device_get(on_device), stored)  # still alive (not donated), bit-identical
     assert all(x.dtype == np.float16 for x in jax.tree_util.tree_leaves(on_device))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's YNNPACK path")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_bf16_teacher_compiles_with_the_bf16_dot_path(dtype):
+    """On CPU a step whose teacher computes in bf16 hands the dots to YNNPACK's single-dot path (the CPU's bf16
+    units: xla_cpu.bf16_dot_options), on one device and on a mesh; a float32 teacher's step keeps XLA's dots."""
+    from mtdistill_jax import xla_cpu
+
+    config = smoke(teacher_compute_dtype=dtype)
+    expected = xla_cpu.bf16_dot_options(dtype) is not None
+    assert expected == (dtype == "bfloat16" and os.environ.get(xla_cpu.TUNING_ENV, "1") != "0")
+    args = (student_state(config, config.model), models()[1], random_batch(0), jax.random.key(0))
+    for mesh in (None, make_mesh(1)):
+        step = distill.make_distill_step(config, config.model, mesh, donate=False)
+        hlo = step.lower(*args).compile().as_text()
+        assert ("__ynn_fusion" in hlo) == expected, mesh
 
 
 def assert_params_after_adam_close(got, want, lr: float):
