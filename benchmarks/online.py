@@ -9,8 +9,12 @@ one update on a batch from the replay buffer; their sum per agent step is ``env 
 The fused program should not be slower than that sum.
 
 Usage: ``python benchmarks/online.py [--tasks cartpole-balance,walker-walk] [--num_envs 1,16,64]
-[--agent_steps 4] [--episode_length 50]``. ``--episode_length`` shortens episodes (resets happen more often, the
-per-step work is the same) so the seed phase before timing stays short.
+[--agent_steps 4] [--episode_length 50] [--compute_dtype float32|bfloat16] [--dot_options library|none]``.
+``--episode_length`` shortens episodes (resets happen more often, the per-step work is the same) so the seed phase
+before timing stays short. ``--compute_dtype``: the planner's (``planner.compute_dtype``; updates stay float32).
+``--dot_options``: ``library`` (default) compiles the loop as ``OnlineLoop.train_chunk_jit`` does and the planner
+part with the same options (:func:`mtdistill_jax.tdmpc2.planner.compiler_options`: YNNPACK's single-dot path for a
+bf16 planner on CPU), ``none`` without them.
 """
 
 from __future__ import annotations
@@ -29,11 +33,12 @@ import numpy as np  # noqa: E402
 from benchmarks.common import header, time_jitted  # noqa: E402
 from mtdistill_jax.configs.online import get_config  # noqa: E402
 from mtdistill_jax.tdmpc2.online import make_online_loop  # noqa: E402
+from mtdistill_jax.tdmpc2.planner import compiler_options as planner_compiler_options  # noqa: E402
 
 
-def fused_times(loop, carry, agent_steps: int, repeats: int):
+def fused_times(loop, carry, agent_steps: int, repeats: int, library_options: bool = True):
     """(compile s, median s per chunk of ``agent_steps``, updates per chunk, carry after)."""
-    chunk = jax.jit(loop.train_chunk, donate_argnums=0)
+    chunk = loop.train_chunk_jit if library_options else jax.jit(loop.train_chunk, donate_argnums=0)
     t = time.perf_counter()
     compiled = chunk.lower(carry, np.int32(agent_steps)).compile()
     compile_s = time.perf_counter() - t
@@ -51,7 +56,7 @@ def fused_times(loop, carry, agent_steps: int, repeats: int):
     return compile_s, float(np.median(times)), float(np.median(updates)), carry
 
 
-def part_times(loop, carry, repeats: int):
+def part_times(loop, carry, repeats: int, plan_options=None):
     """Median seconds of one env step (N envs), one planner act (N obs) and one update, each jitted alone."""
     es = carry.env_state
     action = jax.random.uniform(jax.random.key(1), (loop.M, loop.env.action_pad), jnp.float32, -1, 1)
@@ -61,7 +66,7 @@ def part_times(loop, carry, repeats: int):
     def plan_args(i):
         return carry.learner.params, es.obs, es.task, es.first, carry.policy_state, jax.random.key(i)
 
-    _, plan_s, _, _ = time_jitted(jax.jit(loop.planner), plan_args, repeats)
+    _, plan_s, _, _ = time_jitted(jax.jit(loop.planner), plan_args, repeats, compiler_options=plan_options)
     batch, _ = loop.replay.sample(carry.replay)
     learner = carry.learner
     _, update_s, _, _ = time_jitted(jax.jit(loop.update), lambda i: (learner, batch, jax.random.key(i)), repeats)
@@ -78,10 +83,13 @@ def main():
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--utd", type=float, default=1.0, help="updates per env step (official 1)")
     ap.add_argument("--episode_length", type=int, default=50)
+    ap.add_argument("--compute_dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--dot_options", default="library", choices=("library", "none"))
     args = ap.parse_args()
     print(header())
     print(f"model {args.model_size}M, batch {args.batch}, utd {args.utd:g}, official planner, episodes of "
-          f"{args.episode_length} steps, {args.agent_steps} agent steps per timed chunk")
+          f"{args.episode_length} steps, {args.agent_steps} agent steps per timed chunk; planner computes in "
+          f"{args.compute_dtype}, dot options {args.dot_options}")
     cols = ("task", "N", "compile s", "agent st/s", "env st/s", "upd/s", "env ms", "plan ms", "update ms",
             "parts ms/ag.st", "fused ms/ag.st", "fused/parts")
     print("| " + " | ".join(cols) + " |")
@@ -97,10 +105,13 @@ def main():
             config.online.seed_updates = 0
             config.online.utd = args.utd
             config.steps = 1_000_000 // n * n
+            config.planner.compute_dtype = args.compute_dtype
             loop = make_online_loop(config)
             carry = jax.tree_util.tree_map(lambda x: x.copy(), loop.init(jax.random.key(0)))
-            compile_s, chunk_s, updates, carry = fused_times(loop, carry, args.agent_steps, args.repeats)
-            env_s, plan_s, update_s = part_times(loop, carry, 5 * args.repeats)
+            library = args.dot_options == "library"
+            compile_s, chunk_s, updates, carry = fused_times(loop, carry, args.agent_steps, args.repeats, library)
+            env_s, plan_s, update_s = part_times(loop, carry, 5 * args.repeats,
+                                                 planner_compiler_options(config) if library else None)
             fused = chunk_s / args.agent_steps
             parts = env_s + plan_s + updates / args.agent_steps * update_s
             row = (task, n, f"{compile_s:.0f}", f"{1 / fused:.2f}", f"{n / fused:.1f}",

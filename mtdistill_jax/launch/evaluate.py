@@ -75,7 +75,7 @@ flags.DEFINE_bool("compile_side_by_side", True, "compile the reset and the step 
                   "one after the other (6.0-6.1 min, 4.4-4.6 GiB)")
 flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "the planner's model compute dtype "
                   "(config planner.compute_dtype): float32 as the official code, or bfloat16 matmuls with float32 "
-                  "MPPI statistics")
+                  "normalisation and MPPI statistics (1.7x faster planning on a CPU with bf16 units)")
 flags.DEFINE_integer("episode_length", None, "agent steps per episode (default: the task set's, MT30 500 = "
                      "official; less only for quick looks)", lower_bound=1)
 FLAGS = flags.FLAGS

@@ -47,6 +47,7 @@ from mtdistill_jax.acting import Transition
 from mtdistill_jax.data.replay import ReplayBuffer, ReplayState
 from mtdistill_jax.errors import UserError
 from mtdistill_jax.nn.world_model import make_world_model
+from mtdistill_jax.tdmpc2.planner import compiler_options as planner_compiler_options
 from mtdistill_jax.tdmpc2.planner import init_planner_state, make_plan_policy
 from mtdistill_jax.tdmpc2.train import TrainingState, init_training_state, make_update_fn
 
@@ -89,8 +90,9 @@ def default_seed_steps(episode_length: int) -> int:
 
 
 class OnlineLoop:
-    """``loop = OnlineLoop(config, env)``; ``carry = loop.init(key)``; ``carry, stats = jit(loop.train_chunk,
-    donate_argnums=0)(carry, K)``.
+    """``loop = OnlineLoop(config, env)``; ``carry = loop.init(key)``; ``carry, stats = loop.train_chunk_jit(carry,
+    K)`` (``jit(loop.train_chunk, donate_argnums=0)``, compiled with :func:`~mtdistill_jax.tdmpc2.planner.
+    compiler_options`: for a planner computing in bf16 on CPU, YNNPACK's single-dot path, the CPU's bf16 units).
 
     ``env``: a batched env with a common episode length (e.g. ``MultiTaskEnv(tasks, N)``, ``auto_reset=True``);
     ``config``: the training config (``config.train`` hyperparameters, ``config.planner``, ``config.model``);
@@ -132,6 +134,8 @@ class OnlineLoop:
         # Plain functions would be traced twice, the update four times (smoke config: a 15 s trace instead of 6 s).
         self._agent_step = jax.jit(self.agent_step)
         self._one_update_jit = jax.jit(self._one_update)
+        self.train_chunk_jit = jax.jit(self.train_chunk, donate_argnums=0,
+                                       compiler_options=planner_compiler_options(config))
 
     def init(self, key) -> OnlineCarry:
         """The carry a fresh run starts from, as one compiled program: run eagerly, the envs' MJX reset and the
@@ -375,7 +379,7 @@ def train_online(config: ml_collections.ConfigDict, workdir: str, *, save_every:
         step = int(carry.agent_steps) * M
         own_writer = start_run_outputs(workdir, config, metrics_dir, resumed_from or 0)
         writer = writer if own_writer is None else own_writer
-        chunk = jax.jit(loop.train_chunk, donate_argnums=0)
+        chunk = loop.train_chunk_jit
         if step < config.steps:  # compile before the clock starts, so rates and the ETA count training only
             t_compile = time.perf_counter()
             chunk = chunk.lower(carry, np.int32(1)).compile()
