@@ -159,8 +159,9 @@ def bf16_dot_options(compute_dtype: str, platform: str | None = None, environ=os
     --tasks walker-walk,cheetah-run,cartpole-balance --episodes 2 --chunks 3 --compute_dtype bfloat16
     [--dot_options none]``) took 8.42 s in bf16 without them, 5.10 s with them, 5.23 s in float32 (at 7199536);
     since bf16 hidden layers normalise in float32 (9e0f557), 2.44 s with them against 5.04 s in float32. Used by
-    ``Planner.plan_jit``, the evaluation program's step chunk (both through
-    :func:`mtdistill_jax.tdmpc2.planner.compiler_options`) and the distillation step with a bf16 teacher. None with
+    ``Planner.plan_jit``, the evaluation program's step chunk and ``OnlineLoop.train_chunk_jit`` (through
+    :func:`mtdistill_jax.tdmpc2.planner.compiler_options`), and the distillation step and ``launch/distill.py``'s
+    training program with a bf16 teacher (:func:`mtdistill_jax.distill.step.compiler_options`). None with
     ``MTDISTILL_XLA_CPU_TUNING=0``, a jaxlib older than :data:`SPEED_FLAGS_MIN_JAXLIB`, or where the user's
     ``XLA_FLAGS`` sets the YNNPACK fusion type to a value of their own (anything but the empty value
     :func:`tune_for_cpu` adds). ``platform`` defaults to ``jax.default_backend()``, asked only for bfloat16.

@@ -110,6 +110,10 @@ def test_distill_on_two_devices_with_a_sharded_int8_teacher(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "data-parallel over 2 devices (batch 8, 4 per device)" in r.stderr
     assert "stored int8, computed bfloat16" in r.stderr
+    # a bf16 teacher's program compiles with the CPU's bf16 dot path (distill.step_compiler_options)
+    from mtdistill_jax import xla_cpu
+    expected = xla_cpu.bf16_dot_options("bfloat16")
+    assert (f"(XLA options {expected})" in r.stderr) == (expected is not None), r.stderr[-3000:]
     assert np.isfinite(float(read_csv(tmp_path / "run" / "metrics.csv")[-1]["distill/reward_mse"]))
 
 

@@ -49,8 +49,9 @@ def get_planner_config() -> ml_collections.ConfigDict:
     c.temperature = 0.5  # softmax temperature on elite values
     c.min_std = 0.05  # lower clip of the sampling std
     c.max_std = 2.0  # initial std and upper clip
-    # the world model's matmuls while planning: float32 (official) or bfloat16 (params and activations in bf16, the
-    # MPPI statistics, rewards, values and returned actions in float32)
+    # the world model's matmuls while planning: float32 (official) or bfloat16 (params and the layers' outputs in
+    # bf16, products accumulated and normalised in float32; the MPPI statistics, rewards, values and returned
+    # actions in float32)
     c.compute_dtype = "float32"
     c.lock()
     return c

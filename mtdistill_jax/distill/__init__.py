@@ -18,7 +18,9 @@ from mtdistill_jax.distill.step import (
     place_teacher,
     teacher_specs,
 )
+from mtdistill_jax.distill.step import compiler_options as step_compiler_options
 
 __all__ = ["DISTILL_KEY", "DistillLosses", "TeacherOutputs", "d_coef_schedule", "make_distill_losses",
            "make_teacher_forward", "IncompatibleTeacherError", "check_compatible", "init_distill_state",
-           "load_teacher", "make_distill_step", "make_distill_update", "place_teacher", "teacher_specs"]
+           "load_teacher", "make_distill_step", "make_distill_update", "place_teacher", "teacher_specs",
+           "step_compiler_options"]

@@ -32,7 +32,7 @@ from mtdistill_jax.types import Params
 from mtdistill_jax.xla_cpu import bf16_dot_options
 
 __all__ = ["IncompatibleTeacherError", "check_compatible", "load_teacher", "make_distill_update",
-           "make_distill_step", "init_distill_state", "teacher_specs", "place_teacher"]
+           "make_distill_step", "init_distill_state", "teacher_specs", "place_teacher", "compiler_options"]
 
 
 class IncompatibleTeacherError(UserError):
@@ -137,10 +137,16 @@ def make_distill_step(config: ml_collections.ConfigDict, teacher_config: ml_coll
     def step(state, teacher_params, batch, key):
         return update(state, batch, key, None, teacher_params)
 
-    # a bf16 teacher on CPU: the YNNPACK single-dot path that reaches the CPU's bf16 units (see the docstring)
-    options = bf16_dot_options(config.distill.teacher_compute_dtype)
     return compile_step(step, mesh, in_specs=(None, t_specs, batch_specs()), donate_argnums=(0,) if donate else (),
-                        compiler_options=options)
+                        compiler_options=compiler_options(config))
+
+
+def compiler_options(config: ml_collections.ConfigDict) -> dict | None:
+    """XLA options of a program that runs the distillation update of ``config``: for a teacher computing in bf16
+    on CPU, YNNPACK's single-dot path (the CPU's bf16 units, :func:`mtdistill_jax.xla_cpu.bf16_dot_options`; see
+    :func:`make_distill_step`); None otherwise. ``make_distill_step`` and ``launch/distill.py``'s training loop
+    both compile with it."""
+    return bf16_dot_options(config.distill.teacher_compute_dtype)
 
 
 def init_distill_state(config: ml_collections.ConfigDict, teacher_config: ml_collections.ConfigDict, key=None,

@@ -305,7 +305,7 @@ def export_agent(state, config: ml_collections.ConfigDict, workdir: str, *, to_t
 # --------------------------------------------------------------------------------------------------- run
 def run(config: ml_collections.ConfigDict, options: RunOptions, *, update_fn: Callable | None = None,
         init_state: Callable | None = None, aux: Any = None, aux_specs: Callable | None = None,
-        program: str = "mtdistill-train"):
+        program: str = "mtdistill-train", compiler_options: dict | None = None):
     """Load ``options.data`` (chunk files: into device memory; a native dataset directory: opened
     memory-mapped and sampled on the host), train (or resume) to ``config.steps`` with
     :func:`~mtdistill_jax.tdmpc2.offline.train_offline` and, unless preempted, export the agent; returns its
@@ -315,7 +315,8 @@ def run(config: ml_collections.ConfigDict, options: RunOptions, *, update_fn: Ca
     a fresh TrainingState). With more than one device (all of ``jax.devices()``, every host of a pod) the run
     is data-parallel: the batch is split over a 1-D ``data`` mesh, the learner replicated, and ``aux``
     replicated or laid out by ``aux_specs(mesh)`` (PartitionSpecs, e.g. a sharded teacher). ``program``
-    names the run in the export's ``source``.
+    names the run in the export's ``source``. ``compiler_options``: XLA options of the training program (e.g. a
+    bf16 teacher's, :func:`mtdistill_jax.distill.step.compiler_options`).
     """
     from mtdistill_jax.configs.tasks import get_task_set
     from mtdistill_jax.data.native import is_dataset_dir, open_dataset
@@ -361,7 +362,8 @@ def run(config: ml_collections.ConfigDict, options: RunOptions, *, update_fn: Ca
     result = train_offline(config, data, options.workdir, save_every=options.save_every, keep=options.keep,
                            mesh=mesh, update_fn=update_fn, init_state=init_state, aux=aux, aux_specs=specs,
                            eval_every=options.eval_every,
-                           eval_fn=eval_fn, metrics_dir=options.workdir, progress=options.progress)
+                           eval_fn=eval_fn, metrics_dir=options.workdir, progress=options.progress,
+                           compiler_options=compiler_options)
     start = f"resumed from {result.resumed_from}" if result.resumed_from is not None else "fresh run"
     if result.preempted:
         logging.info("preempted at step %d (%s); run the same command again to resume", result.step, start)

@@ -60,8 +60,9 @@ def main(argv):
 def run_kwargs(config, teacher_path: str) -> dict:
     """What :func:`mtdistill_jax.launch.common.run` takes for distilling the teacher at ``teacher_path`` (agent
     export or official ``.pt``) into the student of ``config`` (a resolved distillation config): ``update_fn``,
-    ``init_state``, ``aux`` (the teacher's params), ``aux_specs`` and ``program``. A teacher of another task set
-    is refused (each difference named)."""
+    ``init_state``, ``aux`` (the teacher's params), ``aux_specs``, ``program`` and ``compiler_options`` (a bf16
+    teacher's on CPU: :func:`mtdistill_jax.distill.step.compiler_options`). A teacher of another task set is
+    refused (each difference named)."""
     from mtdistill_jax import distill
 
     teacher = distill.load_teacher(teacher_path)
@@ -80,7 +81,8 @@ def run_kwargs(config, teacher_path: str) -> dict:
 
     return dict(update_fn=distill.make_distill_update(config, teacher.config), init_state=init_state,
                 aux=teacher.params, aux_specs=teacher_layout,
-                program=f"mtdistill-distill (teacher {os.path.abspath(teacher_path)})")
+                program=f"mtdistill-distill (teacher {os.path.abspath(teacher_path)})",
+                compiler_options=distill.step_compiler_options(config))
 
 
 def entry_point() -> None:

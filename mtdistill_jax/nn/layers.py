@@ -238,7 +238,8 @@ _CENTRED = contextvars.ContextVar("mtdistill_centred_hidden_layers", default=Fal
 @contextlib.contextmanager
 def centred_hidden_layers(enabled: bool = True):
     """While tracing inside this context, hidden layers without dropout (:func:`linear_layer_norm_mish`, where
-    its fused path applies: float32 on CPU) centre their weights instead of their activations.
+    its fused path applies: float32 products on CPU, bf16 compute's included) centre their weights instead of
+    their activations.
 
     The centred weights cost a pass over every kernel per program; each use of a layer then saves a pass over
     its activations. That pays in the planner, whose loop runs every layer 6 times on 512 rows per environment
@@ -246,7 +247,8 @@ def centred_hidden_layers(enabled: bool = True):
     ``benchmarks/plan.py --layers centred,plain``: plan for 1 env 108.5 -> 99.7 ms, for 30 envs 3.84 -> 3.45 s);
     not in the update, which reads every kernel about
     as often as it runs it (5M update 1-2 % slower, 1M unchanged), so it is off outside this context. A
-    trace-time choice, like ``jax.default_matmul_precision``: both ways compute the same values."""
+    trace-time choice, like ``jax.default_matmul_precision``: both ways compute the same values (in bf16 compute,
+    within one bf16 rounding of the centred kernel)."""
     token = _CENTRED.set(bool(enabled))
     try:
         yield

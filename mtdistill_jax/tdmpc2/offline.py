@@ -131,16 +131,18 @@ def make_train_chunk(update: Callable, sampler: OfflineSampler | None, batch_con
     return train_chunk
 
 
-def compile_train_chunk(train_chunk: Callable, mesh=None, aux_specs=None, data_specs=None) -> Callable:
+def compile_train_chunk(train_chunk: Callable, mesh=None, aux_specs=None, data_specs=None,
+                        compiler_options: dict | None = None) -> Callable:
     """The one jit of the offline loop (only the state, argument 0, is donated: never ``data`` or ``aux``),
     through :func:`mtdistill_jax.parallel.compile_step`: with a mesh every argument and output is replicated
     (``aux`` laid out by ``aux_specs``, a pytree prefix of PartitionSpecs, when given; ``data`` by
     ``data_specs``, e.g. :func:`stacked_batch_specs` for host batches) and the batch sharding comes from
-    :func:`make_train_chunk`'s ``batch_constraint``."""
+    :func:`make_train_chunk`'s ``batch_constraint``. ``compiler_options``: XLA options of the program (e.g.
+    :func:`mtdistill_jax.distill.step.compiler_options` for a bf16 teacher)."""
     from mtdistill_jax.parallel import compile_step
 
     in_specs = () if aux_specs is None and data_specs is None else (None, data_specs, None, None, None, aux_specs)
-    return compile_step(train_chunk, mesh, in_specs=in_specs, donate_argnums=0)
+    return compile_step(train_chunk, mesh, in_specs=in_specs, donate_argnums=0, compiler_options=compiler_options)
 
 
 def stacked_batch_specs() -> Batch:
@@ -218,7 +220,8 @@ def train_offline(config: ml_collections.ConfigDict, episodes: Episodes | Offlin
                   aux_specs: Any = None, eval_every: int | None = None,
                   eval_fn: Callable[[TrainingState, int], Mapping] | None = None,
                   writer: MetricsSink | None = None, metrics_dir: str | None = None,
-                  progress: bool = True, data_mode: str = "uniform", prefetch: int = 2) -> RunResult:
+                  progress: bool = True, data_mode: str = "uniform", prefetch: int = 2,
+                  compiler_options: dict | None = None) -> RunResult:
     """Run (or resume) offline training to ``config.steps`` updates; returns the final :class:`RunResult`.
 
     Learner:
@@ -332,7 +335,8 @@ def train_offline(config: ml_collections.ConfigDict, episodes: Episodes | Offlin
     init_state = init_state or (lambda k: init_training_state(config, k))
     train_chunk = compile_train_chunk(make_train_chunk(update, None if native else sampler, batch_constraint), mesh,
                                       None if mesh is None else aux_specs,
-                                      stacked_batch_specs() if native and mesh is not None else None)
+                                      stacked_batch_specs() if native and mesh is not None else None,
+                                      compiler_options)
     log_every = log_every or config.log_every
     mngr = CheckpointManager(workdir, config, keep=keep, save_every=save_every, async_save=async_save)
     if handle_signals:
@@ -370,7 +374,8 @@ def train_offline(config: ml_collections.ConfigDict, episodes: Episodes | Offlin
         if step < config.steps:  # compile before the clock starts, so rates and the ETA count training only
             t_compile = time.perf_counter()
             train_chunk = train_chunk.lower(state, data, data_state, rng, np.int32(1), *chunk_args).compile()
-            log.info("compiled the training chunk in %.1f s", time.perf_counter() - t_compile)
+            log.info("compiled the training chunk in %.1f s%s", time.perf_counter() - t_compile,
+                     f" (XLA options {compiler_options})" if compiler_options else "")
 
         def summarize(window, steps, seconds):
             return {**{k: v / steps for k, v in window.items()}, "perf/steps_per_second": steps / seconds}

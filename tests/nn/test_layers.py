@@ -274,10 +274,10 @@ def test_linear_layer_norm_mish_centred_matches_the_layer(x_shape, k_shape, b_sh
 ])
 def test_bf16_hidden_layers_normalise_the_float32_product(x_shape, k_shape, b_shape, p_shape):
     """In bf16 compute a hidden layer is the float32 layer of its bf16 inputs, rounded once to bf16 at its output
-    (the product accumulated and normalised in float32, as torch's autocast does), centred or not; its only bf16
-    arithmetic is the matmul of the bf16 operands."""
+    (the product accumulated and normalised in float32, as torch's autocast does); centred, within one more bf16
+    rounding, of the centred kernel. Its only bf16 arithmetic is the matmul of the bf16 operands."""
     from mtdistill_jax.math import mish
-    from mtdistill_jax.nn.layers import centred_hidden_layers, layer_norm, linear_layer_norm_mish
+    from mtdistill_jax.nn.layers import centred_affine, centred_hidden_layers, layer_norm, linear_layer_norm_mish
 
     k = jax.random.split(jax.random.key(6), 5)
     args32 = (0.5 + jax.random.normal(k[0], x_shape), 0.3 + 0.1 * jax.random.normal(k[1], k_shape),
@@ -285,17 +285,25 @@ def test_bf16_hidden_layers_normalise_the_float32_product(x_shape, k_shape, b_sh
               jax.random.normal(k[4], p_shape))
     args = tuple(a.astype(jnp.bfloat16) for a in args32)
     x, kernel, bias, scale, ln_bias = (a.astype(jnp.float32) for a in args)  # the bf16 values, exactly
-    y = jnp.einsum("...i,io->...o" if kernel.ndim == 2 else "m...i,mio->m...o", x, kernel,
-                   precision=jax.lax.Precision.HIGHEST)
+    spec = "...i,io->...o" if kernel.ndim == 2 else "m...i,mio->m...o"
+    y = jnp.einsum(spec, x, kernel, precision=jax.lax.Precision.HIGHEST)
     expected = np.asarray(mish(layer_norm(y + bias, scale, ln_bias)))
     rounded = np.asarray(jnp.asarray(expected).astype(jnp.bfloat16).astype(jnp.float32))
+    kernel_means = {}
     for centred in (False, True):
-        with centred_hidden_layers(centred):
-            out = jax.jit(linear_layer_norm_mish)(*args)
-            jaxpr = jax.make_jaxpr(linear_layer_norm_mish)(*args)
+        with centred_hidden_layers(centred):  # fresh functions: traces are cached per function, not per context
+            out = jax.jit(lambda *a: linear_layer_norm_mish(*a))(*args)
+            jaxpr = jax.make_jaxpr(lambda *a: linear_layer_norm_mish(*a))(*args)
+        kernel_means[centred] = sum(1 for e in equations(jaxpr, "dot_general")
+                                    if e.invars[0].aval.shape == k_shape and e.invars[1].aval.shape[-1] == 1)
         assert out.dtype == jnp.bfloat16
         err = np.abs(np.asarray(out.astype(jnp.float32)) - expected)
-        tol = 2.0 ** -8 * (np.abs(expected) + 0.05)  # one bf16 rounding (and, centred, the kernel's)
+        tol = 2.0 ** -8 * (np.abs(expected) + 0.05)  # one bf16 rounding of the output
+        if centred:  # and one of the centred kernel: |x| @ (2^-9 |kc|) on the product, over its rows' spread
+            kc, _ = centred_affine(kernel, bias)
+            moved = jnp.einsum(spec, jnp.abs(x), 2.0 ** -9 * jnp.abs(kc))
+            spread = jnp.std(y + bias, axis=-1, keepdims=True)
+            tol = tol + np.asarray(1.1 * jnp.abs(scale) * moved / spread)  # 1.1: Mish's steepest slope
         assert np.all(err <= tol), (centred, float(np.max(err / (np.abs(expected) + 0.05))))
         if not centred:  # exactly the float32 layer, rounded once
             assert np.mean(np.asarray(out.astype(jnp.float32)) == rounded) > 0.99
@@ -305,6 +313,8 @@ def test_bf16_hidden_layers_normalise_the_float32_product(x_shape, k_shape, b_sh
         dots = [tuple(v.aval.dtype for v in e.invars) for e in equations(jaxpr, "dot_general")
                 if e.invars[0].aval.shape == x_shape]
         assert dots == [(jnp.bfloat16, jnp.bfloat16)], dots
+    if jax.default_backend() == "cpu":  # centred: the kernel's column means, taken once (float32 on CPU)
+        assert kernel_means == {False: 0, True: 1}, kernel_means
 
 
 @pytest.mark.parametrize("act", ["mish", "simnorm"])

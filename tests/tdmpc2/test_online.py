@@ -74,15 +74,13 @@ def test_chunk_traces_the_env_step_and_the_update_once():
 def test_a_bf16_planner_compiles_the_loop_with_the_bf16_dot_path():
     """train_chunk_jit (what launch/train.py --mode=online runs) compiles a loop whose planner computes in bf16
     with the planner's compiler options (YNNPACK's single-dot path on CPU: the bf16 units)."""
-    import os
-
-    from mtdistill_jax import xla_cpu
+    from mtdistill_jax.tdmpc2.planner import compiler_options
 
     config = get_smoke_config()
     config.planner.compute_dtype = "bfloat16"
     loop = OnlineLoop(config, MultiTaskEnv(["cartpole-balance"], 2, episode_length=T), capacity=2 * T)
     hlo = loop.train_chunk_jit.lower(jax.eval_shape(loop.init, jax.random.key(0)), np.int32(1)).compile().as_text()
-    assert ("__ynn_fusion" in hlo) == (os.environ.get(xla_cpu.TUNING_ENV, "1") != "0")
+    assert ("__ynn_fusion" in hlo) == (compiler_options(config) is not None)
 
 
 def test_defaults_and_bad_args():
