@@ -66,6 +66,15 @@ def matmul_float32(x, kernel):
     return _dot("...i,io->...o" if kernel.ndim == 2 else "m...i,mio->m...o", x, kernel, rounded=False)
 
 
+def _affine(x, kernel, bias):
+    """``x @ kernel + bias`` as a hidden layer forms it before its LayerNorm: with 16-bit operands the float32
+    product (:func:`matmul_float32`) plus the bias in float32, else :func:`matmul` and :func:`add_bias` in the
+    operands' dtype."""
+    if _low(x, kernel):
+        return add_bias(matmul_float32(x, kernel), bias.astype(jnp.float32))
+    return add_bias(matmul(x, kernel), bias)
+
+
 def _matmul_fwd(x, kernel):
     return matmul(x, kernel), (x, kernel)
 
@@ -227,7 +236,7 @@ def linear_layer_norm_mish(x, kernel, bias, scale, ln_bias, eps: float = LN_EPS,
         k, b = select(kc.astype(kernel.dtype), bc)
     else:
         k, b = select(*centred_affine(kernel, bias)) if centre else select(kernel, bias)
-    y = add_bias(matmul_float32(x, k), b.astype(jnp.float32)) if wide else add_bias(matmul(x, k), b)
+    y = _affine(x, k, b)
     y = _layer_norm_mish(y, scale, ln_bias, eps, True) if centre else layer_norm_mish(y, scale, ln_bias, eps)
     return y.astype(jnp.result_type(x, k)) if wide else y
 
@@ -441,12 +450,9 @@ class NormedLinear(nn.Module):
         if self.act == "mish" and not dropping:
             return linear_layer_norm_mish(x, kernel, bias, ln_scale, ln_bias)
         out_dtype = jnp.result_type(x, kernel)
+        y = _affine(x, kernel, bias)
         if _low(x, kernel):  # as linear_layer_norm_mish: normalised and activated in float32, then rounded
-            f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
-            y = add_bias(matmul_float32(x, kernel), f32(bias))
-            ln_scale, ln_bias = f32(ln_scale), f32(ln_bias)
-        else:
-            y = add_bias(matmul(x, kernel), bias)
+            ln_scale, ln_bias = ln_scale.astype(jnp.float32), ln_bias.astype(jnp.float32)
         if dropping:
             y = dropout(y, self.dropout, self.make_rng("dropout"))
         if self.act == "mish":
