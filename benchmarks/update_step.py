@@ -14,8 +14,11 @@ cover each kernel's work).
 ``--task_emb_policy_grad release,head``: one row per setting of ``train.task_emb_policy_grad`` (``release``, the
 default: the policy gradient stops at the task embedding; ``head``, the official HEAD code's, which
 ``benchmarks/compare_official.py`` runs).
+``--narrow_grads kept,folded``: one row per form of a narrowing layer's weight gradient (``kept``, the default:
+``g^T x`` kept in ``[out, in]`` order; ``folded``: XLA's ``x^T g``; ``mtdistill_jax.nn.layers.kernel_grad_kept_out_in``
+says which layers and why); list a setting twice, e.g. ``kept,folded,kept,folded``, to see the machine's drift.
 Usage: ``python benchmarks/update_step.py [--sizes 1,5] [--batch 256] [--repeats 20] [--profile 5]
-[--task_emb_policy_grad release]``.
+[--task_emb_policy_grad release] [--narrow_grads kept]``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import numpy as np  # noqa: E402
 from benchmarks.common import header, matmul_peak_gflops, step_profile, stream_gbps, time_jitted  # noqa: E402
 from mtdistill_jax.configs import MT30, get_config  # noqa: E402
 from mtdistill_jax.nn import count_params  # noqa: E402
+from mtdistill_jax.nn.layers import narrow_kernel_grads_kept  # noqa: E402
 from mtdistill_jax.tdmpc2.train import Learner  # noqa: E402
 from mtdistill_jax.types import Batch  # noqa: E402
 from mtdistill_jax.xla_cpu import usable_cpus  # noqa: E402
@@ -57,16 +61,21 @@ def main(argv=None):
     ap.add_argument("--profile", type=int, default=0, help="trace this many more updates and print where they went")
     ap.add_argument("--profile_rows", type=int, default=12, help="(kind, source) rows of each profile")
     ap.add_argument("--task_emb_policy_grad", default="release", help="comma-separated: release and/or head")
+    ap.add_argument("--narrow_grads", default="kept",
+                    help="comma-separated: kept and/or folded (a narrowing layer's weight-gradient form)")
     args = ap.parse_args(argv)
     if args.profile < 0 or args.repeats < 1:
         ap.error("--profile must be >= 0 and --repeats >= 1")
     grads = args.task_emb_policy_grad.split(",")
     if not grads or set(grads) - {"release", "head"}:
         ap.error(f"--task_emb_policy_grad: release and/or head, got {args.task_emb_policy_grad!r}")
+    narrows = args.narrow_grads.split(",")
+    if set(narrows) - {"kept", "folded"}:
+        ap.error(f"--narrow_grads: kept and/or folded, got {args.narrow_grads!r}")
     print(header())
-    print(f"{'size':>5} {'params':>11} {'batch':>5} {'H':>2} {'emb grad':>8} {'compile s':>9} {'median ms':>9} "
-          f"{'p10-p90 ms':>15} {'temp MB':>7} {'faults/update':>13} {'sys ms/update':>13}")
-    for size, grad in [(int(s), g) for s in args.sizes.split(",") for g in grads]:
+    print(f"{'size':>5} {'params':>11} {'batch':>5} {'H':>2} {'emb grad':>8} {'narrow':>6} {'compile s':>9} "
+          f"{'median ms':>9} {'p10-p90 ms':>15} {'temp MB':>7} {'faults/update':>13} {'sys ms/update':>13}")
+    for size, grad, narrow in [(int(s), g, n) for s in args.sizes.split(",") for g in grads for n in narrows]:
         cfg = get_config(size, "mt30")
         cfg.train.batch_size = args.batch
         cfg.train.task_emb_policy_grad = grad
@@ -79,7 +88,8 @@ def main(argv=None):
         def args_fn(i, state=state, batches=batches):
             return state, batches[i % len(batches)], jax.random.key(i)
 
-        c, med, p10, p90, compiled = time_jitted(learner.update_jit, args_fn, args.repeats, return_compiled=True)
+        with narrow_kernel_grads_kept(narrow == "kept"):  # a trace-time choice: it binds while compiling
+            c, med, p10, p90, compiled = time_jitted(learner.update_jit, args_fn, args.repeats, return_compiled=True)
         calls = 5
         before = resource.getrusage(resource.RUSAGE_SELF)
         for i in range(calls):
@@ -89,12 +99,12 @@ def main(argv=None):
         sys_ms = (after.ru_stime - before.ru_stime) / calls * 1e3
         temp_mb = compiled.memory_analysis().temp_size_in_bytes / 2**20
         n = count_params(state.params)
-        print(f"{size:>4}M {n:>11,} {args.batch:>5} {H:>2} {grad:>8} {c:>9.1f} {med * 1e3:>9.1f} "
+        print(f"{size:>4}M {n:>11,} {args.batch:>5} {H:>2} {grad:>8} {narrow:>6} {c:>9.1f} {med * 1e3:>9.1f} "
               f"{p10 * 1e3:>7.1f}-{p90 * 1e3:<7.1f} {temp_mb:>7.1f} {faults:>13,.0f} {sys_ms:>13.1f}")
         if args.profile:
             prof = step_profile(compiled, args_fn, args.profile)
-            print_profile(f"{size}M update ({grad})", prof, args.profile, args.profile_rows, matmul_peak_gflops(),
-                          stream_gbps())
+            print_profile(f"{size}M update ({grad}, {narrow})", prof, args.profile, args.profile_rows,
+                          matmul_peak_gflops(), stream_gbps())
 
 
 def print_profile(what: str, prof: dict, steps: int, rows: int, peak_gflops: float | None = None,

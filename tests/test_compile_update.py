@@ -1,4 +1,5 @@
-"""benchmarks/compile_update.py: its 'flat' variant does the library optimisers' arithmetic; bad input is refused."""
+"""benchmarks/compile_update.py: its 'flat' variant does the library optimisers' arithmetic; bad input is refused
+(here and by benchmarks/update_step.py)."""
 
 import time
 
@@ -46,6 +47,16 @@ def test_flat_optimizers_step_like_the_library_ones():
 def test_bad_arguments_exit_with_a_message(argv, msg, capsys):
     with pytest.raises(SystemExit) as e:
         compile_update.main(argv)
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, msg", [(["--narrow_grads=kept,bogus"], "--narrow_grads: kept and/or folded"),
+                                       (["--task_emb_policy_grad=tail"], "--task_emb_policy_grad: release and/or head"),
+                                       (["--repeats=0"], "--repeats >= 1")])
+def test_update_step_bad_arguments_exit_with_a_message(argv, msg, capsys):
+    from benchmarks import update_step
+    with pytest.raises(SystemExit) as e:
+        update_step.main(argv)
     assert e.value.code == 2 and msg in capsys.readouterr().err
 
 

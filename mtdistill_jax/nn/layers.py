@@ -35,6 +35,8 @@ def matmul(x, kernel):
     transposing copy, recomputing it element by element in strided order; on CPU that copy costs more than
     the matmul (57 ms of a 785 ms 5M update for the first Q layer alone). Here the weight gradient is computed
     as ``g^T x`` (the gradient read in its stored order) and the small ``[out, in]`` result is transposed.
+    Where that product is kept in that order (:func:`kernel_grad_kept_out_in`), XLA is stopped from folding
+    the transpose back into the dot.
     """
     if kernel.ndim == 2:
         return _dot("...i,io->...o", x, kernel) if _low(x, kernel) else x @ kernel
@@ -79,16 +81,50 @@ def _matmul_fwd(x, kernel):
     return matmul(x, kernel), (x, kernel)
 
 
+def kernel_grad_kept_out_in(kernel) -> bool:
+    """Whether :func:`matmul`'s backward keeps the weight gradient's ``[out, in]`` product (``g^T x``) from XLA's
+    algebraic simplifier, which folds the transpose that follows into the dot and makes it ``x^T g``: where the
+    layer narrows at least by half (2 out <= in), in float32 on CPU, unless ``MTDISTILL_XLA_CPU_TUNING=0``.
+
+    The matmul library packs a dot operand whose contracted axis is its leading one (``x`` in ``x^T g``,
+    ``g`` in ``g^T x``) at a cost that grows with that operand's size, so the smaller of the two should be the
+    one read across: in the 1M update on one core (README, "What bounds the updates on CPU") the three
+    narrowing layers' weight gradients (the policy's 384 -> 12, the two-hot heads' 384 -> 101) took 1.79 ms
+    this way against 3.65 ms folded. Square and widening layers keep the folded form, and so does a layer that
+    narrows less than by half (the 5M update's first Q layer, 582 -> 512, got slower as ``g^T x``). On other
+    backends the dot takes either operand transposed at no cost and the barrier would only block fusion. Off
+    while tracing inside ``narrow_kernel_grads_kept(False)`` (for benchmarks)."""
+    return (_NARROW_KEPT.get() and kernel.dtype == jnp.float32 and 2 * kernel.shape[-1] <= kernel.shape[-2]
+            and jax.default_backend() == "cpu" and os.environ.get(TUNING_ENV, "1") != "0")
+
+
+_NARROW_KEPT = contextvars.ContextVar("mtdistill_narrow_kernel_grads_kept", default=True)
+
+
+@contextlib.contextmanager
+def narrow_kernel_grads_kept(enabled: bool = True):
+    """While tracing inside this context, :func:`kernel_grad_kept_out_in` holds (where its other conditions do)
+    or not: a trace-time choice, for comparing the two forms of a narrowing layer's weight gradient
+    (``benchmarks/update_step.py --narrow_grads``). Same values either way."""
+    token = _NARROW_KEPT.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _NARROW_KEPT.reset(token)
+
+
 def _matmul_bwd(res, g):
     x, kernel = res
     if kernel.ndim == 2:
         dx = _dot("...o,io->...i", g, kernel) if _low(g, kernel) else g @ kernel.T
-        dk = _dot("ro,ri->oi", g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])).T
+        dk = _dot("ro,ri->oi", g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]))
     else:
         m = kernel.shape[0]
         dx = _dot("m...o,mio->m...i", g, kernel)
         dk = _dot("mro,mri->moi", g.reshape(m, -1, g.shape[-1]), x.reshape(m, -1, x.shape[-1]))
-        dk = jnp.swapaxes(dk, 1, 2)
+    if kernel_grad_kept_out_in(kernel):
+        dk = jax.lax.optimization_barrier(dk)
+    dk = jnp.swapaxes(dk, -1, -2)
     return dx.astype(x.dtype), dk.astype(kernel.dtype)  # cotangents in the primals' dtypes (mixed inputs)
 
 

@@ -45,6 +45,58 @@ def test_matmul_mixed_dtypes_give_cotangents_in_the_inputs_dtypes():
     np.testing.assert_allclose(np.asarray(dk, np.float32), np.full((3, 2), 4.0))
 
 
+def _dot_results_in_memory_order(f, *args) -> list[tuple[int, ...]]:
+    """The result shapes of the ``dot`` instructions of ``f``'s compiled program, dimensions in memory order
+    (major to minor, read from each layout)."""
+    import re
+    shapes = []
+    for m in re.finditer(r"= f32\[([\d,]+)\]\{([\d,]+)\} dot\(", jax.jit(f).lower(*args).compile().as_text()):
+        dims, minor_to_major = [[int(d) for d in g.split(",")] for g in m.groups()]
+        shapes.append(tuple(dims[i] for i in reversed(minor_to_major)))
+    return shapes
+
+
+@pytest.mark.parametrize("k_shape,kept", [((64, 12), True), ((64, 32), True), ((64, 33), False), ((64, 64), False),
+                                          ((2, 64, 12), True), ((2, 64, 64), False)])
+def test_narrowing_layers_form_the_weight_gradient_as_g_transposed_x(k_shape, kept, monkeypatch):
+    """On CPU in float32 a layer with out <= in / 2 computes its weight gradient as the ``[out, in]`` product
+    ``g^T x`` (the wide activation read in its stored order), kept from XLA's folding of the transpose into the dot;
+    other layers, 16-bit kernels and ``MTDISTILL_XLA_CPU_TUNING=0`` leave the dot to XLA. Same gradients."""
+    from mtdistill_jax.nn.layers import kernel_grad_kept_out_in, narrow_kernel_grads_kept
+    from mtdistill_jax.xla_cpu import TUNING_ENV
+
+    kx, kk = jax.random.split(jax.random.key(3))
+    x = jax.random.normal(kx, (*k_shape[:-2], 96, k_shape[-2]))
+    k = jax.random.normal(kk, k_shape)
+
+    def grads():
+        return jax.grad(lambda x, k: jnp.sum(jnp.sin(matmul(x, k))), argnums=(0, 1))
+
+    monkeypatch.delenv(TUNING_ENV, raising=False)
+    on_cpu = jax.default_backend() == "cpu"
+    assert kernel_grad_kept_out_in(k) == (kept and on_cpu)
+    assert not kernel_grad_kept_out_in(k.astype(jnp.bfloat16))
+    with narrow_kernel_grads_kept(False):
+        assert not kernel_grad_kept_out_in(k)
+        assert not list(equations(jax.make_jaxpr(lambda x, k: grads()(x, k))(x, k), "optimization_barrier"))
+    dx, dk = grads()(x, k)
+    barriers = list(equations(jax.make_jaxpr(grads())(x, k), "optimization_barrier"))
+    assert len(barriers) == (1 if kept and on_cpu else 0)
+    out_in = (*k_shape[:-2], k_shape[-1], k_shape[-2])
+    if kept and on_cpu:  # the compiled weight-gradient dot writes [..., out, in] in memory order
+        shapes = _dot_results_in_memory_order(grads(), x, k)
+        assert out_in in shapes and k_shape not in shapes, shapes
+    monkeypatch.setenv(TUNING_ENV, "0")
+    assert not kernel_grad_kept_out_in(k)
+    assert not list(equations(jax.make_jaxpr(grads())(x, k), "optimization_barrier"))
+    if kept and on_cpu:  # without the barrier XLA folds the transpose: the dot writes [..., in, out]
+        shapes = _dot_results_in_memory_order(grads(), x, k)
+        assert k_shape in shapes and out_in not in shapes, shapes
+    plain = jax.grad(lambda x, k: jnp.sum(jnp.sin(x @ k)), argnums=(0, 1))(x, k)
+    for a, b in zip((dx, dk), plain, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("x_shape,k_shape", [((7, 33), (33, 5)), ((3, 7, 33), (3, 33, 5))])
 def test_bf16_matmul_accumulates_in_float32_forward_and_backward(x_shape, k_shape):
     rng = np.random.default_rng(1)
