@@ -13,8 +13,8 @@ Usage: ``python benchmarks/online.py [--tasks cartpole-balance,walker-walk] [--n
 ``--episode_length`` shortens episodes (resets happen more often, the per-step work is the same) so the seed phase
 before timing stays short. ``--compute_dtype``: the planner's (``planner.compute_dtype``; updates stay float32).
 ``--dot_options``: ``library`` (default) compiles the loop as ``OnlineLoop.train_chunk_jit`` does and the planner
-part with the same options (:func:`mtdistill_jax.tdmpc2.planner.compiler_options`: YNNPACK's single-dot path for a
-bf16 planner on CPU), ``none`` without them.
+and update parts with the same options (:func:`mtdistill_jax.tdmpc2.planner.compiler_options`: YNNPACK's single-dot
+path for a bf16 planner on CPU), ``none`` without them.
 """
 
 from __future__ import annotations
@@ -56,8 +56,9 @@ def fused_times(loop, carry, agent_steps: int, repeats: int, library_options: bo
     return compile_s, float(np.median(times)), float(np.median(updates)), carry
 
 
-def part_times(loop, carry, repeats: int, plan_options=None):
-    """Median seconds of one env step (N envs), one planner act (N obs) and one update, each jitted alone."""
+def part_times(loop, carry, repeats: int, options=None):
+    """Median seconds of one env step (N envs), one planner act (N obs) and one update, each jitted alone; the
+    planner and the update compiled with ``options`` (XLA compiler options: the loop's, which cover both)."""
     es = carry.env_state
     action = jax.random.uniform(jax.random.key(1), (loop.M, loop.env.action_pad), jnp.float32, -1, 1)
     action = action * loop.env.action_masks
@@ -66,10 +67,11 @@ def part_times(loop, carry, repeats: int, plan_options=None):
     def plan_args(i):
         return carry.learner.params, es.obs, es.task, es.first, carry.policy_state, jax.random.key(i)
 
-    _, plan_s, _, _ = time_jitted(jax.jit(loop.planner), plan_args, repeats, compiler_options=plan_options)
+    _, plan_s, _, _ = time_jitted(jax.jit(loop.planner), plan_args, repeats, compiler_options=options)
     batch, _ = loop.replay.sample(carry.replay)
     learner = carry.learner
-    _, update_s, _, _ = time_jitted(jax.jit(loop.update), lambda i: (learner, batch, jax.random.key(i)), repeats)
+    _, update_s, _, _ = time_jitted(jax.jit(loop.update), lambda i: (learner, batch, jax.random.key(i)), repeats,
+                                    compiler_options=options)
     return env_s, plan_s, update_s
 
 
