@@ -13,7 +13,7 @@ Usage: ``python benchmarks/online.py [--tasks cartpole-balance,walker-walk] [--n
 ``--episode_length`` shortens episodes (resets happen more often, the per-step work is the same) so the seed phase
 before timing stays short. ``--compute_dtype``: the planner's (``planner.compute_dtype``; updates stay float32).
 ``--dot_options``: ``library`` (default) compiles the loop as ``OnlineLoop.train_chunk_jit`` does and the planner
-and update parts with the same options (:func:`mtdistill_jax.tdmpc2.planner.compiler_options`: YNNPACK's single-dot
+and update parts with the same options (``OnlineLoop.compiler_options``, the planner's: YNNPACK's single-dot
 path for a bf16 planner on CPU), ``none`` without them.
 """
 
@@ -33,7 +33,6 @@ import numpy as np  # noqa: E402
 from benchmarks.common import header, time_jitted  # noqa: E402
 from mtdistill_jax.configs.online import get_config  # noqa: E402
 from mtdistill_jax.tdmpc2.online import make_online_loop  # noqa: E402
-from mtdistill_jax.tdmpc2.planner import compiler_options as planner_compiler_options  # noqa: E402
 
 
 def fused_times(loop, carry, agent_steps: int, repeats: int, library_options: bool = True):
@@ -113,7 +112,7 @@ def main():
             library = args.dot_options == "library"
             compile_s, chunk_s, updates, carry = fused_times(loop, carry, args.agent_steps, args.repeats, library)
             env_s, plan_s, update_s = part_times(loop, carry, 5 * args.repeats,
-                                                 planner_compiler_options(config) if library else None)
+                                                 loop.compiler_options if library else None)
             fused = chunk_s / args.agent_steps
             parts = env_s + plan_s + updates / args.agent_steps * update_s
             row = (task, n, f"{compile_s:.0f}", f"{1 / fused:.2f}", f"{n / fused:.1f}",

@@ -91,8 +91,9 @@ def default_seed_steps(episode_length: int) -> int:
 
 class OnlineLoop:
     """``loop = OnlineLoop(config, env)``; ``carry = loop.init(key)``; ``carry, stats = loop.train_chunk_jit(carry,
-    K)`` (``jit(loop.train_chunk, donate_argnums=0)``, compiled with :func:`~mtdistill_jax.tdmpc2.planner.
-    compiler_options`: for a planner computing in bf16 on CPU, YNNPACK's single-dot path, the CPU's bf16 units).
+    K)`` (``jit(loop.train_chunk, donate_argnums=0)``, compiled with ``loop.compiler_options``, the planner's
+    :func:`~mtdistill_jax.tdmpc2.planner.compiler_options`: for a planner computing in bf16 on CPU, YNNPACK's
+    single-dot path, the CPU's bf16 units).
 
     ``env``: a batched env with a common episode length (e.g. ``MultiTaskEnv(tasks, N)``, ``auto_reset=True``);
     ``config``: the training config (``config.train`` hyperparameters, ``config.planner``, ``config.model``);
@@ -134,8 +135,8 @@ class OnlineLoop:
         # Plain functions would be traced twice, the update four times (smoke config: a 15 s trace instead of 6 s).
         self._agent_step = jax.jit(self.agent_step)
         self._one_update_jit = jax.jit(self._one_update)
-        self.train_chunk_jit = jax.jit(self.train_chunk, donate_argnums=0,
-                                       compiler_options=planner_compiler_options(config))
+        self.compiler_options = planner_compiler_options(config)  # XLA options of the loop's program
+        self.train_chunk_jit = jax.jit(self.train_chunk, donate_argnums=0, compiler_options=self.compiler_options)
 
     def init(self, key) -> OnlineCarry:
         """The carry a fresh run starts from, as one compiled program: run eagerly, the envs' MJX reset and the

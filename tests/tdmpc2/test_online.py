@@ -80,6 +80,7 @@ def test_a_bf16_planner_compiles_the_loop_with_the_bf16_dot_path():
     config.planner.compute_dtype = "bfloat16"
     loop = OnlineLoop(config, MultiTaskEnv(["cartpole-balance"], 2, episode_length=T), capacity=2 * T)
     hlo = loop.train_chunk_jit.lower(jax.eval_shape(loop.init, jax.random.key(0)), np.int32(1)).compile().as_text()
+    assert loop.compiler_options == compiler_options(config)
     assert ("__ynn_fusion" in hlo) == (compiler_options(config) is not None)
 
 
