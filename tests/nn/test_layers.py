@@ -1,5 +1,7 @@
 """The layers' hand-written backward passes against JAX's own autodiff of the plain expressions."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,7 +50,6 @@ def test_matmul_mixed_dtypes_give_cotangents_in_the_inputs_dtypes():
 def _dot_results_in_memory_order(f, *args) -> list[tuple[int, ...]]:
     """The result shapes of the ``dot`` instructions of ``f``'s compiled program, dimensions in memory order
     (major to minor, read from each layout)."""
-    import re
     shapes = []
     for m in re.finditer(r"= f32\[([\d,]+)\]\{([\d,]+)\} dot\(", jax.jit(f).lower(*args).compile().as_text()):
         dims, minor_to_major = [[int(d) for d in g.split(",")] for g in m.groups()]
@@ -78,7 +79,7 @@ def test_narrowing_layers_form_the_weight_gradient_as_g_transposed_x(k_shape, ke
     assert not kernel_grad_kept_out_in(k.astype(jnp.bfloat16))
     with narrow_kernel_grads_kept(False):
         assert not kernel_grad_kept_out_in(k)
-        assert not list(equations(jax.make_jaxpr(lambda x, k: grads()(x, k))(x, k), "optimization_barrier"))
+        assert not list(equations(jax.make_jaxpr(grads())(x, k), "optimization_barrier"))
     dx, dk = grads()(x, k)
     barriers = list(equations(jax.make_jaxpr(grads())(x, k), "optimization_barrier"))
     assert len(barriers) == (1 if kept and on_cpu else 0)
