@@ -249,6 +249,51 @@ def dot_table(hlo_text: str) -> dict[str, tuple[float, str]]:
     return table
 
 
+_BATCH = re.compile(r"\blhs_batch_dims=\{([\d,]*)\}")
+_RHS_CONTRACTING = re.compile(r"\brhs_contracting_dims=\{([\d,]*)\}")
+_RHS_BATCH = re.compile(r"\brhs_batch_dims=\{([\d,]*)\}")
+DOT_GROUPS = ("matmul", "narrow", "matrix-vector", "x with itself")
+NARROW = 16  # a product whose rows, columns or contraction are this few is 'narrow'
+
+
+def _attr_dims(pattern: re.Pattern, attributes: str) -> tuple[int, ...]:
+    m = pattern.search(attributes)
+    return _dims(m.group(1)) if m else ()
+
+
+def dot_groups(hlo_text: str) -> dict[str, str]:
+    """``{dot instruction: group}`` for the dots :func:`dot_table` reads, by the product's sizes per batch member
+    (M rows of the left operand, N columns of the right one, K contracted): ``"x with itself"`` where both
+    operands are the same array (``nn.layers.squared_norm``'s Gram products), ``"matrix-vector"`` where M or N is
+    1 (LayerNorm's row means, parameter gradients' row sums), ``"narrow"`` where M, N or K is at most
+    :data:`NARROW` (the policy's action head, ...), ``"matmul"`` otherwise. The matmul library reaches its square-
+    matmul rate only in the last group; the others are bound by reading their operands."""
+    instructions = _typed_instructions(hlo_text)
+    types = {name: type_text for name, type_text, *_ in instructions}
+    groups = {}
+    for name, _, opcode, operands, attributes in instructions:
+        if opcode != "dot" or len(operands) != 2:
+            continue
+        lhs, rhs = (_array_dims(_operand_type(o, types)) for o in operands)
+        if lhs is None or rhs is None:
+            continue
+        lhs_free = [d for i, d in enumerate(lhs)
+                    if i not in _attr_dims(_CONTRACTING, attributes) + _attr_dims(_BATCH, attributes)]
+        rhs_free = [d for i, d in enumerate(rhs)
+                    if i not in _attr_dims(_RHS_CONTRACTING, attributes) + _attr_dims(_RHS_BATCH, attributes)]
+        m, n = int(np.prod(lhs_free)), int(np.prod(rhs_free))
+        k = int(np.prod([lhs[d] for d in _attr_dims(_CONTRACTING, attributes)]))
+        if operands[0].rpartition(" ")[2] == operands[1].rpartition(" ")[2]:
+            groups[name] = "x with itself"
+        elif min(m, n) == 1:
+            groups[name] = "matrix-vector"
+        elif min(m, n, k) <= NARROW:
+            groups[name] = "narrow"
+        else:
+            groups[name] = "matmul"
+    return groups
+
+
 def _bytes(type_text: str) -> int:
     """Bytes of the arrays an HLO type names (``f32[768,384]{1,0}``, or a tuple of them)."""
     total = 0
@@ -272,21 +317,23 @@ def step_profile(compiled, args_fn, steps: int = 5) -> dict:
     runtime event matched to the HLO instruction it runs (XLA:CPU names its thunks' events so).
 
     Returns ``{"by_kind": {kind: s}, "by_source": {(kind, source): s}, "threads": {tid: s}, "wall": s,
-    "dot_flops": flops, "by_dot_shape": {shape: (s, flops)}, "fusion_bytes": bytes, "fusion_time": s}``, each
+    "dot_flops": flops, "by_dot_shape": {shape: (s, flops)}, "by_dot_group": {group: (s, flops)},
+    "fusion_bytes": bytes, "fusion_time": s}``, each
     per call: ``kind`` is ``dot`` (the matmul
     library), ``fusion`` or the opcode of anything else (copy, concatenate, while, ...); ``source`` is
     :func:`kernel_source` of the instruction's op_name; ``threads`` sums the matched events per thread (more than
     one thread where XLA splits a kernel or a dot); ``wall`` is the calls' wall time. A ``while`` instruction's
     time includes its body's kernels, which are counted too. ``dot_flops`` are the executed ``dot`` events'
     flops (:func:`dot_table`; a dot in a loop counts at every trip) and ``by_dot_shape`` groups them by operand
-    shapes, slowest first: flops / time is the rate the matmul library reached on the program's own shapes.
+    shapes, slowest first: flops / time is the rate the matmul library reached on the program's own shapes;
+    ``by_dot_group`` the same by :func:`dot_groups`' kind of product.
     ``fusion_bytes`` / ``fusion_time`` are the executed fusions' operand and result bytes
     (:func:`fusion_bytes`) and their time: the bandwidth the elementwise kernels reached.
     """
     if steps < 1:
         raise ValueError(f"step_profile: steps must be >= 1, got {steps}")
     hlo = compiled.as_text()
-    table, dots, moved = instruction_table(hlo), dot_table(hlo), fusion_bytes(hlo)
+    table, dots, moved, groups = instruction_table(hlo), dot_table(hlo), fusion_bytes(hlo), dot_groups(hlo)
     jax.block_until_ready(compiled(*args_fn(0)))
     with tempfile.TemporaryDirectory(prefix="step_profile_") as trace_dir:
         jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
@@ -300,6 +347,7 @@ def step_profile(compiled, args_fn, steps: int = 5) -> dict:
         events = trace_events(trace_dir)
     by_kind, by_source, threads = collections.Counter(), collections.Counter(), collections.Counter()
     shape_time, shape_flops = collections.Counter(), collections.Counter()
+    group_time, group_flops = collections.Counter(), collections.Counter()
     fusion_time = fusion_moved = 0.0
     for e in events:
         if e["name"] not in table:
@@ -315,10 +363,13 @@ def step_profile(compiled, args_fn, steps: int = 5) -> dict:
             flops, shape = dots[e["name"]]
             shape_time[shape] += sec
             shape_flops[shape] += flops / steps
+            group_time[groups[e["name"]]] += sec
+            group_flops[groups[e["name"]]] += flops / steps
         if e["name"] in moved:
             fusion_time += sec
             fusion_moved += moved[e["name"]] / steps
     return {"by_kind": dict(by_kind.most_common()), "by_source": dict(by_source.most_common()),
             "threads": dict(threads.most_common()), "wall": wall / steps,
             "dot_flops": float(sum(shape_flops.values())), "fusion_bytes": fusion_moved, "fusion_time": fusion_time,
-            "by_dot_shape": {k: (v, shape_flops[k]) for k, v in shape_time.most_common()}}
+            "by_dot_shape": {k: (v, shape_flops[k]) for k, v in shape_time.most_common()},
+            "by_dot_group": {k: (v, group_flops[k]) for k, v in group_time.most_common()}}

@@ -8,7 +8,9 @@ page-faults that buffer in again at every call unless ``mtdistill_jax.xla_cpu.tu
 ``--profile N`` then traces N more updates with ``jax.profiler`` and prints where their time went
 (:func:`benchmarks.common.step_profile`): per kind (the matmul library's dots, XLA's fusions, copies, ...), per
 thread, and the largest (kind, source) pairs, the source being the network and pass a kernel comes from; then the
-rate the dots reached per operand shape against the float32 matmul peak, and the bandwidth the fusions reached against
+dots' time by kind of product (:func:`benchmarks.common.dot_groups`: full matmuls, narrow products, matrix-vector
+products, a matrix with itself), the rate the dots reached per operand shape against the float32 matmul peak, and the
+bandwidth the fusions reached against
 an elementwise kernel's, both measured in the same process (on one core, ``taskset -c 0``, where the traced events
 cover each kernel's work).
 ``--task_emb_policy_grad release,head``: one row per setting of ``train.task_emb_policy_grad`` (``release``, the
@@ -124,6 +126,9 @@ def print_profile(what: str, prof: dict, steps: int, rows: int, peak_gflops: flo
         peak = f"; matmul peak here {peak_gflops:.1f} GFLOP/s" if peak_gflops else ""
         print(f"  dots: {prof['dot_flops'] / 1e9:.2f} GFLOP per call in {dot_s * 1e3:.1f} ms of dot time = "
               f"{prof['dot_flops'] / dot_s / 1e9:.1f} GFLOP/s{peak}; slowest operand shapes:")
+        groups = ", ".join(f"{group} {sec * 1e3:.1f} ms ({flops / 1e9:.3f} GFLOP)"
+                           for group, (sec, flops) in prof["by_dot_group"].items())
+        print(f"  dot time by kind of product: {groups}")
         cores = usable_cpus()
         if cores > 1:
             print("    (more than one core: a dot's traced event does not cover the work XLA:CPU's thread pool does "

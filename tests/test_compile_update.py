@@ -258,3 +258,51 @@ def test_fusion_bytes_adds_operands_and_results_tuples_and_narrow_types_included
 
     f = 4 * 8 * 4 + 4 * 2 + 2 * 768 * 230 * 4 + 230 * 384 * 4  # (f32[4,8], bf16[4]) + p0 + dot.2
     assert fusion_bytes(_DOTS) == {"f": f, "g": 3 + 4 * 8 * 4 + 4 * 2}
+
+
+_GROUPS = """
+ENTRY %main (p0: f32[768,384], p1: f32[384,384]) -> f32[16,16] {
+  %p0 = f32[768,384]{1,0} parameter(0)
+  %p1 = f32[384,384]{1,0} parameter(1)
+  %c = f32[384,1]{1,0} constant({...})
+  %mm = f32[768,384]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %mv = f32[768,1]{1,0} dot(%p0, %c), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %q = f32[2,384,12]{2,1,0} parameter(2)
+  %e = f32[2,768,384]{2,1,0} parameter(3)
+  %nar = f32[2,768,12]{2,1,0} dot(%e, %q), lhs_batch_dims={0}, lhs_contracting_dims={2}, \
+rhs_batch_dims={0}, rhs_contracting_dims={1}
+  %bmm = f32[2,768,384]{2,1,0} dot(%e, f32[2,384,384]{2,1,0} %w), lhs_batch_dims={0}, lhs_contracting_dims={2}, \
+rhs_batch_dims={0}, rhs_contracting_dims={1}
+  %s = f32[16,18432]{1,0} bitcast(%p0)
+  ROOT %gram = f32[16,16]{1,0} dot(%s, %s), lhs_contracting_dims={1}, rhs_contracting_dims={1}
+}
+"""
+
+
+def test_dot_groups_tell_full_matmuls_from_narrow_matrix_vector_and_self_products():
+    """Batch dims are not rows: a [2, 768, 384] @ [2, 384, 12] product is narrow (N = 12), [2, 768, 384] @ [2, 384,
+    384] a full matmul; a product with a 1-wide column is matrix-vector; squared_norm's Gram product, the same
+    array on both sides, is its own group."""
+    from benchmarks.common import DOT_GROUPS, dot_groups, dot_table
+
+    groups = dot_groups(_GROUPS)
+    assert groups == {"mm": "matmul", "mv": "matrix-vector", "nar": "narrow", "bmm": "matmul",
+                      "gram": "x with itself"}
+    assert set(dot_table(_GROUPS)) <= set(groups)  # step_profile looks every timed dot up in both
+    assert set(groups.values()) <= set(DOT_GROUPS)
+
+
+def test_step_profile_groups_the_dot_time_by_kind_of_product():
+    from benchmarks.common import step_profile
+    from mtdistill_jax.nn.layers import squared_norm
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("event names are XLA:CPU's")
+    x = jax.random.normal(jax.random.key(0), (256, 256))
+    salt = float(time.time_ns() % 1_000_003)
+    compiled = jax.jit(lambda a, b: squared_norm(a @ b) + salt).lower(x, x).compile()
+    prof = step_profile(compiled, lambda i: (x, x), steps=2)
+    assert set(prof["by_dot_group"]) == {"matmul", "x with itself"}, prof["by_dot_group"]
+    assert prof["by_dot_group"]["matmul"][1] == pytest.approx(2 * 256**3)
+    assert sum(s for s, _ in prof["by_dot_group"].values()) == pytest.approx(
+        sum(s for s, _ in prof["by_dot_shape"].values()))
