@@ -8,10 +8,11 @@ Usage: ``python benchmarks/plan.py [--sizes 1] [--batches 1,30] [--repeats 20] [
 ``--compute_dtypes``: the planner's ``planner.compute_dtype`` settings to time (bfloat16: the
 model's matmuls in bf16, the same FLOPs, % of the float32 peak). ``--dot_options``: ``library`` (default) compiles
 each row as ``Planner.plan_jit`` does (:func:`mtdistill_jax.xla_cpu.bf16_dot_options`: XLA:CPU's YNNPACK single-dot
-library path for bfloat16 on CPU, the one path that reached this CPU's AMX-BF16 units; see README), ``ynn`` with
-that path for every dtype (``--ynn_dot`` is the same), ``none`` with neither (XLA_FLAGS alone). ``--draws``:
-``flat`` is the library's planner; ``nd`` takes its noise draws with ``jax.random.normal`` at their shapes instead
-of :func:`mtdistill_jax.math.normal` (the same values, drawn as one vector): it measures what that saves in compile.
+library path for bfloat16 on CPU, the one path that reached this CPU's AMX-BF16 units; see benchmarks/README.md),
+``ynn`` with that path for every dtype (``--ynn_dot`` is the same), ``none`` with neither (XLA_FLAGS alone).
+``--draws``: ``flat`` is the library's planner; ``nd`` takes its noise draws with ``jax.random.normal`` at their
+shapes instead of :func:`mtdistill_jax.math.normal` (the same values, drawn as one vector): it measures what that
+saves in compile.
 ``--opt_levels``: the program's ``xla_backend_optimization_level`` (LLVM's -O level for XLA:CPU's kernels;
 ``default`` leaves XLA's own, 2, or what ``XLA_FLAGS`` sets), one row each, for compile against call time.
 ``--layers``: ``centred`` is the library's planner (hidden layers with centred weights,

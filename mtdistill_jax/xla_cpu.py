@@ -71,7 +71,7 @@ malloc_arena_max = None  # the arena limit it set (1: one arena), None before it
 USER_MALLOC_ENV = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
                    "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
 # Per-program compiler options (``jax.jit(..., compiler_options=...)``) for YNNPACK's single-dot path, the one
-# XLA:CPU path measured to reach AMX-BF16 for float32-accumulating bf16 dots (README, performance section).
+# XLA:CPU path measured to reach AMX-BF16 for float32-accumulating bf16 dots (benchmarks/README.md, "XLA:CPU flags").
 BF16_DOT_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
 

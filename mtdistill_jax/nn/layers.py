@@ -88,7 +88,7 @@ def kernel_grad_kept_out_in(kernel) -> bool:
 
     The matmul library packs a dot operand whose contracted axis is its leading one (``x`` in ``x^T g``,
     ``g`` in ``g^T x``) at a cost that grows with that operand's size, so the smaller of the two should be the
-    one read across: in the 1M update on one core (README, "What bounds the updates on CPU") the three
+    one read across: in the 1M update on one core (benchmarks/README.md, "What bounds the updates on CPU") the three
     narrowing layers' weight gradients (the policy's 384 -> 12, the two-hot heads' 384 -> 101) took 1.79 ms
     this way against 3.65 ms folded. Square and widening layers keep the folded form, and so does a layer that
     narrows less than by half (the 5M update's first Q layer, 582 -> 512, got slower as ``g^T x``). On other
@@ -258,7 +258,7 @@ def linear_layer_norm_mish(x, kernel, bias, scale, ln_bias, eps: float = LN_EPS,
     to the operands' dtype, as torch's autocast runs ``layer_norm`` in float32. So the float32 fused path (and,
     inside :func:`centred_hidden_layers`, the centring, done in float32 before the kernel is rounded back) applies
     to bf16 compute too; rounding the product to bf16 and normalising in bf16 planned 12 % slower than float32
-    on the 2-core Xeon (``benchmarks/plan.py``, see README)."""
+    on the 2-core Xeon (``benchmarks/plan.py``; benchmarks/README.md, "bf16 compute against torch's bf16 autocast")."""
     select = select or (lambda k, b: (k, b))
     k, b = jax.eval_shape(select, kernel, bias)  # the selected weights' shapes and dtypes, nothing traced
     wide = _low(x, k)
