@@ -303,6 +303,21 @@ def _bytes(type_text: str) -> int:
     return total
 
 
+_PARTITIONS = re.compile(r'outer_dimension_partitions"?\s*:\s*\[([^\]]*)\]')
+
+
+def split_fusions(hlo_text: str) -> dict[str, int]:
+    """``{fusion instruction: parts}`` for the fusions XLA:CPU splits across its thread pool (its parallel-task
+    assignment writes ``outer_dimension_partitions`` into their backend config; more than one CPU only). Each part
+    is a work group of the kernel; the others run on one thread."""
+    parts = {}
+    for name, _, opcode, _, attributes in _typed_instructions(hlo_text):
+        m = _PARTITIONS.search(attributes)
+        if opcode == "fusion" and m:
+            parts[name] = int(np.prod([int(d.strip().strip('"')) for d in m.group(1).split(",") if d.strip()]))
+    return parts
+
+
 def fusion_bytes(hlo_text: str) -> dict[str, int]:
     """``{fusion instruction: bytes}``: its operands' and result's sizes, what one call reads and writes when
     it reads each operand once in full (more than it moves where it only slices an operand)."""
@@ -318,7 +333,7 @@ def step_profile(compiled, args_fn, steps: int = 5) -> dict:
 
     Returns ``{"by_kind": {kind: s}, "by_source": {(kind, source): s}, "threads": {tid: s}, "wall": s,
     "dot_flops": flops, "by_dot_shape": {shape: (s, flops)}, "by_dot_group": {group: (s, flops)},
-    "fusion_bytes": bytes, "fusion_time": s}``, each
+    "fusion_bytes": bytes, "fusion_time": s, "split_fusions": (split, all), "split_fusion_time": s}``, each
     per call: ``kind`` is ``dot`` (the matmul
     library), ``fusion`` or the opcode of anything else (copy, concatenate, while, ...); ``source`` is
     :func:`kernel_source` of the instruction's op_name; ``threads`` sums the matched events per thread (more than
@@ -328,12 +343,15 @@ def step_profile(compiled, args_fn, steps: int = 5) -> dict:
     shapes, slowest first: flops / time is the rate the matmul library reached on the program's own shapes;
     ``by_dot_group`` the same by :func:`dot_groups`' kind of product.
     ``fusion_bytes`` / ``fusion_time`` are the executed fusions' operand and result bytes
-    (:func:`fusion_bytes`) and their time: the bandwidth the elementwise kernels reached.
+    (:func:`fusion_bytes`) and their time: the bandwidth the elementwise kernels reached; ``split_fusions``
+    counts the fusion instructions XLA:CPU splits across threads (:func:`split_fusions`) and of all of them,
+    ``split_fusion_time`` is the split ones' share of ``fusion_time``.
     """
     if steps < 1:
         raise ValueError(f"step_profile: steps must be >= 1, got {steps}")
     hlo = compiled.as_text()
     table, dots, moved, groups = instruction_table(hlo), dot_table(hlo), fusion_bytes(hlo), dot_groups(hlo)
+    split = split_fusions(hlo)
     jax.block_until_ready(compiled(*args_fn(0)))
     with tempfile.TemporaryDirectory(prefix="step_profile_") as trace_dir:
         jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
@@ -348,7 +366,7 @@ def step_profile(compiled, args_fn, steps: int = 5) -> dict:
     by_kind, by_source, threads = collections.Counter(), collections.Counter(), collections.Counter()
     shape_time, shape_flops = collections.Counter(), collections.Counter()
     group_time, group_flops = collections.Counter(), collections.Counter()
-    fusion_time = fusion_moved = 0.0
+    fusion_time = fusion_moved = split_time = 0.0
     for e in events:
         if e["name"] not in table:
             continue
@@ -368,8 +386,10 @@ def step_profile(compiled, args_fn, steps: int = 5) -> dict:
         if e["name"] in moved:
             fusion_time += sec
             fusion_moved += moved[e["name"]] / steps
+            split_time += sec if e["name"] in split else 0.0
     return {"by_kind": dict(by_kind.most_common()), "by_source": dict(by_source.most_common()),
             "threads": dict(threads.most_common()), "wall": wall / steps,
             "dot_flops": float(sum(shape_flops.values())), "fusion_bytes": fusion_moved, "fusion_time": fusion_time,
+            "split_fusions": (len(split), len(moved)), "split_fusion_time": split_time,
             "by_dot_shape": {k: (v, shape_flops[k]) for k, v in shape_time.most_common()},
             "by_dot_group": {k: (v, group_flops[k]) for k, v in group_time.most_common()}}

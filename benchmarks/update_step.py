@@ -142,6 +142,10 @@ def print_profile(what: str, prof: dict, steps: int, rows: int, peak_gflops: flo
         here = f"; a 3 MB elementwise kernel here moves {stream:.1f} GB/s" if stream else ""
         print(f"  fusions: {prof['fusion_bytes'] / 1e9:.2f} GB read + written per call in "
               f"{prof['fusion_time'] * 1e3:.1f} ms = {prof['fusion_bytes'] / prof['fusion_time'] / 1e9:.1f} GB/s{here}")
+        n_split, n_all = prof["split_fusions"]
+        if n_split:
+            print(f"  fusions split across threads by XLA: {n_split} of {n_all}, "
+                  f"{prof['split_fusion_time'] * 1e3:.1f} of the {prof['fusion_time'] * 1e3:.1f} ms")
 
 if __name__ == "__main__":
     main()

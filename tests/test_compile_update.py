@@ -306,3 +306,20 @@ def test_step_profile_groups_the_dot_time_by_kind_of_product():
     assert prof["by_dot_group"]["matmul"][1] == pytest.approx(2 * 256**3)
     assert sum(s for s, _ in prof["by_dot_group"].values()) == pytest.approx(
         sum(s for s, _ in prof["by_dot_shape"].values()))
+
+
+def test_split_fusions_reads_xlas_thread_partitions_from_the_backend_config():
+    """A fusion XLA:CPU splits across its thread pool carries outer_dimension_partitions (the parts multiply);
+    one without it, or any other instruction with it, is not a split fusion."""
+    from benchmarks.common import split_fusions
+
+    hlo = """
+ENTRY %main (p0: f32[768,384]) -> f32[768,384] {
+  %p0 = f32[768,384]{1,0} parameter(0)
+  %a = f32[768,384]{1,0} fusion(%p0), kind=kLoop, calls=%f1, backend_config={"outer_dimension_partitions":["2"]}
+  %b = f32[768,384]{1,0} fusion(%a), kind=kLoop, calls=%f2, metadata={op_name="jit(f)/x"}
+  %c = f32[768,384]{1,0} fusion(%b, %a), kind=kLoop, calls=%f3, backend_config={"outer_dimension_partitions":["2","3"]}
+  ROOT %d = f32[768,384]{1,0} copy(%c), backend_config={"outer_dimension_partitions":["2"]}
+}
+"""
+    assert split_fusions(hlo) == {"a": 2, "c": 6}
