@@ -323,3 +323,40 @@ ENTRY %main (p0: f32[768,384]) -> f32[768,384] {
 }
 """
     assert split_fusions(hlo) == {"a": 2, "c": 6}
+
+
+def test_activation_benchmark_times_every_kernel_on_a_real_activation(capsys):
+    from benchmarks import activation
+
+    activation.main(["--rows=256", "--width=128", "--repeats=2"])
+    out = capsys.readouterr().out
+    rows = {line[:32].strip(): line[32:].split() for line in out.splitlines()[3:]}
+    assert set(rows) == set(activation.KERNELS), out
+    for us, ns, gbps in rows.values():
+        assert float(us) > 0 and float(ns) > 0 and float(gbps) > 0
+
+
+def test_activation_benchmark_kernels_compute_what_they_name():
+    """The exp-replaced Mish differs from the library's only by its exp; the others are what their names say."""
+    from benchmarks import activation
+    from mtdistill_jax import math as tdmath
+
+    x = jnp.linspace(-4.0, 4.0, 12).reshape(3, 4)
+    mean, rstd = jnp.full((3, 1), 0.5), jnp.full((3, 1), 2.0)
+    scale, bias = jnp.arange(4.0), jnp.ones(4)
+    ln = (x - 0.5) * 2.0 * scale + 1.0
+    np.testing.assert_allclose(activation.KERNELS["layer norm"](x, mean, rstd, scale, bias), ln, rtol=1e-6)
+    np.testing.assert_allclose(activation.KERNELS["layer norm + mish"](x, mean, rstd, scale, bias), tdmath.mish(ln),
+                               rtol=1e-6)
+    np.testing.assert_allclose(activation.KERNELS["exp"](x, mean, rstd, scale, bias), jnp.exp(x), rtol=1e-6)
+    assert not np.allclose(activation.KERNELS["layer norm + mish, exp replaced"](x, mean, rstd, scale, bias),
+                           tdmath.mish(ln))
+
+
+@pytest.mark.parametrize("argv", [["--rows=0"], ["--width=-1"], ["--repeats=0"]])
+def test_activation_benchmark_bad_arguments_exit_with_a_message(argv, capsys):
+    from benchmarks import activation
+
+    with pytest.raises(SystemExit) as e:
+        activation.main(argv)
+    assert e.value.code == 2 and "must be >= 1" in capsys.readouterr().err
