@@ -26,6 +26,9 @@ so that all see the same machine state:
 - ``nd_random``: the library's update with its policy-noise draws (``[H, B, A]`` and ``[H+1, B, A]``) taken by
   ``jax.random.normal`` at their shapes, as before :func:`mtdistill_jax.math.normal` drew them as one vector and
   reshaped them (the same values; a shorter compile).
+- ``concat_norm``: the library's update with each optimiser's global gradient norm taken as one dot product of
+  all gradients concatenated into a vector (which XLA rewrites into one reduction of that vector) instead of
+  ``nn.layers.squared_norm``'s Gram product per leaf.
 - ``no_emitters``: the library's update compiled with ``xla_cpu_use_fusion_emitters=False`` (XLA:CPU's legacy
   loop emitter instead of the MLIR fusion emitters); ``no_emitters_opt1`` / ``no_emitters_opt0``: the same at
   LLVM -O1 / -O0.
@@ -64,6 +67,7 @@ class Variant(NamedTuple):
     sum_matmul: bool = True  # layers.column_sums_by_matmul as the library has it
     ln_closed_form: bool = True  # layers.normalize_rows with its closed-form backward
     flat_random: bool = True  # tdmath.normal as the library has it (False: jax.random.normal at the draw's shape)
+    concat_norm: bool = False  # train.global_norm over the gradients concatenated (concatenated_global_norm)
 
 
 NO_EMITTERS = {"xla_cpu_use_fusion_emitters": False}
@@ -79,7 +83,8 @@ VARIANTS = {"tree": Variant(), "flat": Variant(flat=True),
             "sum_reduction": Variant(sum_matmul=False),
             "ln_autodiff": Variant(ln_closed_form=False),
             "ln_autodiff_sum_reduction": Variant(sum_matmul=False, ln_closed_form=False),
-            "nd_random": Variant(flat_random=False)}
+            "nd_random": Variant(flat_random=False),
+            "concat_norm": Variant(concat_norm=True)}
 
 
 def no_column_sums_by_matmul(g) -> bool:
@@ -93,6 +98,16 @@ def normalize_rows_by_autodiff(x, eps):
     from mtdistill_jax.nn.layers import _normalize_rows_fwd
 
     return _normalize_rows_fwd(x, eps)[0]
+
+
+def concatenated_global_norm(tree):
+    """``train.global_norm`` for the ``concat_norm`` variant: the leaves raveled and concatenated into one vector,
+    its norm the square root of its dot product with itself."""
+    import jax
+    import jax.numpy as jnp
+
+    v = jnp.concatenate([x.reshape(-1) for x in jax.tree_util.tree_leaves(tree)])
+    return jnp.sqrt(jax.lax.dot_general(v, v, (((0,), (0,)), ((), ())), precision=jax.lax.Precision.HIGHEST))
 
 
 def flat_optimizers(config):
@@ -167,6 +182,7 @@ def main(argv=None):
     from mtdistill_jax.xla_cpu import TUNING_ENV, usable_cpus
 
     column_sums_by_matmul, normalize_rows, normal = layers.column_sums_by_matmul, layers.normalize_rows, tdmath.normal
+    global_norm = train.global_norm
 
     print(header(), f"{usable_cpus()} core(s)")
     cfg = get_config(a.size, "mt30")
@@ -184,6 +200,8 @@ def main(argv=None):
             layers.normalize_rows = normalize_rows_by_autodiff
         if not variant.flat_random:
             tdmath.normal = jax.random.normal
+        if variant.concat_norm:
+            train.global_norm = concatenated_global_norm  # read when the optimiser's update is traced
         try:
             learner = train.Learner(cfg, donate=False)
             state = learner.init(jax.random.key(0))
@@ -194,7 +212,7 @@ def main(argv=None):
         finally:
             train.make_optimizers = tree_optimizers
             layers.column_sums_by_matmul, layers.normalize_rows = column_sums_by_matmul, normalize_rows
-            tdmath.normal = normal
+            tdmath.normal, train.global_norm = normal, global_norm
             if tuning is None:
                 os.environ.pop(TUNING_ENV, None)
             else:

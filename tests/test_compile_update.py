@@ -360,3 +360,10 @@ def test_activation_benchmark_bad_arguments_exit_with_a_message(argv, capsys):
     with pytest.raises(SystemExit) as e:
         activation.main(argv)
     assert e.value.code == 2 and "must be >= 1" in capsys.readouterr().err
+
+
+def test_concat_norm_variant_takes_the_same_global_norm():
+    from mtdistill_jax.tdmpc2.train import global_norm
+
+    tree = {"a": jax.random.normal(jax.random.key(0), (384, 384)), "b": jnp.arange(7.0), "c": {"d": jnp.ones((2, 3))}}
+    np.testing.assert_allclose(compile_update.concatenated_global_norm(tree), global_norm(tree), rtol=1e-6)
