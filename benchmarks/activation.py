@@ -11,9 +11,9 @@ write one result of its size:
   difference to the row above is what the ``exp`` costs;
 - ``exp``: ``jnp.exp`` alone.
 
-It prints each kernel's median time (over ``--repeats`` calls after one warm-up, dispatch included), ns per
-element and the GB/s it moves (the activation read and the result written). Where a row's GB/s falls well below
-the multiply-add's, that kernel is bound by its arithmetic, not by memory.
+It prints each kernel's median time (:func:`benchmarks.common.time_jitted`: over ``--repeats`` calls after one
+warm-up, dispatch included), ns per element and the GB/s it moves (the activation read and the result written).
+Where a row's GB/s falls well below the multiply-add's, that kernel is bound by its arithmetic, not by memory.
 
 Usage: ``python benchmarks/activation.py [--rows 2048] [--width 384] [--repeats 100]`` (``taskset -c 0`` in front
 for one core).
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -32,7 +31,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import header  # noqa: E402
+from benchmarks.common import header, time_jitted  # noqa: E402
 from mtdistill_jax import math as tdmath  # noqa: E402
 
 
@@ -56,18 +55,6 @@ KERNELS = {
 }
 
 
-def time_kernel(fn, args, repeats: int) -> float:
-    """Median seconds per call of ``jax.jit(fn)(*args)`` after one warm-up call."""
-    f = jax.jit(fn)
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=2048)
@@ -88,7 +75,7 @@ def main(argv=None):
           f"median of {a.repeats} calls")
     print(f"{'kernel':<32} {'us':>8} {'ns/element':>10} {'GB/s':>6}")
     for name, fn in KERNELS.items():
-        sec = time_kernel(fn, args, a.repeats)
+        _, sec, _, _ = time_jitted(jax.jit(fn), lambda i: args, a.repeats)
         print(f"{name:<32} {sec * 1e6:>8.1f} {sec / elements * 1e9:>10.3f} {2 * 4 * elements / sec / 1e9:>6.1f}")
 
 

@@ -10,6 +10,7 @@ import os
 import re
 import tempfile
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -225,15 +226,23 @@ def _array_dims(type_text: str) -> tuple[int, ...] | None:
     return _dims(arrays[0][2]) if len(arrays) == 1 else None
 
 
-def dot_table(hlo_text: str) -> dict[str, tuple[float, str]]:
-    """``{dot instruction: (flops, "lhs shape @ rhs shape")}`` for every ``dot`` of a compiled program's HLO text:
-    flops = 2 x (output elements) x (contracted elements), the operands' shapes read from their defining
-    instructions (or written inline). Dots whose operand shapes cannot be read are left out, and so are matmuls
-    XLA emits otherwise: inside a fusion (YNNPACK's, which importing the library turns off on CPU) or as a custom
-    call, whose time :func:`step_profile` then counts without their flops."""
+class _Dot(NamedTuple):
+    """A ``dot`` instruction of a compiled program: its operands as written, their and its result's dimensions."""
+
+    name: str
+    operands: list[str]
+    lhs: tuple[int, ...]
+    rhs: tuple[int, ...]
+    out: tuple[int, ...]
+    attributes: str
+
+
+def _dots(hlo_text: str) -> list[_Dot]:
+    """Every ``dot`` of a compiled program's HLO text whose two operands' and result's shapes can be read (from
+    the operands' defining instructions, or written inline)."""
     instructions = _typed_instructions(hlo_text)
     types = {name: type_text for name, type_text, *_ in instructions}
-    table = {}
+    dots = []
     for name, type_text, opcode, operands, attributes in instructions:
         if opcode != "dot":
             continue
@@ -241,11 +250,21 @@ def dot_table(hlo_text: str) -> dict[str, tuple[float, str]]:
         out = _array_dims(type_text)
         if len(shapes) != 2 or None in shapes or out is None:
             continue
-        lhs, rhs = shapes
-        contracting = _CONTRACTING.search(attributes)
-        contracted = int(np.prod([lhs[d] for d in _dims(contracting.group(1) if contracting else "")]))
-        table[name] = (2.0 * float(np.prod(out)) * contracted,
-                       f"[{','.join(map(str, lhs))}] @ [{','.join(map(str, rhs))}]")
+        dots.append(_Dot(name, operands, shapes[0], shapes[1], out, attributes))
+    return dots
+
+
+def dot_table(hlo_text: str) -> dict[str, tuple[float, str]]:
+    """``{dot instruction: (flops, "lhs shape @ rhs shape")}`` for every ``dot`` of a compiled program's HLO text:
+    flops = 2 x (output elements) x (contracted elements), the operands' shapes read from their defining
+    instructions (or written inline). Dots whose operand shapes cannot be read are left out, and so are matmuls
+    XLA emits otherwise: inside a fusion (YNNPACK's, which importing the library turns off on CPU) or as a custom
+    call, whose time :func:`step_profile` then counts without their flops."""
+    table = {}
+    for d in _dots(hlo_text):
+        contracted = int(np.prod([d.lhs[i] for i in _attr_dims(_CONTRACTING, d.attributes)]))
+        table[d.name] = (2.0 * float(np.prod(d.out)) * contracted,
+                         f"[{','.join(map(str, d.lhs))}] @ [{','.join(map(str, d.rhs))}]")
     return table
 
 
@@ -268,29 +287,22 @@ def dot_groups(hlo_text: str) -> dict[str, str]:
     1 (LayerNorm's row means, parameter gradients' row sums), ``"narrow"`` where M, N or K is at most
     :data:`NARROW` (the policy's action head, ...), ``"matmul"`` otherwise. The matmul library reaches its square-
     matmul rate only in the last group; the others are bound by reading their operands."""
-    instructions = _typed_instructions(hlo_text)
-    types = {name: type_text for name, type_text, *_ in instructions}
     groups = {}
-    for name, _, opcode, operands, attributes in instructions:
-        if opcode != "dot" or len(operands) != 2:
-            continue
-        lhs, rhs = (_array_dims(_operand_type(o, types)) for o in operands)
-        if lhs is None or rhs is None:
-            continue
-        lhs_free = [d for i, d in enumerate(lhs)
-                    if i not in _attr_dims(_CONTRACTING, attributes) + _attr_dims(_BATCH, attributes)]
-        rhs_free = [d for i, d in enumerate(rhs)
-                    if i not in _attr_dims(_RHS_CONTRACTING, attributes) + _attr_dims(_RHS_BATCH, attributes)]
+    for d in _dots(hlo_text):
+        lhs_contracting = _attr_dims(_CONTRACTING, d.attributes)
+        lhs_free = [n for i, n in enumerate(d.lhs) if i not in lhs_contracting + _attr_dims(_BATCH, d.attributes)]
+        rhs_free = [n for i, n in enumerate(d.rhs)
+                    if i not in _attr_dims(_RHS_CONTRACTING, d.attributes) + _attr_dims(_RHS_BATCH, d.attributes)]
         m, n = int(np.prod(lhs_free)), int(np.prod(rhs_free))
-        k = int(np.prod([lhs[d] for d in _attr_dims(_CONTRACTING, attributes)]))
-        if operands[0].rpartition(" ")[2] == operands[1].rpartition(" ")[2]:
-            groups[name] = "x with itself"
+        k = int(np.prod([d.lhs[i] for i in lhs_contracting]))
+        if d.operands[0].rpartition(" ")[2] == d.operands[1].rpartition(" ")[2]:
+            groups[d.name] = "x with itself"
         elif min(m, n) == 1:
-            groups[name] = "matrix-vector"
+            groups[d.name] = "matrix-vector"
         elif min(m, n, k) <= NARROW:
-            groups[name] = "narrow"
+            groups[d.name] = "narrow"
         else:
-            groups[name] = "matmul"
+            groups[d.name] = "matmul"
     return groups
 
 
